@@ -1,0 +1,1 @@
+"""Slurm and Kubernetes job templates that run the trainer on many nodes."""

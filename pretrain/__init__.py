@@ -1,0 +1,1 @@
+"""ViT pre-training: model family, objectives, DeepSpeed trainer, checkpoint conversion."""
