@@ -8,8 +8,8 @@ from pretrain.model.vit import VisionTransformer
 
 __all__ = [
     "SIZES",
-    "VisionTransformer",
     "ViTSize",
+    "VisionTransformer",
     "create_model",
     "flops_per_image",
     "parse_variant",

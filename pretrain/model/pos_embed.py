@@ -40,9 +40,9 @@ def resize_pos_embed(
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     if old_grid is None:
-        side = int(round(grid.shape[1] ** 0.5))
+        side = round(grid.shape[1] ** 0.5)
         if side * side != grid.shape[1]:
-            raise ValueError(f"position embedding has {grid.shape[1]} grid entries; pass old_grid for a non-square grid")
+            raise ValueError(f"position embedding has {grid.shape[1]} entries; pass old_grid for a non-square grid")
         old_grid = (side, side)
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.model.init import dense_, lecun_normal_, xavier_uniform_fused_
+from pretrain.model.init import Dense, PatchConv
 from pretrain.model.pos_embed import resize_pos_embed, sincos_2d
 from pretrain.model.resnet import ResNetStem
 from pretrain.model.variants import stem_stride
@@ -34,9 +34,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, width: int):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
-        lecun_normal_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = PatchConv(in_chans, width, patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)  # (B, D, H/P, W/P)
@@ -48,9 +46,7 @@ class HybridEmbed(nn.Module):
     def __init__(self, stem_stages: tuple[int, ...], in_chans: int, width: int):
         super().__init__()
         self.backbone = ResNetStem(stem_stages, in_chans)
-        self.proj = nn.Conv2d(self.backbone.out_channels, width, kernel_size=1)
-        lecun_normal_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = PatchConv(self.backbone.out_channels, width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x))  # (B, D, H/16, W/16)
@@ -64,12 +60,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.attention_dropout = attention_dropout
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Dense(width, 3 * width, fused=3)
+        self.proj = Dense(width, width)
         self.proj_drop = nn.Dropout(dropout)
-        xavier_uniform_fused_(self.qkv.weight, num_fused=3)
-        nn.init.zeros_(self.qkv.bias)
-        dense_(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -86,13 +79,11 @@ class Mlp(nn.Module):
 
     def __init__(self, width: int, mlp_dim: int, dropout: float):
         super().__init__()
-        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc1 = Dense(width, mlp_dim, bias_std=1e-6)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(mlp_dim, width)
+        self.fc2 = Dense(mlp_dim, width, bias_std=1e-6)
         self.drop2 = nn.Dropout(dropout)
-        dense_(self.fc1, bias_std=1e-6)
-        dense_(self.fc2, bias_std=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -137,22 +128,11 @@ class PreLogits(nn.Module):
 
     def __init__(self, width: int, representation_size: int):
         super().__init__()
-        self.fc = nn.Linear(width, representation_size)
+        self.fc = Dense(width, representation_size, kernel="lecun")  # flax's default, as in the JAX pre-logits
         self.act = nn.Tanh()
-        lecun_normal_(self.fc.weight)  # flax's default Dense init, as in the JAX pre-logits layer
-        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.fc(x))
-
-
-class ClassifierHead(nn.Linear):
-    """Zero-initialised classifier; the bias starts at `bias_init` (e.g. -10 for sigmoid heads over many classes)."""
-
-    def __init__(self, in_features: int, num_classes: int, bias_init: float):
-        super().__init__(in_features, num_classes)
-        nn.init.zeros_(self.weight)
-        nn.init.constant_(self.bias, bias_init)
 
 
 class VisionTransformer(nn.Module):
@@ -216,7 +196,11 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.pre_logits = PreLogits(width, representation_size) if representation_size else nn.Identity()
         head_in = representation_size or width
-        self.head = ClassifierHead(head_in, num_classes, head_bias_init) if num_classes > 0 else nn.Identity()
+        # Zero-initialised classifier; a negative bias (-10) keeps a sigmoid head over many classes sane at step 0.
+        if num_classes > 0:
+            self.head = Dense(head_in, num_classes, kernel="zeros", bias_value=head_bias_init)
+        else:
+            self.head = nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay: everything but weight matrices and conv kernels."""

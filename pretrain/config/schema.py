@@ -1,0 +1,310 @@
+"""The run configuration: one pydantic model per section of the JSON file, each field documented once, here.
+
+Unknown keys are rejected everywhere. Checks that involve two fields raise `FieldError`, which names the field to
+change, so the error printer can report `model.patch_size: ...` instead of the section alone.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from pretrain.model.variants import parse_variant, stem_stride
+
+
+class FieldError(ValueError):
+    """A cross-field check failed; `field` is the key (relative to the section) the user should change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+StorageOptions = dict[str, str | int | float | bool | None]
+
+
+class ModelConfig(Section):
+    variant: str
+    """Size and patch size in the paper's notation: Ti/16, S/16, B/32, B/16, L/16, H/14, g/14, G/14, any SIZE/PATCH,
+    or the hybrid R50+B/16 (ResNet-50 stages (3, 4, 9), patch size 1 on its stride-16 feature map)."""
+    image_size: PositiveInt = 224
+    """Training resolution in pixels (square). Position embeddings are learned for this grid and resized for others."""
+    patch_size: PositiveInt | None = None
+    """Overrides the variant's patch size; must divide image_size."""
+    width: PositiveInt | None = None
+    """Overrides the variant's hidden size D (for small debugging models)."""
+    depth: PositiveInt | None = None
+    """Overrides the variant's number of transformer blocks."""
+    mlp_dim: PositiveInt | None = None
+    """Overrides the variant's MLP hidden size."""
+    num_heads: PositiveInt | None = None
+    """Overrides the variant's number of attention heads; must divide the width."""
+    num_classes: Annotated[int, Field(ge=0)] = 1000
+    """Classifier outputs; 0 builds no classifier (the masked-patch objective brings its own head)."""
+    pool: Literal["token", "gap"] = "token"
+    """Image representation: the class token's output, or the mean of all patch outputs (global average pooling,
+    which in the paper needs a different learning rate)."""
+    pos_embed: Literal["learned", "sincos"] = "learned"
+    """Learned 1-D position embeddings (the paper's default) or fixed 2-D sin-cos."""
+    representation_size: PositiveInt | None = None
+    """Width of the representation layer (dense + tanh "pre-logits") before the classifier, as in the paper's
+    pre-training head; null for none (the paper's fine-tuning head)."""
+    dropout: Probability = 0.0
+    """Dropout after every dense layer except qkv, and after adding the position embeddings."""
+    attention_dropout: Probability = 0.0
+    """Dropout on the attention weights."""
+    drop_path: Probability = 0.0
+    """Stochastic depth rate of the last block; it grows linearly from 0 at the first block."""
+    head_bias_init: float = 0.0
+    """Initial classifier bias; -10 keeps a sigmoid head over thousands of classes from a huge initial loss."""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        try:
+            spec = parse_variant(self.variant)
+        except ValueError as error:
+            raise FieldError("variant", str(error)) from None
+        patch = self.patch_size or spec.patch_size
+        if spec.stem_stages is not None and patch != stem_stride(spec.stem_stages):
+            raise FieldError("patch_size", f"{patch} does not fit the hybrid {self.variant}; remove patch_size")
+        if self.image_size % patch:
+            which = "patch_size" if self.patch_size else "variant"
+            raise FieldError(which, f"{patch} does not divide image_size {self.image_size}; choose a patch size that "
+                                    f"divides it or change model.image_size")
+        width = self.width or spec.size.width
+        heads = self.num_heads or spec.size.num_heads
+        if width % heads:
+            which = "num_heads" if self.num_heads else "width"
+            raise FieldError(which, f"{heads} heads do not divide width {width}; choose a divisor of the width")
+        if self.pos_embed == "sincos" and width % 4:
+            raise FieldError("pos_embed", f"sincos needs a width divisible by 4, got {width}; use learned")
+        return self
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Arguments for `pretrain.model.create_model(self.variant, **kwargs)`."""
+        names = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+        overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        fixed = self.model_dump(include={
+            "image_size", "num_classes", "pool", "pos_embed", "representation_size", "dropout",
+            "attention_dropout", "drop_path", "head_bias_init",
+        })
+        return {**fixed, **overrides}
+
+
+class DataConfig(Section):
+    train: str
+    """Training shards: the URL of an index.json written by build-shards (local path, file://, s3://, ...), or a
+    brace pattern of shard URLs such as s3://bucket/train-{000000..000127}.tar."""
+    train_split: str = "train"
+    """Split of the index to train on (build-shards writes "train" and "val")."""
+    val: str | None = None
+    """Held-out shards for evaluation, in the same forms as train (often the same index.json); null for none."""
+    val_split: str = "val"
+    """Split of the val index to evaluate on."""
+    storage_options: StorageOptions = {}
+    """fsspec storage options, e.g. {"endpoint_url": "http://127.0.0.1:9000"} for an S3-compatible store.
+    Credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), not in this file."""
+    batch_size: PositiveInt
+    """Global batch size: images per optimizer step summed over all ranks and accumulation steps."""
+    num_workers: Annotated[int, Field(ge=0)] = 4
+    """Loader worker processes per rank."""
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)
+    """Area range of the random-resized (Inception) crop, as fractions of the image."""
+    crop_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+    """Aspect-ratio range of the random-resized crop."""
+    hflip: bool = True
+    """Random horizontal flips during training."""
+    max_error_fraction: Annotated[float, Field(ge=0, le=1)] = 0.001
+    """Fraction of corrupt or unreadable samples the loader skips (and counts) before it stops with an error."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DataConfig:
+        for name in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise FieldError(name, f"[{low}, {high}] is not a range; write the smaller value first")
+        return self
+
+
+class SupervisedObjective(Section):
+    type: Literal["supervised"] = "supervised"
+    """Train the classifier on the shards' labels."""
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    """softmax cross-entropy over classes, or sigmoid cross-entropy per class for multi-label data such as JFT."""
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Label smoothing of the softmax targets (softmax only)."""
+
+    @model_validator(mode="after")
+    def _check_smoothing(self) -> SupervisedObjective:
+        if self.label_smoothing and self.loss != "softmax":
+            raise FieldError("label_smoothing", "applies to the softmax loss only; set it to 0 or use softmax")
+        return self
+
+
+class MaskedPatchObjective(Section):
+    type: Literal["masked_patch_prediction"]
+    """Self-supervised masked patch prediction (paper Section 4.6); labels are not used."""
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """Fraction of patches corrupted per image (the paper uses 50%; 15% as in BERT was slightly worse)."""
+    mask_token_prob: Annotated[float, Field(ge=0, le=1)] = 0.8
+    """Of the corrupted patches: share replaced by the learnable [mask] embedding."""
+    random_patch_prob: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Of the corrupted patches: share replaced by another patch's embedding; the rest stay unchanged."""
+    target: Literal["mean_color", "downsampled_color", "pixels"] = "mean_color"
+    """What to predict for a corrupted patch: its 3-bit mean colour (512 classes), a 4x4 downsized patch in 3-bit
+    colour (16 predictions of 512 classes), or L2 regression on all its pixels."""
+    color_bits: Annotated[int, Field(ge=1, le=8)] = 3
+    """Bits per colour channel of the classification targets (3 bits: 8 levels, 512 colours)."""
+
+    @model_validator(mode="after")
+    def _check_probabilities(self) -> MaskedPatchObjective:
+        if self.mask_token_prob + self.random_patch_prob > 1:
+            raise FieldError("random_patch_prob", "mask_token_prob + random_patch_prob exceed 1; lower one of them")
+        return self
+
+
+def _objective_type(value: Any) -> str:
+    # "type" may be omitted for the supervised objective, so the union is told apart by a function.
+    if isinstance(value, dict):
+        return value.get("type", "supervised")
+    return value.type
+
+
+OBJECTIVES: dict[str, type[Section]] = {
+    "supervised": SupervisedObjective,
+    "masked_patch_prediction": MaskedPatchObjective,
+}
+Objective = Annotated[
+    Annotated[SupervisedObjective, Tag("supervised")] | Annotated[MaskedPatchObjective, Tag("masked_patch_prediction")],
+    Discriminator(_objective_type),
+]
+
+
+class OptimizerConfig(Section):
+    type: Literal["adamw"] = "adamw"
+    """Adam with decoupled weight decay (PyTorch's AdamW: the decay is scaled by the learning rate, as in the
+    original code), applied to weight matrices only."""
+    lr: Annotated[float, Field(gt=0)]
+    """Peak learning rate, reached at the end of warm-up."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """Adam's b1 and b2."""
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    """Adam's epsilon."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """Decoupled weight decay on weight matrices (not biases, norms, position embeddings or tokens)."""
+    grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
+    """Clip gradients to this global L2 norm; null for no clipping."""
+
+
+class ScheduleConfig(Section):
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    """Training length in passes over the training set (its size comes from the shard index). Set epochs or steps."""
+    steps: PositiveInt | None = None
+    """Training length in optimizer steps. Set epochs or steps."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 10_000
+    """Steps of linear warm-up from 0 to the peak learning rate."""
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warm-up, down to min_lr at the last step."""
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    """Learning rate at the end of the decay."""
+
+    @model_validator(mode="after")
+    def _check_length(self) -> ScheduleConfig:
+        if (self.epochs is None) == (self.steps is None):
+            raise FieldError("steps", "set exactly one of schedule.steps and schedule.epochs")
+        if self.steps is not None and self.warmup_steps >= self.steps:
+            raise FieldError("warmup_steps", f"{self.warmup_steps} is not below steps {self.steps}; shorten warm-up")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters (the model is built under
+    deepspeed.zero.Init)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Training precision; fp16 uses dynamic loss scaling. Losses are computed in fp32 in every case."""
+    micro_batch_size: PositiveInt | None = None
+    """Images per rank per forward pass; null for data.batch_size / world size. Gradient accumulation is
+    data.batch_size / (micro_batch_size * world size) and must be a whole number."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass (less memory, about 1/3 more compute)."""
+    overrides: dict[str, Any] = {}
+    """Merged last into the DeepSpeed JSON the trainer builds, for settings not modelled here (e.g.
+    {"zero_optimization": {"stage3_max_live_parameters": 1e8}}); DeepSpeed validates them at start-up."""
+
+
+class CheckpointConfig(Section):
+    dir: str | None = None
+    """Where checkpoints go: a local folder or s3://bucket/prefix; null for <run.output_dir>/checkpoints."""
+    every_steps: PositiveInt = 1000
+    """Save every this many optimizer steps (and always at the end and on preemption)."""
+    keep_last: PositiveInt = 3
+    """How many complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+    storage_options: StorageOptions = {}
+    """fsspec storage options for an s3:// checkpoint dir (credentials from the environment)."""
+
+
+class LoggingConfig(Section):
+    every_steps: PositiveInt = 50
+    """Write a metrics line (console and metrics.jsonl) every this many steps."""
+    tensorboard: bool = True
+    """Also log through DeepSpeed's TensorBoard monitor."""
+    csv: bool = False
+    """Also log through DeepSpeed's CSV monitor."""
+    peak_tflops: Annotated[float, Field(gt=0)] | None = None
+    """Peak dense TFLOP/s per device for MFU; null to measure a matmul peak at start (CPU) or use the device's table
+    entry."""
+
+
+class RunConfig(Section):
+    name: str
+    """Run name; used in the default output folder and in logs."""
+    description: str = ""
+    """Free text: where the recipe comes from, what the run is for."""
+    output_dir: str | None = None
+    """Run folder for metrics.jsonl, monitors and (by default) checkpoints; null for runs/<name>."""
+    seed: int = 0
+    """Seed of model initialisation, data order and augmentation."""
+    eval_every_steps: PositiveInt | None = None
+    """Evaluate on data.val every this many steps (and at the end); null to evaluate at the end only."""
+
+
+class Config(Section):
+    """A whole run. Sections: model, data, objective, optimizer, schedule, deepspeed, checkpoint, logging, run."""
+
+    model: ModelConfig
+    """The network."""
+    data: DataConfig
+    """Shards, batch size, augmentation."""
+    objective: Objective = SupervisedObjective()
+    """What the network is trained to do: "supervised" or "masked_patch_prediction" (see the type field)."""
+    optimizer: OptimizerConfig
+    """AdamW settings."""
+    schedule: ScheduleConfig
+    """Training length and learning-rate schedule."""
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """ZeRO stage, precision, micro-batch, activation checkpointing."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Where and how often to save."""
+    logging: LoggingConfig = LoggingConfig()
+    """Metrics and monitors."""
+    run: RunConfig
+    """Name, seed, output folder, evaluation cadence."""
+
+    @model_validator(mode="after")
+    def _check_sections(self) -> Config:
+        if isinstance(self.objective, SupervisedObjective) and self.model.num_classes == 0:
+            raise FieldError("model.num_classes", "is 0 but the supervised objective needs a classifier; set it to "
+                                                  "the number of classes")
+        micro = self.deepspeed.micro_batch_size
+        if micro is not None and self.data.batch_size % micro:
+            raise FieldError("deepspeed.micro_batch_size", f"{micro} does not divide data.batch_size "
+                                                           f"{self.data.batch_size}; choose a divisor")
+        return self

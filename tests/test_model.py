@@ -1,0 +1,159 @@
+"""Behaviour of the ViT itself: initialisation, pooling, resolution changes, checkpointing, construction modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.model import create_model, parse_variant, resize_pos_embed, sincos_2d
+
+SMALL = {"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4, "image_size": 32}
+
+
+def test_variants_follow_the_paper() -> None:
+    huge = parse_variant("H/14")
+    assert (huge.size.width, huge.size.depth, huge.size.mlp_dim, huge.size.num_heads) == (1280, 32, 5120, 16)
+    assert parse_variant("g/14").size.width == 1408
+    assert parse_variant("G/14").size.depth == 48
+    assert parse_variant("B/7").patch_size == 7
+    assert parse_variant("R50+B/16").stem_stages == (3, 4, 9)
+    with pytest.raises(ValueError, match="R50\\+B/16"):
+        parse_variant("R50+B/32")
+    with pytest.raises(ValueError, match="unknown size"):
+        parse_variant("XL/16")
+    with pytest.raises(ValueError, match="SIZE/PATCH"):
+        parse_variant("B16")
+
+
+def test_initialisation_follows_the_jax_code() -> None:
+    torch.manual_seed(0)
+    model = create_model("B/16", num_classes=10, head_bias_init=-10.0, representation_size=768)
+    assert torch.all(model.head.weight == 0)
+    assert torch.all(model.head.bias == -10.0)
+    assert torch.all(model.cls_token == 0)
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.05)
+    mlp_bias = model.blocks[0].mlp.fc1.bias
+    assert 0 < mlp_bias.abs().max().item() < 1e-5
+    assert mlp_bias.std().item() == pytest.approx(1e-6, rel=0.1)
+    # Patch embedding: lecun normal, variance 1 / fan_in with fan_in = 3 * 16 * 16.
+    patch = model.patch_embed.proj.weight
+    assert patch.std().item() == pytest.approx(math.sqrt(1 / 768), rel=0.05)
+    # Fused qkv: xavier-uniform bound of each (768 -> 768) kernel, not of the fused (768 -> 2304) matrix.
+    bound = math.sqrt(6 / (768 + 768))
+    qkv = model.blocks[0].attn.qkv.weight
+    assert qkv.abs().max().item() <= bound
+    assert qkv.abs().max().item() > 0.99 * bound
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0)
+
+
+def test_no_weight_decay_covers_everything_but_weight_matrices() -> None:
+    model = create_model("Ti/16", **SMALL)
+    exempt = model.no_weight_decay()
+    assert {"cls_token", "pos_embed", "patch_embed.proj.bias", "norm.weight", "blocks.0.norm1.bias"} <= exempt
+    assert "blocks.0.attn.qkv.weight" not in exempt
+    assert "patch_embed.proj.weight" not in exempt
+
+
+def test_global_average_pooling_has_no_class_token() -> None:
+    model = create_model("Ti/8", pool="gap", **SMALL)
+    assert model.cls_token is None
+    assert model.pos_embed.shape == (1, 16, 64)
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 16, 64)
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens.mean(dim=1))
+
+
+def test_representation_layer_is_dense_tanh() -> None:
+    model = create_model("Ti/8", representation_size=32, **SMALL).eval()
+    features = model.forward_head(model.forward_features(torch.randn(2, 3, 32, 32)), pre_logits=True)
+    assert features.shape == (2, 32)
+    assert features.abs().max() < 1
+
+
+def test_sincos_position_embeddings_are_fixed_and_not_saved() -> None:
+    model = create_model("Ti/8", pos_embed="sincos", **SMALL)
+    assert "pos_embed" not in dict(model.named_parameters())
+    assert "pos_embed" not in model.state_dict()
+    table = sincos_2d((4, 4), 64)
+    similarity = torch.nn.functional.normalize(table, dim=1) @ torch.nn.functional.normalize(table, dim=1).T
+    assert torch.all(similarity.argmax(dim=1) == torch.arange(16))  # each position is most similar to itself
+    # A larger grid gets its own table rather than an interpolated one.
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
+
+
+def test_resize_keeps_class_token_and_is_identity_on_same_grid() -> None:
+    table = torch.randn(1, 1 + 4 * 4, 8)
+    assert resize_pos_embed(table, (4, 4)) is table
+    bigger = resize_pos_embed(table, (6, 6))
+    assert bigger.shape == (1, 1 + 36, 8)
+    torch.testing.assert_close(bigger[:, :1], table[:, :1])
+    # A constant grid stays constant under interpolation.
+    constant = torch.cat([torch.zeros(1, 1, 8), torch.full((1, 16, 8), 0.5)], dim=1)
+    torch.testing.assert_close(resize_pos_embed(constant, (7, 5)), torch.cat(
+        [torch.zeros(1, 1, 8), torch.full((1, 35, 8), 0.5)], dim=1))
+
+
+def test_any_resolution_including_non_square_runs() -> None:
+    model = create_model("Ti/8", **SMALL).eval()
+    assert model(torch.randn(2, 3, 48, 64)).shape == (2, 1000)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = create_model("Ti/8", num_classes=5, **SMALL)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    images = torch.randn(4, 3, 32, 32)
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(images).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    model.set_grad_checkpointing(True)
+    for a, b in zip(plain, gradients(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_stochastic_depth_and_dropout_are_off_in_eval() -> None:
+    model = create_model("Ti/8", dropout=0.5, drop_path=0.5, **SMALL)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    images = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(images), model(images))
+    model.train()
+    assert not torch.allclose(model(images), model(images))
+
+
+def test_builds_on_the_meta_device_without_memory() -> None:
+    with torch.device("meta"):
+        model = create_model("G/14")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) > 1.8e9
+
+
+def test_builds_under_deepspeed_zero_init_with_the_same_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    try:
+        torch.manual_seed(0)
+        reference = create_model("Ti/8", num_classes=10, head_bias_init=-3.0, **SMALL)
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+            partitioned = create_model("Ti/8", num_classes=10, head_bias_init=-3.0, **SMALL)
+        params = list(partitioned.parameters())
+        assert all(hasattr(p, "ds_id") for p in params)
+        with deepspeed.zero.GatheredParameters(params):
+            for (name, expected), actual in zip(reference.named_parameters(), params, strict=True):
+                torch.testing.assert_close(actual.detach().clone(), expected.detach(), msg=name)
+    finally:
+        dist.destroy_process_group()
