@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     size = config.model.image_size
     params = sum(p.numel() for p in model.parameters())
     gflops = flops_per_image(model, size) / 1e9
-    print(f"{config.run.name}: {config.model.variant} at {size} px, {params / 1e6:.2f}M parameters, "
-          f"{gflops:.3f} GFLOPs per image (forward)")
+    print(
+        f"{config.run.name}: {config.model.variant} at {size} px, {params / 1e6:.2f}M parameters, "
+        f"{gflops:.3f} GFLOPs per image (forward)"
+    )
 
     images = torch.rand(args.batch, 3, size, size)
     start = time.perf_counter()
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     loss.backward()
     elapsed = time.perf_counter() - start
     grad_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    print(f"forward+backward on {args.batch} random images in {elapsed:.2f} s: outputs {tuple(outputs.shape)}, "
-          f"loss {loss.item():.4f}, gradient norm {grad_norm:.4f}")
+    print(
+        f"forward+backward on {args.batch} random images in {elapsed:.2f} s: outputs {tuple(outputs.shape)}, "
+        f"loss {loss.item():.4f}, gradient norm {grad_norm:.4f}"
+    )
     return 0
 
 

@@ -91,8 +91,9 @@ def test_resize_keeps_class_token_and_is_identity_on_same_grid() -> None:
     torch.testing.assert_close(bigger[:, :1], table[:, :1])
     # A constant grid stays constant under interpolation.
     constant = torch.cat([torch.zeros(1, 1, 8), torch.full((1, 16, 8), 0.5)], dim=1)
-    torch.testing.assert_close(resize_pos_embed(constant, (7, 5)), torch.cat(
-        [torch.zeros(1, 1, 8), torch.full((1, 35, 8), 0.5)], dim=1))
+    torch.testing.assert_close(
+        resize_pos_embed(constant, (7, 5)), torch.cat([torch.zeros(1, 1, 8), torch.full((1, 35, 8), 0.5)], dim=1)
+    )
 
 
 def test_any_resolution_including_non_square_runs() -> None:
@@ -140,8 +141,13 @@ def test_builds_under_deepspeed_zero_init_with_the_same_weights(monkeypatch: pyt
     deepspeed = pytest.importorskip("deepspeed")
     import torch.distributed as dist
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29531",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     try:

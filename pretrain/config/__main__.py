@@ -16,8 +16,14 @@ from pretrain.config.reference import render_reference
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.config", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="path of the JSON config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one field, e.g. --set optimizer.lr=1e-3 (repeatable; values are JSON or text)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one field, e.g. --set optimizer.lr=1e-3 (repeatable; values are JSON or text)",
+    )
     parser.add_argument("--reference", action="store_true", help="print the markdown reference of every field")
     args = parser.parse_args(argv)
     if args.reference:

@@ -57,8 +57,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError([f"{path}: no such config file; pass the path of a JSON file such as configs/"
-                           f"vit_b16_imagenet.json"]) from None
+        raise ConfigError(
+            [f"{path}: no such config file; pass the path of a JSON file such as configs/vit_b16_imagenet.json"]
+        ) from None
     except OSError as error:
         raise ConfigError([f"{path}: cannot read the config file ({error.strerror})"]) from None
     try:

@@ -63,7 +63,7 @@ def render_reference() -> str:
         lines.append(f"## `{name}`\n\n{field.description}\n")
         if name == "objective":
             for kind, model in OBJECTIVES.items():
-                lines += [f"### `objective.type = \"{kind}\"`\n", *_table(model), ""]
+                lines += [f'### `objective.type = "{kind}"`\n', *_table(model), ""]
         else:
             lines += [*_table(field.annotation), ""]
     return "\n".join(lines).rstrip() + "\n"

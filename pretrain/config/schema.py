@@ -76,8 +76,11 @@ class ModelConfig(Section):
             raise FieldError("patch_size", f"{patch} does not fit the hybrid {self.variant}; remove patch_size")
         if self.image_size % patch:
             which = "patch_size" if self.patch_size else "variant"
-            raise FieldError(which, f"{patch} does not divide image_size {self.image_size}; choose a patch size that "
-                                    f"divides it or change model.image_size")
+            raise FieldError(
+                which,
+                f"{patch} does not divide image_size {self.image_size}; choose a patch size that "
+                f"divides it or change model.image_size",
+            )
         width = self.width or spec.size.width
         heads = self.num_heads or spec.size.num_heads
         if width % heads:
@@ -91,10 +94,19 @@ class ModelConfig(Section):
         """Arguments for `pretrain.model.create_model(self.variant, **kwargs)`."""
         names = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
         overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        fixed = self.model_dump(include={
-            "image_size", "num_classes", "pool", "pos_embed", "representation_size", "dropout",
-            "attention_dropout", "drop_path", "head_bias_init",
-        })
+        fixed = self.model_dump(
+            include={
+                "image_size",
+                "num_classes",
+                "pool",
+                "pos_embed",
+                "representation_size",
+                "dropout",
+                "attention_dropout",
+                "drop_path",
+                "head_bias_init",
+            }
+        )
         return {**fixed, **overrides}
 
 
@@ -301,10 +313,14 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_sections(self) -> Config:
         if isinstance(self.objective, SupervisedObjective) and self.model.num_classes == 0:
-            raise FieldError("model.num_classes", "is 0 but the supervised objective needs a classifier; set it to "
-                                                  "the number of classes")
+            raise FieldError(
+                "model.num_classes",
+                "is 0 but the supervised objective needs a classifier; set it to the number of classes",
+            )
         micro = self.deepspeed.micro_batch_size
         if micro is not None and self.data.batch_size % micro:
-            raise FieldError("deepspeed.micro_batch_size", f"{micro} does not divide data.batch_size "
-                                                           f"{self.data.batch_size}; choose a divisor")
+            raise FieldError(
+                "deepspeed.micro_batch_size",
+                f"{micro} does not divide data.batch_size {self.data.batch_size}; choose a divisor",
+            )
         return self

@@ -78,6 +78,7 @@ def flops_per_image(model_or_variant: VisionTransformer | str, image_size: int) 
     width, mlp_dim = first.mlp.fc1.in_features, first.mlp.fc1.out_features
     tokens = (image_size // model.patch_size) ** 2 + model.num_prefix_tokens
     return float(
-        _embedding_flops(model, image_size) + len(model.blocks) * _block_flops(tokens, width, mlp_dim)
+        _embedding_flops(model, image_size)
+        + len(model.blocks) * _block_flops(tokens, width, mlp_dim)
         + _head_flops(model)
     )

@@ -105,8 +105,10 @@ class Stage(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, depth: int, stride: int):
         super().__init__()
         self.blocks = nn.Sequential(
-            *[Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1)
-              for i in range(depth)]
+            *[
+                Bottleneck(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1)
+                for i in range(depth)
+            ]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +123,10 @@ class ResNetStem(nn.Module):
         self.stem = Stem(in_chans, stem_channels)
         channels = [256 * 2**i for i in range(len(stages))]
         self.stages = nn.Sequential(
-            *[Stage(stem_channels if i == 0 else channels[i - 1], channels[i], depth, 1 if i == 0 else 2)
-              for i, depth in enumerate(stages)]
+            *[
+                Stage(stem_channels if i == 0 else channels[i - 1], channels[i], depth, 1 if i == 0 else 2)
+                for i, depth in enumerate(stages)
+            ]
         )
         self.out_channels = channels[-1]
 
