@@ -219,9 +219,13 @@ class VisionTransformer(nn.Module):
         table = sincos_2d(grid, self.width).to(self.pos_embed)
         return torch.cat([self.pos_embed[:, : self.num_prefix_tokens], table.unsqueeze(0)], dim=1)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> patch embeddings (B, N, D), before the class token and position embeddings."""
-        return self.patch_embed(images).flatten(2).transpose(1, 2)
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, C, H, W) -> patch embeddings (B, N, D) and their (rows, cols) grid.
+
+        Masked patch prediction corrupts these before `add_positions`, as the paper does.
+        """
+        patches = self.patch_embed(images)  # (B, D, rows, cols)
+        return patches.flatten(2).transpose(1, 2), (patches.shape[-2], patches.shape[-1])
 
     def add_positions(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Prepend the class token and add position embeddings: (B, N, D) -> (B, prefix + N, D)."""
@@ -240,8 +244,8 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> normalised tokens (B, prefix + N, D)."""
-        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        return self.encode(self.add_positions(self.embed(images), grid))
+        patches, grid = self.embed(images)
+        return self.encode(self.add_positions(patches, grid))
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0] if self.pool == "token" else tokens.mean(dim=1)
