@@ -1,0 +1,177 @@
+"""build-shards: turn an image folder or a manifest into WebDataset tar shards, locally or on s3://.
+
+Exit codes: 0 done; 1 done, but more samples were skipped than --max-error-fraction allows; 2 bad arguments,
+missing input or unwritable output (found before any work starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_pipeline.builder import BuildOptions, BuildResult, OutputError, build
+from data_pipeline.images import ImageOptions
+from data_pipeline.sources import InputError
+from data_pipeline.storage import parse_storage_options
+
+EPILOG = """\
+input:
+  An image-folder tree (the label of an image is the first-level folder it is in; deeper folders belong to that
+  class; files that are not images are ignored and counted), or a manifest (.csv, .tsv, .jsonl, .parquet) with a
+  path-or-URL column and a label column (a class name, an integer, or a list for multi-label: a JSON list in CSV
+  cells). Other manifest columns are kept as metadata. Paths and URLs may be local, s3://, http(s)://, anything
+  fsspec opens; relative paths in a manifest are relative to the manifest.
+
+output:
+  {split}-{000000}.tar shards; each sample is {key}.jpg, {key}.cls (single-label) and {key}.json (labels, source,
+  original width and height, metadata). classes.json, errors.jsonl (one line per skipped sample) and index.json
+  (shards with sample counts, bytes and sha256; totals per split and class; options; written last).
+
+Re-running the same command after an interruption (even SIGKILL) keeps the committed shards and finishes the
+job; the result is byte-identical to an uninterrupted run.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="build-shards",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", help="image-folder tree or manifest file (local path or URL)")
+    parser.add_argument("--output", required=True, help="output folder: a local path or s3://bucket/prefix")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for s3:// and other remote URLs, e.g. endpoint_url=http://127.0.0.1:9000 "
+        "(repeatable; credentials come from the usual AWS environment variables)",
+    )
+    parser.add_argument("--max-samples-per-shard", type=int, default=10_000, help="default: %(default)s")
+    parser.add_argument("--max-bytes-per-shard", type=int, default=1 << 30, help="default: %(default)s (1 GiB)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of samples in the 'val' split, chosen by a hash of each key so it never changes "
+        "between runs (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the input shuffle before sharding")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=512,
+        help="shorter side of stored images at most this many pixels; never upscaled (default: %(default)s)",
+    )
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
+    parser.add_argument(
+        "--no-reencode",
+        action="store_true",
+        help="keep the original bytes of valid RGB JPEGs that need no rotation or resizing",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=89_478_485,
+        help="skip images with more pixels than this, as decompression bombs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--path-column",
+        help="manifest column with the path or URL (default: the first of path, "
+        "url, image, image_path, file, filepath)",
+    )
+    parser.add_argument("--label-column", default="label", help="manifest column with the label (default: label)")
+    parser.add_argument("--no-labels", action="store_true", help="unlabelled corpus: store images and metadata only")
+    parser.add_argument(
+        "--classes",
+        help="class table to use (JSON object name->index, JSON list or text file, one "
+        "name per line); labels outside it are skipped as unknown_label",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="encoding processes (0: encode in this process)")
+    parser.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=0.01,
+        help="exit 1 if more than this share of the input rows was skipped (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="re-read only the rows in errors.jsonl of a finished build and add what now works",
+    )
+    args = parser.parse_args(argv)
+    for name in ("max_samples_per_shard", "max_bytes_per_shard", "max_side", "max_pixels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
+    if not 1 <= args.quality <= 100:
+        parser.error("--quality must be in [1, 100]")
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
+    return args
+
+
+def options_from(args: argparse.Namespace) -> BuildOptions:
+    return BuildOptions(
+        input=args.input,
+        output=args.output.rstrip("/"),
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_bytes_per_shard=args.max_bytes_per_shard,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        image=ImageOptions(
+            max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels, reencode=not args.no_reencode
+        ),
+        classes=args.classes,
+        path_column=args.path_column,
+        label_column=args.label_column,
+        no_labels=args.no_labels,
+        workers=args.workers,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+
+
+def summary(result: BuildResult) -> str:
+    index = result.index
+    if result.already_complete:
+        return f"already complete: {len(index.shards)} shards; nothing to do"
+    splits = (
+        ", ".join(
+            f"{name}: {totals.num_samples} samples in {totals.num_shards} shards"
+            for name, totals in index.splits.items()
+        )
+        or "no samples"
+    )
+    skipped = ", ".join(f"{reason} {count}" for reason, count in index.skipped.items()) or "none"
+    rate = result.written_samples / max(result.elapsed, 1e-9)
+    return (
+        f"{splits}; skipped {result.skipped} of {index.input_rows} rows ({skipped}); ignored "
+        f"{index.ignored_files} non-image files; wrote {result.written_samples} samples in {result.elapsed:.1f} s "
+        f"({rate:.1f} images/s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        options = options_from(args)
+        result = build(options, retry_failed=args.retry_failed)
+    except (InputError, OutputError, ValueError) as error:
+        print(f"build-shards: {error}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    if result.skipped_fraction > args.max_error_fraction:
+        print(
+            f"build-shards: skipped {result.skipped_fraction:.2%} of the input, more than --max-error-fraction "
+            f"{args.max_error_fraction:.2%}; see {args.output.rstrip('/')}/errors.jsonl",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""Build WebDataset shards from a corpus: plan, resume, encode in parallel, write shards in order, index.
+
+The plan is a pure function of the inputs and options: rows sorted, shuffled with the seed, each assigned to a
+split by a hash of its key. Worker processes encode images; results come back in plan order and this process
+appends them to one open shard per split, so shard boundaries (by sample count and bytes) are deterministic.
+Each committed shard gets a record under `_build/`; a re-run skips the rows those records account for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from data_pipeline.images import ImageOptions
+from data_pipeline.index import (
+    BUILD_DIR,
+    SampleFailure,
+    ShardIndex,
+    ShardInfo,
+    ShardRecord,
+    SplitTotals,
+)
+from data_pipeline.process import Outcome, Task, init_worker, process
+from data_pipeline.shard_writer import ShardWriter
+from data_pipeline.sources import (
+    MANIFEST_SUFFIXES,
+    Corpus,
+    InputError,
+    Row,
+    assign_classes,
+    load_classes,
+    read_image_folder,
+    read_manifest,
+)
+from data_pipeline.storage import commit_file, filesystem, is_local, join, write_bytes_atomic
+
+SPLITS = ("train", "val")
+
+
+class OutputError(Exception):
+    """The output cannot be written or holds another build: a one-line message, exit 2."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    input: str
+    output: str
+    max_samples_per_shard: int = 10_000
+    max_bytes_per_shard: int = 1 << 30
+    val_fraction: float = 0.0
+    seed: int = 0
+    image: ImageOptions = field(default_factory=ImageOptions)
+    classes: str | None = None
+    path_column: str | None = None
+    label_column: str | None = "label"
+    no_labels: bool = False
+    # Not part of what the shards contain, so not in the fingerprint:
+    workers: int = 1
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def recorded(self) -> dict[str, Any]:
+        """The options that determine the output, as written into index.json (no credentials)."""
+        options = asdict(self)
+        del options["workers"], options["storage_options"]
+        return options
+
+
+@dataclass
+class BuildResult:
+    index: ShardIndex
+    written_samples: int
+    elapsed: float
+    already_complete: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.index.skipped.values())
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.skipped / max(self.index.input_rows, 1)
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """A fixed function of the key: the split of a sample never changes between runs or seeds."""
+    unit = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "val" if unit < val_fraction else "train"
+
+
+def load_corpus(options: BuildOptions) -> Corpus:
+    if options.input.lower().endswith(MANIFEST_SUFFIXES):
+        label_column = None if options.no_labels else options.label_column
+        rows = read_manifest(options.input, options.storage_options, options.path_column, label_column)
+        ignored = 0
+    else:
+        rows, ignored = read_image_folder(options.input, options.storage_options)
+        if options.no_labels:
+            for row in rows:
+                row.labels = None
+                if row.failure == "missing_label":
+                    row.failure = None
+    labelled = not options.no_labels
+    given = load_classes(options.classes, options.storage_options) if options.classes else None
+    classes = assign_classes(rows, given) if labelled else {}
+    multi_label = any(row.labels is not None and len(row.labels) > 1 for row in rows)
+    return Corpus(rows=rows, classes=classes, multi_label=multi_label, labelled=labelled, ignored_files=ignored)
+
+
+def plan(corpus: Corpus, seed: int) -> list[Row]:
+    """The build order: input order (sorted paths or manifest order) shuffled with the seed."""
+    rows = list(corpus.rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def fingerprint(options: BuildOptions, planned: list[Row]) -> str:
+    digest = hashlib.sha256(json.dumps(options.recorded(), sort_keys=True).encode())
+    for row in planned:
+        digest.update(f"{row.key}:{row.label_indices}:{row.failure}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def record_name(split: str, number: int | None) -> str:
+    return f"{split}-tail.json" if number is None else f"{split}-{number:06d}.json"
+
+
+class Output:
+    """The output folder: shards, build records, final files. The only code that writes there."""
+
+    def __init__(self, options: BuildOptions):
+        self.url = options.output
+        self.fs, self.root = filesystem(options.output, options.storage_options)
+        self.build_dir = join(self.fs, self.root, BUILD_DIR)
+        self._local_tmp: str | None = None
+
+    def check_writable(self) -> None:
+        probe = join(self.fs, self.build_dir, ".write-probe")
+        try:
+            self.fs.makedirs(self.build_dir, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as error:  # permissions, credentials, unreachable endpoints all surface differently
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OutputError(
+                f"{self.url}: cannot write the output ({type(error).__name__}: {message}); check the "
+                f"path, permissions and credentials"
+            ) from None
+
+    def tmp_path(self, name: str) -> str:
+        """A local file to write a shard into before it is committed (on the same disk when the output is local)."""
+        if self._local_tmp is None:
+            if is_local(self.fs):
+                self._local_tmp = join(self.fs, self.build_dir, "tmp")
+                shutil.rmtree(self._local_tmp, ignore_errors=True)  # left behind by a killed run
+                os.makedirs(self._local_tmp)
+            else:
+                self._local_tmp = tempfile.mkdtemp(prefix="build-shards-")
+        return os.path.join(self._local_tmp, name)
+
+    def cleanup(self) -> None:
+        if self._local_tmp is not None:
+            shutil.rmtree(self._local_tmp, ignore_errors=True)
+
+    def path(self, name: str) -> str:
+        return join(self.fs, self.root, name)
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.fs.cat_file(self.path(name)))
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        write_bytes_atomic(self.fs, self.path(name), data)
+
+    def commit_shard(self, writer: ShardWriter, record: ShardRecord) -> None:
+        commit_file(writer.path, self.fs, self.path(record.name))
+        self.write_record(record)
+
+    def write_record(self, record: ShardRecord) -> None:
+        self.write(
+            f"{BUILD_DIR}/{record_name(record.split, record.number if record.name else None)}",
+            record.model_dump_json().encode(),
+        )
+
+    def records(self) -> list[ShardRecord]:
+        """Every readable build record; a record whose shard is missing or short is dropped (it is redone)."""
+        records = []
+        for path in sorted(self.fs.glob(join(self.fs, self.build_dir, "*.json"))):
+            try:
+                record = ShardRecord.model_validate_json(self.fs.cat_file(path))
+            except (ValidationError, ValueError):
+                continue  # a record cut short by a crash: its shard is redone
+            if record.name is not None:
+                try:
+                    if self.fs.size(self.path(record.name)) != record.bytes:
+                        continue
+                except FileNotFoundError:
+                    continue
+            records.append(record)
+        return records
+
+
+def committed_prefix(records: list[ShardRecord], split: str) -> list[ShardRecord]:
+    """The split's shards 0, 1, 2, ... without a gap (shards are committed in order, so this is all of them)."""
+    numbered = {r.number: r for r in records if r.split == split and r.name is not None and not r.retried}
+    prefix = []
+    while len(prefix) in numbered:
+        prefix.append(numbered[len(prefix)])
+    return prefix
+
+
+@dataclass
+class OpenShard:
+    split: str
+    number: int
+    first_row: int
+    writer: ShardWriter | None = None
+    class_counts: Counter = field(default_factory=Counter)
+    failures: list[SampleFailure] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+
+
+class ShardAssembler:
+    """Appends encoded samples, in plan order, to one open shard per split and commits full shards."""
+
+    def __init__(self, output: Output, corpus: Corpus, options: BuildOptions, fingerprint: str, retried: bool):
+        self.output, self.corpus, self.options = output, corpus, options
+        self.fingerprint, self.retried = fingerprint, retried
+        self.open: dict[str, OpenShard] = {}
+        self.written = 0
+
+    def start(self, split: str, number: int, first_row: int) -> None:
+        self.open[split] = OpenShard(split, number, first_row)
+
+    def members(self, row: Row, outcome: Outcome) -> dict[str, bytes]:
+        image = outcome.image
+        meta: dict[str, Any] = {
+            "source": row.source,
+            "width": image.original_size[0],
+            "height": image.original_size[1],
+            **row.metadata,
+        }
+        members = {"jpg": image.jpeg}
+        if self.corpus.labelled:
+            meta["labels"] = row.label_indices
+            meta["label_names"] = [str(value) for value in row.labels]
+            if not self.corpus.multi_label:
+                members["cls"] = str(row.label_indices[0]).encode()
+        members["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
+        return members
+
+    def add(self, row: Row, split: str, outcome: Outcome) -> None:
+        shard = self.open[split]
+        if outcome.image is None:
+            shard.failures.append(
+                SampleFailure(
+                    row=outcome.position,
+                    key=row.key,
+                    source=row.source,
+                    split=split,
+                    reason=outcome.reason,
+                    detail=outcome.detail,
+                )
+            )
+            return
+        members = self.members(row, outcome)
+        if shard.writer is not None and shard.writer.size_with(members) > self.options.max_bytes_per_shard:
+            self.commit(split, end_row=outcome.position)
+            shard = self.open[split]
+        if shard.writer is None:
+            shard.writer = ShardWriter(self.output.tmp_path(shard_name(split, shard.number)))
+        shard.writer.add(row.key, members)
+        shard.class_counts.update(str(index) for index in row.label_indices)
+        if self.retried:
+            shard.recovered.append(row.key)
+        self.written += 1
+        if shard.writer.num_samples >= self.options.max_samples_per_shard:
+            self.commit(split, end_row=outcome.position + 1)
+
+    def commit(self, split: str, end_row: int) -> None:
+        """Commit the split's open shard and open the next one at end_row."""
+        shard = self.open[split]
+        size, sha256 = shard.writer.close() if shard.writer else (0, "")
+        record = ShardRecord(
+            fingerprint=self.fingerprint,
+            split=split,
+            number=shard.number,
+            name=shard_name(split, shard.number) if shard.writer else None,
+            num_samples=(shard.writer.num_samples if shard.writer else 0),
+            bytes=size,
+            sha256=sha256,
+            first_row=shard.first_row,
+            end_row=end_row,
+            class_counts=dict(sorted(shard.class_counts.items())),
+            failures=shard.failures,
+            retried=self.retried,
+            recovered_keys=shard.recovered,
+        )
+        if shard.writer:
+            self.output.commit_shard(shard.writer, record)
+        elif shard.failures:
+            self.output.write_record(record)  # failures after the split's last shard
+        self.start(split, shard.number + 1, end_row)
+
+    def finish(self, end_row: int) -> None:
+        for split in list(self.open):
+            shard = self.open[split]
+            if shard.writer or shard.failures:
+                self.commit(split, end_row)
+
+
+def _outcomes(tasks: list[Task], options: BuildOptions) -> Iterator[Outcome]:
+    """Encode in worker processes, yielding results in plan order (workers=0: in this process)."""
+    if options.workers == 0:
+        init_worker(options.storage_options, options.image)
+        yield from map(process, tasks)
+        return
+    # spawn, not fork: s3fs and aiohttp keep event loops and sockets that must not be shared with a child.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(
+        options.workers, initializer=init_worker, initargs=(options.storage_options, options.image)
+    ) as pool:
+        yield from pool.imap(process, tasks, chunksize=8)
+
+
+def _run(assembler: ShardAssembler, planned: list[Row], tasks: list[Task], options: BuildOptions) -> None:
+    splits = {task.position: split_of(planned[task.position].key, options.val_fraction) for task in tasks}
+    with tqdm(total=len(tasks), unit="img", desc="build-shards", smoothing=0.05) as progress:
+        for outcome in _outcomes(tasks, options):
+            assembler.add(planned[outcome.position], splits[outcome.position], outcome)
+            progress.update()
+
+
+def _index(corpus: Corpus, records: list[ShardRecord], options: BuildOptions) -> tuple[ShardIndex, list[str]]:
+    """index.json and the lines of errors.jsonl from the build records."""
+    recovered = {key for record in records for key in record.recovered_keys}
+    failures: dict[str, SampleFailure] = {}
+    for record in sorted(records, key=lambda r: (r.retried, r.split, r.number)):
+        for failure in record.failures:
+            failures[failure.key] = failure  # a retry's failure replaces the original one
+    failures = {key: failure for key, failure in failures.items() if key not in recovered}
+    shards = sorted((r for r in records if r.name), key=lambda r: (r.split, r.number))
+    splits = {}
+    for split in SPLITS:
+        mine = [r for r in shards if r.split == split]
+        counts: Counter = Counter()
+        for record in mine:
+            counts.update(record.class_counts)
+        if mine:
+            splits[split] = SplitTotals(
+                num_samples=sum(r.num_samples for r in mine),
+                num_shards=len(mine),
+                bytes=sum(r.bytes for r in mine),
+                class_counts=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+            )
+    ordered = sorted(failures.values(), key=lambda f: f.row)
+    index = ShardIndex(
+        num_classes=len(corpus.classes),
+        multi_label=corpus.multi_label,
+        labelled=corpus.labelled,
+        splits=splits,
+        shards=[
+            ShardInfo(name=r.name, split=r.split, num_samples=r.num_samples, bytes=r.bytes, sha256=r.sha256)
+            for r in shards
+        ],
+        skipped=dict(sorted(Counter(f.reason for f in ordered).items())),
+        ignored_files=corpus.ignored_files,
+        input_rows=len(corpus.rows),
+        options=options.recorded(),
+    )
+    lines = [
+        json.dumps(
+            {"key": f.key, "source": f.source, "split": f.split, "reason": f.reason, "detail": f.detail}, sort_keys=True
+        )
+        for f in ordered
+    ]
+    return index, lines
+
+
+def _write_final(output: Output, corpus: Corpus, records: list[ShardRecord], options: BuildOptions) -> ShardIndex:
+    index, error_lines = _index(corpus, records, options)
+    classes = dict(sorted(corpus.classes.items(), key=lambda kv: (kv[1], kv[0])))
+    output.write("classes.json", (json.dumps(classes, indent=1) + "\n").encode())
+    output.write("errors.jsonl", "".join(line + "\n" for line in error_lines).encode())
+    output.write("index.json", (index.model_dump_json(indent=1) + "\n").encode())  # last: marks completion
+    return index
+
+
+def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
+    """Build (or finish building) the shards; raise InputError / OutputError before any work on bad arguments."""
+    start = time.perf_counter()
+    output = Output(options)
+    output.check_writable()
+    corpus = load_corpus(options)
+    planned = plan(corpus, options.seed)
+    build_id = fingerprint(options, planned)
+    records = output.records()
+    if any(r.fingerprint != build_id for r in records):
+        raise OutputError(
+            f"{options.output}: holds shards of a build with other inputs or options; write to a new "
+            f"--output or remove {BUILD_DIR}/ and the shards there"
+        )
+    existing = output.read_json("index.json")
+    if retry_failed:
+        if existing is None:
+            raise OutputError(
+                f"{options.output}: no finished build to retry (index.json missing); run without --retry-failed first"
+            )
+        failed = {json.loads(line)["key"] for line in output.fs.cat_file(output.path("errors.jsonl")).splitlines()}
+        done = {key for r in records if r.retried for key in r.recovered_keys}
+        wanted = [p for p, row in enumerate(planned) if row.key in failed - done and row.failure is None]
+        assembler = ShardAssembler(output, corpus, options, build_id, retried=True)
+        for split in SPLITS:
+            taken = [r.number for r in records if r.split == split and r.name]
+            assembler.start(split, max(taken, default=-1) + 1, first_row=0)
+        tasks = [Task(p, planned[p].source, None) for p in wanted]
+    else:
+        if existing is not None and existing.get("options") == options.recorded() and records:
+            index = ShardIndex.model_validate(existing)
+            return BuildResult(index, 0, time.perf_counter() - start, already_complete=True)
+        assembler = ShardAssembler(output, corpus, options, build_id, retried=False)
+        next_row = {}
+        for split in SPLITS:
+            prefix = committed_prefix(records, split)
+            next_row[split] = prefix[-1].end_row if prefix else 0
+            assembler.start(split, len(prefix), next_row[split])
+        tasks = [
+            Task(p, row.source, row.failure)
+            for p, row in enumerate(planned)
+            if p >= next_row[split_of(row.key, options.val_fraction)]
+        ]
+    try:
+        _run(assembler, planned, tasks, options)
+        assembler.finish(end_row=len(planned))
+    finally:
+        output.cleanup()
+    index = _write_final(output, corpus, output.records(), options)
+    return BuildResult(index, assembler.written, time.perf_counter() - start)

@@ -1,0 +1,211 @@
+"""Input corpora as a deterministic list of rows: image-folder trees and manifests (CSV, TSV, JSONL, Parquet).
+
+A row has a stable key (a hash of where it comes from, so keys are the same in every run and safe as tar member
+names), a source URL, its label(s) and extra metadata. Rows that can be rejected without reading the image (no
+label, an unknown label, a duplicate) carry their failure reason along, so they are counted and listed like every
+other skipped sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+PATH_COLUMNS = ("path", "url", "image", "image_path", "file", "filepath")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+
+
+class InputError(Exception):
+    """The input as a whole is unusable (missing, unreadable, wrong columns): a one-line message, exit 2."""
+
+
+@dataclass
+class Row:
+    key: str
+    source: str
+    labels: list[Any] | None
+    """Raw label values (names or integers) as found in the input; None when the corpus has no labels."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None
+    """A reason this row is skipped before its image is read."""
+    label_indices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Corpus:
+    rows: list[Row]
+    classes: dict[str, int]
+    multi_label: bool
+    labelled: bool
+    ignored_files: int
+
+
+def row_key(identity: str) -> str:
+    return hashlib.sha1(identity.encode()).hexdigest()[:20]
+
+
+def _suffix(path: str) -> str:
+    return posixpath.splitext(path)[1].lower()
+
+
+def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[Row], int]:
+    """Every image under `url`; its label is the first-level folder it sits in (deeper folders belong to it)."""
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    if not fs.isdir(root):
+        raise InputError(f"{url}: no such folder; pass an image-folder tree or a manifest file")
+    protocol = fsspec.utils.get_protocol(url)
+    rows, ignored = [], 0
+    for path in sorted(fs.find(root)):
+        relative = posixpath.relpath(path, root.rstrip("/"))
+        if _suffix(relative) not in IMAGE_EXTENSIONS:
+            ignored += 1
+            continue
+        parts = relative.split("/")
+        source = path if protocol in ("file", "local") else f"{protocol}://{path}"
+        row = Row(key=row_key(relative), source=source, labels=[parts[0]] if len(parts) > 1 else None)
+        if len(parts) == 1:
+            row.failure = "missing_label"
+        rows.append(row)
+    return rows, ignored
+
+
+def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    suffix = _suffix(url)
+    try:
+        with fsspec.open(url, "rb", **storage_options) as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise InputError(f"{url}: no such manifest file") from None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    text = data.decode("utf-8-sig")
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{url}:{number}: invalid JSON line ({error.msg})") from None
+        return records
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+
+
+def _label_values(value: Any) -> list[Any] | None:
+    """A cell -> list of raw labels; JSON lists are accepted in CSV/TSV cells; None for an empty cell."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _resolve(source: str, manifest_url: str) -> str:
+    """Relative paths in a manifest are relative to the manifest's folder."""
+    if "://" in source or source.startswith("/"):
+        return source
+    return posixpath.join(posixpath.dirname(manifest_url), source)
+
+
+def read_manifest(
+    url: str, storage_options: dict[str, Any], path_column: str | None, label_column: str | None
+) -> list[Row]:
+    table = _read_table(url, storage_options)
+    if not table:
+        raise InputError(f"{url}: the manifest has no rows")
+    columns = list(table[0])
+    path_column = path_column or next((name for name in PATH_COLUMNS if name in columns), None)
+    if path_column not in columns:
+        raise InputError(f"{url}: no path column; found {', '.join(columns)}; pass --path-column NAME")
+    if label_column is not None and label_column not in columns:
+        raise InputError(
+            f"{url}: no label column {label_column!r}; found {', '.join(columns)}; pass --label-column "
+            f"NAME or --no-labels"
+        )
+    rows, seen = [], set()
+    for record in table:
+        source = str(record[path_column] or "")
+        labels = _label_values(record[label_column]) if label_column else None
+        extra = {k: v for k, v in record.items() if k not in (path_column, label_column)}
+        row = Row(key=row_key(source), source=_resolve(source, url), labels=labels, metadata=extra)
+        if not source:
+            row.failure = "missing_path"
+        elif row.key in seen:
+            row.failure = "duplicate"
+        elif label_column and labels is None:
+            row.failure = "missing_label"
+        seen.add(row.key)
+        rows.append(row)
+    return rows
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def assign_classes(rows: Iterable[Row], given: dict[str, int] | None) -> dict[str, int]:
+    """Map every row's raw labels to class indices and return the class table (name -> index).
+
+    Without a given table, names are numbered in sorted order; if every label is an integer, integers are the
+    indices themselves. Labels outside a given table fail the row as "unknown_label".
+    """
+    rows = [row for row in rows if row.labels is not None and row.failure is None]
+    values = [value for row in rows for value in row.labels]
+    integers = bool(values) and all(_as_int(value) is not None for value in values)
+    if given is not None:
+        classes = given
+    elif integers:
+        top = max(_as_int(value) for value in values)
+        classes = {str(index): index for index in range(top + 1)}
+    else:
+        classes = {name: index for index, name in enumerate(sorted({str(value) for value in values}))}
+    by_index = set(classes.values())
+    for row in rows:
+        indices = []
+        for value in row.labels:
+            index = classes.get(str(value))
+            if index is None and given is not None and _as_int(value) in by_index:
+                index = _as_int(value)  # integer labels checked against a given table
+            if index is None:
+                row.failure = "unknown_label"
+                break
+            indices.append(index)
+        row.label_indices = sorted(set(indices))
+    return classes
+
+
+def load_classes(url: str, storage_options: dict[str, Any]) -> dict[str, int]:
+    """A class table from JSON (an object name -> index, or a list of names) or a text file of one name per line."""
+    try:
+        with fsspec.open(url, "r", **storage_options) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise InputError(f"{url}: no such classes file") from None
+    if url.endswith(".json"):
+        data = json.loads(text)
+        return (
+            {str(k): int(v) for k, v in data.items()}
+            if isinstance(data, dict)
+            else {str(name): i for i, name in enumerate(data)}
+        )
+    return {line.strip(): i for i, line in enumerate(line for line in text.splitlines() if line.strip())}
