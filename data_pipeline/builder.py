@@ -38,7 +38,6 @@ from data_pipeline.shard_writer import ShardWriter
 from data_pipeline.sources import (
     MANIFEST_SUFFIXES,
     Corpus,
-    InputError,
     Row,
     assign_classes,
     load_classes,

@@ -27,8 +27,8 @@ def tar_size(member_sizes: list[int]) -> int:
 class ShardWriter:
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        # Kept open across add() calls; close() closes it.
+        self._tar = tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.member_sizes: list[int] = []
         self.num_samples = 0
 
@@ -51,7 +51,6 @@ class ShardWriter:
     def close(self) -> tuple[int, str]:
         """Finish the tar; return its size in bytes and sha256."""
         self._tar.close()
-        self._file.close()
         digest = hashlib.sha256()
         size = 0
         with open(self.path, "rb") as handle:
