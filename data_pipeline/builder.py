@@ -71,9 +71,10 @@ class BuildOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def recorded(self) -> dict[str, Any]:
-        """The options that determine the output, as written into index.json (no credentials)."""
+        """The options that determine the shards' content, as written into index.json (no credentials; not the
+        output location, so a copied or moved build still describes itself)."""
         options = asdict(self)
-        del options["workers"], options["storage_options"]
+        del options["output"], options["workers"], options["storage_options"]
         return options
 
 
@@ -152,7 +153,8 @@ class Output:
     def check_writable(self) -> None:
         probe = join(self.fs, self.build_dir, ".write-probe")
         try:
-            self.fs.makedirs(self.build_dir, exist_ok=True)
+            if is_local(self.fs):  # on object stores makedirs would create a missing bucket: fail instead
+                self.fs.makedirs(self.build_dir, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
         except Exception as error:  # permissions, credentials, unreachable endpoints all surface differently

@@ -1,0 +1,340 @@
+"""build-shards end to end: folders and manifests, local and S3, read back with tar and plain webdataset."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from imaging import image_folder, jpeg_bytes
+
+from data_pipeline.build_shards import main
+from data_pipeline.index import ShardIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(*args: str) -> int:
+    return main([*args])
+
+
+def read_index(output: Path) -> ShardIndex:
+    return ShardIndex.model_validate_json((output / "index.json").read_text())
+
+
+def webdataset_samples(output: Path, split: str = "train") -> list[dict]:
+    """Every sample of a split, read with plain webdataset (no code of ours)."""
+    urls = [str(output / shard.name) for shard in read_index(output).shards_of(split)]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def output_files(output: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()}
+
+
+def test_image_folder_to_local_shards(tmp_path: Path) -> None:
+    image_folder(tmp_path / "in", {"cat": 7, "dog": 5, "eel": 3})
+    (tmp_path / "in/dog/deeper").mkdir()
+    (tmp_path / "in/dog/deeper/x.jpg").write_bytes(jpeg_bytes(64, 64, seed=99))  # belongs to "dog"
+    (tmp_path / "in/cat/README.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert build(str(tmp_path / "in"), "--output", str(out), "--max-samples-per-shard", "4", "--workers", "2") == 0
+
+    assert json.loads((out / "classes.json").read_text()) == {"cat": 0, "dog": 1, "eel": 2}
+    index = read_index(out)
+    assert index.splits["train"].num_samples == 16 and index.ignored_files == 1 and index.skipped == {}
+    assert index.splits["train"].class_counts == {"0": 7, "1": 6, "2": 3}
+    assert [s.num_samples for s in index.shards] == [4, 4, 4, 4]
+    assert [s.name for s in index.shards] == [f"train-{i:06d}.tar" for i in range(4)]
+
+    listing = subprocess.run(["tar", "tf", str(out / "train-000000.tar")], capture_output=True, text=True, check=True)
+    names = listing.stdout.split()
+    assert len(names) == 12 and [n.rsplit(".", 1)[1] for n in names[:3]] == ["jpg", "cls", "json"]
+
+    samples = webdataset_samples(out)
+    assert len(samples) == 16 and len({s["__key__"] for s in samples}) == 16
+    by_source = {json.loads(s["json"])["source"]: s for s in samples}
+    deeper = by_source[str(tmp_path / "in/dog/deeper/x.jpg")]
+    assert deeper["cls"] == b"1" and json.loads(deeper["json"])["width"] == 64
+    # Shuffled before sharding: the first shard is not all one class.
+    assert len({s["cls"] for s in samples[:4]}) > 1
+
+
+def test_same_inputs_give_identical_bytes_and_splits_follow_keys(tmp_path: Path) -> None:
+    image_folder(tmp_path / "in", {"a": 10, "b": 10})
+    outputs = []
+    for name, seed in (("one", "0"), ("two", "0"), ("three", "7")):
+        out = tmp_path / name
+        assert (
+            build(
+                str(tmp_path / "in"),
+                "--output",
+                str(out),
+                "--val-fraction",
+                "0.3",
+                "--seed",
+                seed,
+                "--max-samples-per-shard",
+                "5",
+            )
+            == 0
+        )
+        outputs.append(out)
+    assert output_files(outputs[0]) == output_files(outputs[1])
+    val_keys = [{s["__key__"] for s in webdataset_samples(out, "val")} for out in outputs]
+    assert val_keys[0] == val_keys[2] and 0 < len(val_keys[0]) < 20  # another seed reorders, the split stays
+    train_order = [[s["__key__"] for s in webdataset_samples(out)] for out in (outputs[0], outputs[2])]
+    assert train_order[0] != train_order[1]
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_manifest_formats(tmp_path: Path, suffix: str) -> None:
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(6):
+        (tmp_path / f"img/{i}.jpg").write_bytes(jpeg_bytes(50, 40, seed=i))
+        rows.append({"path": f"img/{i}.jpg", "label": ["zebra", "ant"][i % 2], "caption": f"photo {i}"})
+    manifest = tmp_path / f"manifest{suffix}"
+    write_manifest(manifest, rows)
+    out = tmp_path / "out"
+    assert build(str(manifest), "--output", str(out)) == 0
+    assert json.loads((out / "classes.json").read_text()) == {"ant": 0, "zebra": 1}
+    samples = webdataset_samples(out)
+    assert len(samples) == 6
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        number = int(meta["caption"].split()[1])  # extra columns are kept as metadata
+        assert sample["cls"] == (b"1" if number % 2 == 0 else b"0")
+        assert meta["source"].endswith(f"img/{number}.jpg") and (meta["width"], meta["height"]) == (50, 40)
+
+
+def test_integer_and_multi_label_manifest(tmp_path: Path) -> None:
+    rows = []
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(30, 30, seed=i))
+        rows.append({"url": str(tmp_path / f"{i}.jpg"), "label": [i % 3, 4] if i else [2]})
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, rows)
+    out = tmp_path / "out"
+    assert build(str(manifest), "--output", str(out)) == 0
+    index = read_index(out)
+    assert index.multi_label and index.num_classes == 5
+    assert index.splits["train"].class_counts == {"0": 1, "1": 1, "2": 2, "4": 3}
+    samples = webdataset_samples(out)
+    assert all("cls" not in s for s in samples)  # multi-label: labels live in the json
+    assert sorted(tuple(json.loads(s["json"])["labels"]) for s in samples) == [(0, 4), (1, 4), (2,), (2, 4)]
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(tmp_path: Path) -> None:
+    good = [tmp_path / f"good{i}.jpg" for i in range(20)]
+    for i, path in enumerate(good):
+        path.write_bytes(jpeg_bytes(40, 30, seed=i))
+    bad = {
+        "corrupt.jpg": b"\xff\xd8\xff\xe0" + os.urandom(500),
+        "truncated.jpg": jpeg_bytes(300, 300, seed=1)[:2000],
+        "empty.jpg": b"",
+        "notes.txt": b"just text",
+        "huge.jpg": jpeg_bytes(400, 400, seed=2),
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    rows = [{"path": str(p), "label": "good"} for p in good]
+    rows += [{"path": str(tmp_path / name), "label": "good"} for name in bad]
+    rows += [
+        {"path": str(tmp_path / "missing.jpg"), "label": "good"},
+        {"path": str(good[0]), "label": "good"},
+        {"path": str(good[1]).replace("good1", "good01"), "label": ""},
+        {"path": str(good[2]).replace("good2", "x"), "label": "martian"},
+    ]
+    manifest = tmp_path / "m.csv"
+    write_manifest(manifest, rows)
+    (tmp_path / "classes.txt").write_text("good\nbad\n")
+    common = [str(manifest), "--classes", str(tmp_path / "classes.txt"), "--max-pixels", "100000"]
+
+    strict = tmp_path / "strict"
+    assert build(*common, "--output", str(strict)) == 1  # 9 of 29 skipped is over the default 1%
+    index = read_index(strict)
+    assert index.splits["train"].num_samples == 20
+    assert index.skipped == {
+        "duplicate": 1,
+        "empty": 1,
+        "missing_label": 1,
+        "not_an_image": 2,
+        "too_many_pixels": 1,
+        "truncated": 1,
+        "unknown_label": 1,
+        "unreadable": 1,
+    }
+    errors = [json.loads(line) for line in (strict / "errors.jsonl").read_text().splitlines()]
+    assert {(Path(e["source"]).name, e["reason"]) for e in errors} >= {
+        ("corrupt.jpg", "not_an_image"),
+        ("truncated.jpg", "truncated"),
+        ("empty.jpg", "empty"),
+        ("notes.txt", "not_an_image"),
+        ("huge.jpg", "too_many_pixels"),
+        ("missing.jpg", "unreadable"),
+    }
+    assert all(e["detail"] or e["reason"] in ("duplicate", "missing_label", "unknown_label") for e in errors)
+
+    lenient = tmp_path / "lenient"
+    assert build(*common, "--output", str(lenient), "--max-error-fraction", "0.5") == 0
+
+
+def test_missing_input_and_unwritable_output_exit_2_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert build(str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"build-shards: {tmp_path / 'nowhere'}: no such folder; pass an image-folder tree or a manifest file"
+    image_folder(tmp_path / "in", {"a": 1})
+    (tmp_path / "file").write_text("x")
+    assert build(str(tmp_path / "in"), "--output", str(tmp_path / "file" / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"build-shards: {tmp_path / 'file' / 'out'}: cannot write the output") and "\n" not in err
+
+
+def test_retry_failed_adds_what_now_works(tmp_path: Path) -> None:
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(40, 30, seed=i))
+    rows = [{"path": str(tmp_path / f"{i}.jpg"), "label": "x"} for i in range(8)]  # 6.jpg and 7.jpg missing
+    manifest = tmp_path / "m.csv"
+    write_manifest(manifest, rows)
+    out = tmp_path / "out"
+    args = [str(manifest), "--output", str(out), "--max-error-fraction", "0.5"]
+    assert build(*args) == 0
+    assert read_index(out).skipped == {"unreadable": 2}
+    (tmp_path / "6.jpg").write_bytes(jpeg_bytes(40, 30, seed=6))  # the storage hiccup is over for one of them
+    assert build(*args, "--retry-failed") == 0
+    index = read_index(out)
+    assert index.skipped == {"unreadable": 1} and index.splits["train"].num_samples == 7
+    assert [s.name for s in index.shards] == ["train-000000.tar", "train-000001.tar"]
+    errors = (out / "errors.jsonl").read_text().splitlines()
+    assert len(errors) == 1 and "7.jpg" in errors[0]
+    assert len(webdataset_samples(out)) == 7
+
+
+def test_killed_build_resumes_to_identical_output(tmp_path: Path) -> None:
+    image_folder(tmp_path / "in", {f"class{c}": 40 for c in range(4)}, size=(320, 240))
+    command = [
+        sys.executable,
+        "-m",
+        "data_pipeline.build_shards",
+        str(tmp_path / "in"),
+        "--max-samples-per-shard",
+        "8",
+        "--val-fraction",
+        "0.2",
+        "--max-side",
+        "200",
+        "--workers",
+        "1",
+    ]
+    clean = tmp_path / "clean"
+    subprocess.run([*command, "--output", str(clean)], check=True, capture_output=True, cwd=ROOT)
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(
+        [*command, "--output", str(resumed)],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(list((resumed / "_build").glob("train-*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the builder and its worker, mid-run
+    process.wait()
+    assert not (resumed / "index.json").exists(), "the build finished before it could be killed"
+    done_before = {p.name for p in resumed.glob("*.tar")}
+    assert 3 <= len(done_before) < len(list(clean.glob("*.tar")))
+
+    subprocess.run([*command, "--output", str(resumed)], check=True, capture_output=True, cwd=ROOT)
+    assert output_files(resumed) == output_files(clean)
+
+
+def test_s3_manifest_to_s3_shards(tmp_path: Path, s3: dict[str, str]) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    rows = []
+    for i in range(5):
+        fs.pipe_file(f"bucket/raw/{i}.jpg", jpeg_bytes(60, 40, seed=i))
+        rows.append({"path": f"{i}.jpg", "label": "odd" if i % 2 else "even"})
+    rows.append({"path": "gone.jpg", "label": "odd"})
+    local = tmp_path / "m.jsonl"
+    write_manifest(local, rows)
+    fs.put_file(str(local), "bucket/raw/manifest.jsonl")
+    endpoint = f"endpoint_url={s3['endpoint_url']}"
+    assert (
+        build(
+            "s3://bucket/raw/manifest.jsonl",
+            "--output",
+            "s3://bucket/shards",
+            "--storage-option",
+            endpoint,
+            "--max-samples-per-shard",
+            "3",
+            "--max-error-fraction",
+            "0.5",
+            "--workers",
+            "2",
+        )
+        == 0
+    )
+
+    fs.invalidate_cache()
+    index = ShardIndex.model_validate_json(fs.cat_file("bucket/shards/index.json"))
+    assert index.splits["train"].num_samples == 5 and index.skipped == {"unreadable": 1}
+    assert json.loads(fs.cat_file("bucket/shards/classes.json")) == {"even": 0, "odd": 1}
+    # Plain webdataset over s3fs streams, and tar over the downloaded bytes.
+    streams = [{"url": shard.name, "stream": fs.open(f"bucket/shards/{shard.name}", "rb")} for shard in index.shards]
+    samples = list(wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams)))
+    assert len(samples) == 5
+    assert {json.loads(s["json"])["source"] for s in samples} == {f"s3://bucket/raw/{i}.jpg" for i in range(5)}
+    with tarfile.open(fileobj=io.BytesIO(fs.cat_file("bucket/shards/train-000000.tar"))) as tar:
+        assert len(tar.getnames()) == 9
+    assert not any("tmp" in path for path in fs.find("bucket/shards"))
+
+
+def test_s3_output_to_a_missing_bucket_exits_2(
+    tmp_path: Path, s3: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    image_folder(tmp_path / "in", {"a": 1})
+    code = build(
+        str(tmp_path / "in"),
+        "--output",
+        "s3://no-such-bucket/x",
+        "--storage-option",
+        f"endpoint_url={s3['endpoint_url']}",
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2
+        and err.startswith("build-shards: s3://no-such-bucket/x: cannot write the output")
+        and ("\n" not in err)
+    )
+    assert "testing" not in err  # credentials never appear in messages
