@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint configs-reference clean
+.PHONY: demo test bench lint configs-reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not bench"
+
+# Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.bench_build_shards
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

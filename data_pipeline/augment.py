@@ -1,0 +1,93 @@
+"""Decode a stored JPEG straight into the training crop: random-resized (Inception) crop and flip, or the evaluation
+resize and centre crop, as uint8 H x W x 3.
+
+Why not torchvision's `RandomResizedCrop` on a decoded image: decoding is most of the cost, and a JPEG can be
+decoded at 1/2, 1/4 or 1/8 scale inside the IDCT (PIL's `draft`) for much less work. We choose the crop box on the
+undecoded image's size first, then decode at the smallest scale that still leaves at least `image_size` pixels
+across the crop in both directions, so the output has the same resolution as a full decode would give. The crop and
+the resize are one PIL call (`resize(box=...)`), antialiased like torchvision's.
+
+The randomness of a sample comes from its own generator, seeded by (seed, epoch, key), so a sample gets the same
+crop whichever worker decodes it and whenever: a resumed run sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+Box = tuple[float, float, float, float]  # left, top, width, height in pixels of the stored image
+
+
+@dataclass(frozen=True)
+class Augment:
+    image_size: int
+    train: bool
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area of the random crop as a share of the image (Inception crop)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Aspect ratio range of the random crop."""
+    hflip: bool = True
+    eval_crop_fraction: float = 0.875
+    """Evaluation: the centre crop covers this share of the shorter side (resize to 256, crop 224)."""
+
+    def rng(self, seed: int, epoch: int, key: str) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def random_resized_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
+                       ratio: tuple[float, float]) -> Box:
+    """The Inception crop: area and log-aspect uniform in their ranges, 10 tries, then the centre at clamped ratio."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def centre_box(width: int, height: int, fraction: float) -> Box:
+    side = min(width, height) * fraction
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> np.ndarray:
+    """The augmented crop of one encoded image. Raises PIL/OSError exceptions on corrupt data."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if augment.train:
+        left, top, w, h = random_resized_box(width, height, rng, augment.crop_scale, augment.crop_ratio)
+        flip = augment.hflip and rng.random() < 0.5
+    else:
+        left, top, w, h = centre_box(width, height, augment.eval_crop_fraction)
+        flip = False
+    size = augment.image_size
+    reduction = max(1, min(8, int(min(w, h) // size)))
+    if reduction > 1 and image.format == "JPEG":
+        # draft picks the largest DCT scale that keeps the image at least this big
+        image.draft("RGB", (math.ceil(width / reduction), math.ceil(height / reduction)))
+    image = image.convert("RGB")
+    sx, sy = width / image.width, height / image.height
+    box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+    crop = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.array(crop)  # a writable copy (150 KB at 224 px): torch refuses read-only arrays

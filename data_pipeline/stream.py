@@ -1,0 +1,327 @@
+"""One data worker: read its pieces of shards, interleave their samples, decode them into batches with cursors.
+
+The worker keeps a few pieces open at once (`Cursor.slots`) and takes one sample from each in turn, so a batch mixes
+several shards; the shard after the current ones is already being fetched. Every batch carries the worker's cursor
+after its last sample and the worker's counters, which is how the main process knows what was consumed.
+
+Bad data never stops the stream: a corrupt image, a missing or out-of-range label, a truncated or missing shard is
+skipped and counted by reason, with at most one warning per reason every few seconds. Only when the skipped share
+(of the samples seen, and at least of one epoch's share of the worker) passes `max_error_fraction` does the worker
+raise `LoaderError`, naming the shard and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data_pipeline.augment import Augment, decode
+from data_pipeline.epoch_plan import Cursor, EpochPlan, Piece, shuffled
+from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardReadError
+from data_pipeline.shardlist import ShardList
+from data_pipeline.storage import filesystem
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WARNING_INTERVAL = 10.0
+
+
+class LoaderError(Exception):
+    """Too much bad data: the message names the shard, the reason and the limit."""
+
+
+class SkippedSample(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    shards: ShardList
+    plan: EpochPlan
+    augment: Augment
+    batch_size: int
+    labels: bool
+    """Deliver labels; False for objectives that need none (labels in the shards are then ignored)."""
+    epochs: int | None
+    """Stop after this many epochs, padding the end so every worker delivers the same number of batches; None runs
+    on across epochs without a break."""
+    shuffle_buffer: int
+    retry: RetryPolicy
+    storage_options: dict[str, Any] | None
+    max_error_fraction: float
+    prefetch_shards: int = 1
+
+
+@dataclass
+class WorkerCounters:
+    samples: int = 0
+    """Samples delivered (not counting padding)."""
+    padding: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    bytes: int = 0
+    retries: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "padding": self.padding, "skipped": dict(self.skipped),
+                "bytes": self.bytes, "retries": self.retries}
+
+
+def tar_samples(stream: PrefetchedShard, url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one tar stream in stored order, as {"__key__": ..., extension: bytes}."""
+    members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+    yield from group_by_keys(members)
+
+
+class OpenPiece:
+    def __init__(self, piece: Piece, stream: PrefetchedShard, samples: Iterator[dict[str, Any]]):
+        self.piece, self.stream, self.samples = piece, stream, samples
+        self.pos = piece.start
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class WorkerStream:
+    def __init__(self, config: StreamConfig, cursor: Cursor, worker: int, num_workers: int,
+                 target_batches: int | None):
+        self.config = config
+        self.cursor = cursor
+        self.worker, self.num_workers = worker, num_workers
+        self.target_batches = target_batches
+        self.counters = WorkerCounters()
+        self.read_counters = ReadCounters()
+        self.filesystems: dict[str, tuple[fsspec.AbstractFileSystem, str]] = {}
+        self.prefetched: dict[Piece, PrefetchedShard] = {}
+        self.open: list[OpenPiece | None] = [None] * len(cursor.slots)
+        self.last_warning: dict[str, float] = {}
+        self.seen = 0
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def _stream(self, url: str) -> PrefetchedShard:
+        # One filesystem object per protocol and worker process, made here (after fork) rather than shared
+        protocol = fsspec.utils.get_protocol(url)
+        if protocol not in self.filesystems:
+            options = {**(self.config.storage_options or {}), "skip_instance_cache": True}
+            self.filesystems[protocol] = filesystem(url, options if protocol not in ("file", "local") else None)
+        fs = self.filesystems[protocol][0]
+        path = fs._strip_protocol(url)
+        return PrefetchedShard(RetryingReader(fs, path, url, self.config.retry, self.read_counters))
+
+    def _start(self, piece: Piece) -> OpenPiece:
+        url = self.config.shards.urls[piece.shard]
+        stream = self.prefetched.pop(piece, None) or self._stream(url)
+        samples: Iterator[dict[str, Any]] = tar_samples(stream, url)
+        if self.config.plan.shuffle:
+            samples = shuffled(samples, self.config.plan.sample_rng(piece.epoch, piece.shard),
+                               self.config.shuffle_buffer)
+        # The piece's first samples belong to another worker or were consumed before a resume: skip, undecoded
+        return OpenPiece(piece, stream, islice(samples, piece.start, None))
+
+    def _take_piece(self) -> Piece | None:
+        cursor = self.cursor
+        while not cursor.queue:
+            if self.config.epochs is not None and cursor.next_epoch >= self.config.epochs:
+                return None
+            cursor.queue.extend(self.config.plan.part(cursor.next_epoch, self.worker, self.num_workers))
+            cursor.next_epoch += 1
+        return cursor.queue.pop(0)
+
+    def _prefetch(self) -> None:
+        for piece in self.cursor.queue[: self.config.prefetch_shards]:
+            if piece not in self.prefetched:
+                self.prefetched[piece] = self._stream(self.config.shards.urls[piece.shard])
+
+    def _next_raw(self) -> tuple[Piece, dict[str, Any]] | None:
+        """The next sample in turn from the open pieces (refilling them), or None when all work is done."""
+        cursor = self.cursor
+        slots = len(self.open)
+        idle = 0
+        while idle < slots:
+            i = cursor.turn
+            if self.open[i] is None:
+                piece = cursor.slots[i] or self._take_piece()
+                if piece is None:
+                    cursor.turn = (i + 1) % slots
+                    idle += 1
+                    continue
+                self.open[i] = self._start(piece)
+                cursor.slots[i] = piece
+                self._prefetch()
+            current = self.open[i]
+            assert current is not None
+            raw = self._read(current)
+            if raw is None:
+                current.close()
+                self.open[i] = None
+                cursor.slots[i] = None
+                continue
+            current.pos += 1
+            piece = current.piece
+            if current.pos == piece.end:
+                current.close()
+                self.open[i] = None
+                cursor.slots[i] = None
+            else:
+                cursor.slots[i] = piece._replace(start=current.pos)
+            cursor.turn = (i + 1) % slots
+            return piece, raw
+        return None
+
+    def _read(self, current: OpenPiece) -> dict[str, Any] | None:
+        """The piece's next raw sample; None at its end. A shard that ends early or fails counts as skipped."""
+        if current.pos >= current.piece.end:
+            return None
+        url = self.config.shards.urls[current.piece.shard]
+        try:
+            return next(current.samples)
+        except StopIteration:
+            reason, detail = "short_shard", "fewer samples than the index lists"
+        except FileNotFoundError:
+            reason, detail = "missing_shard", "not found"
+        except ShardReadError as error:
+            reason, detail = "unreadable_shard", str(error)
+        except (tarfile.TarError, EOFError, ValueError, OSError) as error:
+            reason, detail = "truncated_shard", f"{type(error).__name__}: {error}"
+        lost = current.piece.end - current.pos
+        self.seen += lost
+        self._skip(reason, url, f"{detail}; {lost} samples skipped", count=lost)
+        return None
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+
+    def _label(self, raw: dict[str, Any]) -> torch.Tensor:
+        shards = self.config.shards
+        if not self.config.labels:
+            return torch.tensor(-1)
+        if shards.multi_label:
+            if "json" not in raw:
+                raise SkippedSample("missing_label", "no .json with labels")
+            labels = json.loads(raw["json"]).get("labels")
+            if not isinstance(labels, list) or not labels:
+                raise SkippedSample("missing_label", ".json has no labels list")
+            target = torch.zeros(shards.num_classes or 0)
+            for label in labels:
+                if not isinstance(label, int) or not 0 <= label < len(target):
+                    raise SkippedSample("bad_label", f"label {label!r} outside 0..{len(target) - 1}")
+                target[label] = 1.0
+            return target
+        if "cls" not in raw:
+            raise SkippedSample("missing_label", "no .cls member")
+        try:
+            label = int(raw["cls"])
+        except ValueError:
+            raise SkippedSample("bad_label", f".cls is {raw['cls'][:20]!r}") from None
+        if label < 0 or (shards.num_classes is not None and label >= shards.num_classes):
+            raise SkippedSample("bad_label", f"label {label} outside 0..{(shards.num_classes or 1) - 1}")
+        return torch.tensor(label)
+
+    def _decode(self, piece: Piece, raw: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
+        data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if data is None:
+            raise SkippedSample("missing_image", f"members {sorted(k for k in raw if not k.startswith('__'))}")
+        label = self._label(raw)
+        rng = self.config.augment.rng(self.config.plan.seed, piece.epoch, raw["__key__"])
+        try:
+            image = decode(data, self.config.augment, rng)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise SkippedSample("corrupt_image", f"{type(error).__name__}: {error}") from None
+        return image, label
+
+    def _skip(self, reason: str, url: str, detail: str, count: int = 1) -> None:
+        self.counters.skipped[reason] += count
+        skipped = sum(self.counters.skipped.values())
+        # Measured against at least one epoch's share of this worker, so a bad shard early in a run is no worse than
+        # the same shard late in the epoch
+        share = max(self.seen, self.config.shards.total / self.num_workers)
+        if skipped > self.config.max_error_fraction * share:
+            raise LoaderError(f"{url}: {reason} ({detail}); {skipped} of {self.seen} samples skipped, more than "
+                              f"max_error_fraction={self.config.max_error_fraction}; fix or drop the bad shards")
+        now = time.monotonic()
+        if now - self.last_warning.get(reason, -WARNING_INTERVAL) >= WARNING_INTERVAL:
+            self.last_warning[reason] = now
+            log.warning("%s: skipped %s: %s (%d so far for this reason)", url, reason, detail,
+                        self.counters.skipped[reason])
+
+    # -- batches -------------------------------------------------------------------------------------------------
+
+    def _empty_label(self) -> torch.Tensor:
+        if self.config.labels and self.config.shards.multi_label:
+            return torch.zeros(self.config.shards.num_classes or 0)
+        return torch.tensor(-1)
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        try:
+            for i, piece in enumerate(self.cursor.slots):
+                if piece is not None:
+                    self.open[i] = self._start(piece)
+            while self.target_batches is None or self.cursor.batches < self.target_batches:
+                batch = self._batch()
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            for current in self.open:
+                if current is not None:
+                    current.close()
+            for stream in self.prefetched.values():
+                stream.close()
+
+    def _batch(self) -> dict[str, Any] | None:
+        size = self.config.augment.image_size
+        images = torch.zeros(self.config.batch_size, 3, size, size, dtype=torch.uint8)
+        labels: list[torch.Tensor] = []
+        keys: list[str] = []
+        epochs: list[int] = []
+        while len(keys) < self.config.batch_size:
+            item = self._next_raw()
+            if item is None:
+                break
+            piece, raw = item
+            self.seen += 1
+            try:
+                image, label = self._decode(piece, raw)
+            except SkippedSample as skipped:
+                self._skip(skipped.reason, self.config.shards.urls[piece.shard], f"{raw['__key__']}: {skipped}")
+                continue
+            images[len(keys)] = torch.from_numpy(image).permute(2, 0, 1)
+            labels.append(label)
+            keys.append(raw["__key__"])
+            epochs.append(piece.epoch)
+        if not keys and self.target_batches is None:
+            return None
+        real = len(keys)
+        padding = self.config.batch_size - real
+        # Only a finite run pads: so that every worker (and so every rank) delivers the same number of batches
+        labels.extend(self._empty_label() for _ in range(padding))
+        keys.extend("" for _ in range(padding))
+        epochs.extend(-1 for _ in range(padding))
+        self.counters.samples += real
+        self.counters.padding += padding
+        self.counters.bytes, self.counters.retries = self.read_counters.bytes, self.read_counters.retries
+        self.cursor.batches += 1
+        return {
+            "image": images,
+            "label": torch.stack(labels),
+            "key": keys,
+            "epoch": torch.tensor(epochs),
+            "valid": torch.arange(self.config.batch_size) < real,
+            "_cursor": self.cursor.to_json(),
+            "_counters": self.counters.to_json(),
+        }

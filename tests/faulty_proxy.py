@@ -1,0 +1,108 @@
+"""An HTTP proxy in front of the S3 server that breaks object reads the way real networks and object stores do.
+
+Every request is forwarded to the upstream endpoint. GETs of `.tar` objects are numbered, and the ones that the
+schedule picks fail in one of three ways:
+- `reset`: the status line, the headers and half of the body are sent, then the connection is closed;
+- `503`: an S3 `SlowDown` error instead of the object;
+- `stall`: nothing is sent for longer than the client's read timeout, then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+FAULTS = ("reset", "503", "stall")
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FaultyProxy:
+    def __init__(self, upstream: str, every: int = 2, stall_seconds: float = 3.0):
+        """Fault every `every`-th GET of a shard, cycling through FAULTS."""
+        self.upstream = urlsplit(upstream)
+        self.every, self.stall_seconds = every, stall_seconds
+        self.lock = threading.Lock()
+        self.shard_gets = 0
+        self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _fault_for(self, method: str, path: str) -> str | None:
+        if method != "GET" or not urlsplit(path).path.endswith(".tar"):
+            return None
+        with self.lock:
+            self.shard_gets += 1
+            if self.shard_gets % self.every:
+                return None
+            fault = FAULTS[(self.shard_gets // self.every) % len(FAULTS)]
+            self.injected[fault] += 1
+            return fault
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy._fault_for(self.command, self.path)
+                if fault == "503":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(SLOW_DOWN)
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall_seconds)
+                    self.close_connection = True
+                    return
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {key: value for key, value in self.headers.items() if key.lower() != "host"}
+                headers["Host"] = proxy.upstream.netloc
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                # A HEAD answer has no body but states the object's size
+                size = response.getheader("Content-Length") if self.command == "HEAD" else len(payload)
+                self.send_header("Content-Length", str(size or 0))
+                self.end_headers()
+                if fault == "reset" and len(payload) > 1:
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        return Handler
