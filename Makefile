@@ -26,7 +26,8 @@ test: $(VENV)/.installed-test
 
 # Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m benchmarks.bench_build_shards
+	-$(BIN)/python -m benchmarks.bench_build_shards
+	-$(BIN)/python -m benchmarks.bench_loader
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

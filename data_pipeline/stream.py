@@ -23,7 +23,6 @@ from itertools import islice
 from typing import Any
 
 import fsspec
-import numpy as np
 import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -232,7 +231,7 @@ class WorkerStream:
             raise SkippedSample("bad_label", f"label {label} outside 0..{(shards.num_classes or 1) - 1}")
         return torch.tensor(label)
 
-    def _decode(self, piece: Piece, raw: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor]:
+    def _decode(self, piece: Piece, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if data is None:
             raise SkippedSample("missing_image", f"members {sorted(k for k in raw if not k.startswith('__'))}")
@@ -240,7 +239,7 @@ class WorkerStream:
         rng = self.config.augment.rng(self.config.plan.seed, piece.epoch, raw["__key__"])
         try:
             image = decode(data, self.config.augment, rng)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
             raise SkippedSample("corrupt_image", f"{type(error).__name__}: {error}") from None
         return image, label
 
@@ -300,7 +299,7 @@ class WorkerStream:
             except SkippedSample as skipped:
                 self._skip(skipped.reason, self.config.shards.urls[piece.shard], f"{raw['__key__']}: {skipped}")
                 continue
-            images[len(keys)] = torch.from_numpy(image).permute(2, 0, 1)
+            images[len(keys)] = image
             labels.append(label)
             keys.append(raw["__key__"])
             epochs.append(piece.epoch)

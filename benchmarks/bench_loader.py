@@ -1,0 +1,180 @@
+"""Streaming loader: decode + augment throughput per core, S3 streaming bandwidth, memory over many epochs.
+
+All three run over the same JPEG shards, written by build-shards from photo-like images (stored with the shorter
+side at 512 px, like a typical pre-training corpus; crops at 224 px).
+
+1. Decode + augment, one process: `make_loader(num_workers=0)` against plain webdataset + PIL full decode +
+   torchvision `RandomResizedCrop(224)` + `PILToTensor` on the same shards. Target: at least 2x.
+2. S3 bandwidth through moto's server on loopback: the loader's reader (retrying, prefetching thread) against a raw
+   s3fs sequential read of the same shards. Target: at least 0.9x with one stream; more with parallel streams.
+   Moto serves from Python, so absolute numbers say little; the ratio is what counts.
+3. Resident memory of a loader over 10 epochs: growth after the first epoch under 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_build_shards import make_corpus
+from data_pipeline import make_loader
+from data_pipeline.builder import BuildOptions, build
+from data_pipeline.images import ImageOptions
+from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
+
+IMAGE_SIZE = 224
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_shards(root: Path, images: int) -> Path:
+    make_corpus(root / "images", images, (1024, 768))
+    build(BuildOptions(input=str(root / "images"), output=str(root / "shards"), max_samples_per_shard=100,
+                       workers=2, image=ImageOptions(max_side=512, quality=90)))
+    shutil.rmtree(root / "images")
+    return root / "shards"
+
+
+def baseline_decode(shards: Path, limit: int) -> float:
+    import webdataset as wds
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip(),
+                                    transforms.PILToTensor()])
+    urls = [str(path) for path in sorted(shards.glob("train-*.tar"))]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "cls")
+    start = time.perf_counter()
+    count = 0
+    for image, _label in dataset:
+        transform(image)
+        count += 1
+        if count == limit:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def loader_decode(shards: Path, limit: int) -> float:
+    loader = make_loader(str(shards / "index.json"), batch_size=32, num_workers=0, image_size=IMAGE_SIZE, epochs=1)
+    start = time.perf_counter()
+    count = 0
+    for batch in loader:
+        count += int(batch["valid"].sum())
+        if count >= limit:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def raw_s3fs_read(fs, paths: list[str]) -> float:
+    start = time.perf_counter()
+    total = 0
+    for path in paths:
+        with fs.open(path, "rb", block_size=1 << 22) as handle:
+            while chunk := handle.read(1 << 20):
+                total += len(chunk)
+    return total / (time.perf_counter() - start)
+
+
+def loader_read(fs, paths: list[str], streams: int) -> float:
+    counters = ReadCounters()
+
+    def read(path: str) -> None:
+        shard = PrefetchedShard(RetryingReader(fs, path, path, RetryPolicy(), counters))
+        while shard.read(1 << 20):
+            pass
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(read, paths))
+    return counters.bytes / (time.perf_counter() - start)
+
+
+def s3_bandwidth(shards: Path) -> dict[str, float]:
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server._server.server_address
+        fs = s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}", skip_instance_cache=True)
+        fs.mkdir("bench")
+        fs.put(str(shards) + "/", "bench/shards/", recursive=True)
+        paths = sorted(fs.glob("bench/shards/train-*.tar"))
+        rates = {"raw s3fs, sequential": raw_s3fs_read(fs, paths)}
+        rates["loader reader, 1 stream"] = loader_read(fs, paths, 1)
+        rates["loader reader, 4 streams"] = loader_read(fs, paths, 4)
+        return rates
+    finally:
+        server.stop()
+
+
+def memory_over_epochs(shards: Path, epochs: int) -> list[int]:
+    loader = make_loader(str(shards / "index.json"), batch_size=32, num_workers=0, image_size=IMAGE_SIZE)
+    per_epoch = loader.samples_per_epoch
+    samples, readings = 0, []
+    for batch in loader:
+        samples += len(batch["key"])
+        if samples >= per_epoch * (len(readings) + 1):
+            readings.append(rss_bytes())
+            if len(readings) == epochs:
+                return readings
+    return readings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # per core: data workers run single-threaded, as DataLoader sets them up
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    met = True
+    try:
+        shards = build_shards(work, args.images)
+        mib = sum(path.stat().st_size for path in shards.glob("*.tar")) / 2**20
+        print(f"\nloader: {args.images} JPEGs (shorter side 512) in {mib:.0f} MiB of shards, crops {IMAGE_SIZE} px")
+
+        baseline = baseline_decode(shards, args.images)
+        ours = loader_decode(shards, args.images)
+        print(f"  decode+augment, 1 process: webdataset+PIL+torchvision {baseline:7.1f} images/s")
+        print(f"                             make_loader                  {ours:7.1f} images/s  {ours / baseline:5.2f}x"
+              f" (target >= 2.00x): {'met' if ours >= 2 * baseline else 'MISSED'}")
+        met &= ours >= 2 * baseline
+
+        rates = s3_bandwidth(shards)
+        raw = rates["raw s3fs, sequential"]
+        for name, rate in rates.items():
+            print(f"  S3 via moto, {name:26s} {rate / 2**20:7.1f} MiB/s  {rate / raw:5.2f}x")
+        one = rates["loader reader, 1 stream"] / raw
+        print(f"  one stream / raw s3fs: {one:.2f}x (target >= 0.90x): {'met' if one >= 0.9 else 'MISSED'}")
+        met &= one >= 0.9
+
+        readings = memory_over_epochs(shards, args.epochs)
+        growth = readings[-1] / readings[0] - 1
+        print(f"  resident memory after epochs 1..{len(readings)}: "
+              + " ".join(f"{reading / 2**20:.0f}" for reading in readings) + " MiB")
+        print(f"  growth after the first epoch: {growth:+.1%} (target < 5%): {'met' if growth < 0.05 else 'MISSED'}")
+        met &= growth < 0.05
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
