@@ -5,21 +5,24 @@ side at 512 px, like a typical pre-training corpus; crops at 224 px).
 
 1. Decode + augment, one process: `make_loader(num_workers=0)` against plain webdataset + PIL full decode +
    torchvision `RandomResizedCrop(224)` + `PILToTensor` on the same shards. Target: at least 2x.
-2. S3 bandwidth through moto's server on loopback: the loader's reader (retrying, prefetching thread) against a raw
-   s3fs sequential read of the same shards. Target: at least 0.9x with one stream; more with parallel streams.
-   Moto serves from Python, so absolute numbers say little; the ratio is what counts.
+2. S3 bandwidth through moto's server (its own process) on loopback: the loader's reader (retrying, prefetching
+   thread) against a raw s3fs sequential read of the same shards. Target: at least 0.9x with one stream; more with
+   parallel streams. Moto serves from one Python process, so absolute numbers say little; the ratio is what counts.
 3. Resident memory of a loader over 10 epochs: growth after the first epoch under 5%.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,16 +105,18 @@ def loader_read(fs, paths: list[str], streams: int) -> float:
 
 def s3_bandwidth(shards: Path) -> dict[str, float]:
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    # moto in its own process: in this one its request threads would compete for the GIL with the readers measured
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        host, port = server._server.server_address
-        fs = s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}", skip_instance_cache=True)
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for(endpoint)
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir("bench")
         fs.put(str(shards) + "/", "bench/shards/", recursive=True)
         paths = sorted(fs.glob("bench/shards/train-*.tar"))
@@ -120,7 +125,28 @@ def s3_bandwidth(shards: Path) -> dict[str, float]:
         rates["loader reader, 4 streams"] = loader_read(fs, paths, 4)
         return rates
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def memory_over_epochs(shards: Path, epochs: int) -> list[int]:
@@ -142,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # per core: data workers run single-threaded, as DataLoader sets them up
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     met = True
     try:

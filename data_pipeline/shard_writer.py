@@ -18,10 +18,14 @@ def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def tar_size(member_sizes: list[int]) -> int:
-    """Bytes a tar takes on disk: a header block per member, data padded to blocks, end marker, record padding."""
-    body = sum(BLOCK + _padded(size) for size in member_sizes) + 2 * BLOCK
-    return -(-body // RECORD) * RECORD
+def _member_blocks(sizes: list[int]) -> int:
+    """Bytes the members take in a tar: a header block each, data padded to blocks."""
+    return sum(BLOCK + _padded(size) for size in sizes)
+
+
+def _finished(body: int) -> int:
+    """Tar size for members taking `body` bytes: plus the end marker, padded to a whole record."""
+    return -(-(body + 2 * BLOCK) // RECORD) * RECORD
 
 
 class ShardWriter:
@@ -29,12 +33,12 @@ class ShardWriter:
         self.path = path
         # Kept open across add() calls; close() closes it.
         self._tar = tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        self.member_sizes: list[int] = []
+        self.body_bytes = 0
         self.num_samples = 0
 
     def size_with(self, members: dict[str, bytes]) -> int:
         """Size of the finished shard if this sample were added."""
-        return tar_size(self.member_sizes + [len(data) for data in members.values()])
+        return _finished(self.body_bytes + _member_blocks([len(data) for data in members.values()]))
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         for extension, data in members.items():
@@ -45,7 +49,7 @@ class ShardWriter:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             self._tar.addfile(info, io.BytesIO(data))
-            self.member_sizes.append(len(data))
+        self.body_bytes += _member_blocks([len(data) for data in members.values()])
         self.num_samples += 1
 
     def close(self) -> tuple[int, str]:
