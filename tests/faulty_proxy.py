@@ -5,6 +5,7 @@ schedule picks fail in one of three ways:
 - `reset`: the status line, the headers and half of the body are sent, then the connection is closed;
 - `503`: an S3 `SlowDown` error instead of the object;
 - `stall`: nothing is sent for longer than the client's read timeout, then the connection is closed.
+Writes (PUT, POST) of keys containing `fail_writes_to` get a 503 every time: an upload that cannot succeed.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, every: int = 2, stall_seconds: float = 3.0):
-        """Fault every `every`-th GET of a shard, cycling through FAULTS."""
+    def __init__(self, upstream: str, every: int = 2, stall_seconds: float = 3.0, fail_writes_to: str | None = None):
+        """Fault every `every`-th GET of a shard (0: none), cycling through FAULTS."""
         self.upstream = urlsplit(upstream)
+        self.fail_writes_to = fail_writes_to
         self.every, self.stall_seconds = every, stall_seconds
         self.lock = threading.Lock()
         self.shard_gets = 0
@@ -45,7 +47,9 @@ class FaultyProxy:
         self.server.server_close()
 
     def _fault_for(self, method: str, path: str) -> str | None:
-        if method != "GET" or not urlsplit(path).path.endswith(".tar"):
+        if method in ("PUT", "POST") and self.fail_writes_to and self.fail_writes_to in path:
+            return "503"
+        if method != "GET" or not self.every or not urlsplit(path).path.endswith(".tar"):
             return None
         with self.lock:
             self.shard_gets += 1

@@ -1,31 +1,45 @@
-"""`make demo` on its built-in default: the configured model builds and trains one step's worth of gradients."""
+"""`make demo`: digits to PNG folders to shards to a two-rank DeepSpeed run to a held-out accuracy.
+
+The full demo (300 steps, top-1 >= 0.95) takes minutes and runs as `make demo`; here it runs end to end with a short
+schedule, which checks every stage without waiting for the accuracy.
+"""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from pretrain.demo import main
+from pretrain.demo import main, write_digits
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "demo_digits.json")
 
 
-def test_demo_builds_the_configured_model_and_runs_backward(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(ROOT)
-    assert main(["--config", "configs/demo_digits.json"]) == 0
+def test_digits_become_an_image_folder(tmp_path: Path) -> None:
+    assert write_digits(tmp_path, size=32) == 1797
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(d) for d in range(10)]
+    image = Image.open(next((tmp_path / "3").iterdir()))
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (255, 255, 255)  # white paper, dark ink
+
+
+def test_demo_runs_every_stage(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                               tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["--config", CONFIG, "--set", "schedule.steps=12", "--set", "schedule.warmup_steps=2",
+                 "--set", "checkpoint.every_steps=6", "--set", "data.num_workers=0"])
     out = capsys.readouterr().out
-    assert "demo_digits: Ti/4 at 32 px" in out
-    loss = float(re.search(r"loss (\d+\.\d+)", out).group(1))
-    assert loss == pytest.approx(math.log(10), abs=1e-3)  # zero-initialised head: uniform over 10 classes
-    assert float(re.search(r"gradient norm (\d+\.\d+)", out).group(1)) > 0
+    assert code in (0, 1), out  # 1: below the target accuracy, expected after 12 steps
+    match = re.search(r"held-out top-1 (\d\.\d+) on 361 images \(target 0.95\); checkpoint (\S+)", out)
+    assert match, out
+    assert Path(match.group(2)).name == "step-00000012" and (Path(match.group(2)) / "trainer.json").exists()
+    assert (tmp_path / "runs/demo_digits/shards/index.json").exists()
 
 
 def test_demo_reports_a_bad_config_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--config", "configs/demo_digits.json", "--set", "model.image_size=30"]) == 2
+    assert main(["--config", CONFIG, "--set", "model.image_size=30"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.variant: 4 does not divide image_size 30" in err

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, model_validator
 
 from pretrain.model.variants import parse_variant, stem_stride
 
@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
-StorageOptions = dict[str, str | int | float | bool | None]
+StorageOptions = dict[str, JsonValue]
 
 
 class ModelConfig(Section):

@@ -1,0 +1,96 @@
+"""Process-group set-up that works the same under `deepspeed`, `torchrun` and `srun`, plus the few collectives the
+trainer needs outside DeepSpeed.
+
+The deepspeed launcher and torchrun export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Under `srun`
+(one task per device) only Slurm's variables exist, so they are mapped: SLURM_PROCID -> RANK, SLURM_LOCALID ->
+LOCAL_RANK, SLURM_NTASKS -> WORLD_SIZE, the first host of SLURM_JOB_NODELIST -> MASTER_ADDR.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[003-010,017],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def map_slurm_environment(env: dict[str, str] | os._Environ = os.environ) -> None:
+    """Fill the torch.distributed variables from Slurm's when a launcher did not set them."""
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+    env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+
+
+def init() -> Placement:
+    """Join (or, for a plain `python run.py`, create) the process group on the accelerator's backend."""
+    map_slurm_environment()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    return Placement(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size())
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` is true on every rank."""
+    value = torch.tensor([0.0 if flag else 1.0], device=device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() == 0.0
+
+
+def any_true(flag: bool) -> bool:
+    return not all_true(not flag)
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather_objects(value: object) -> list[object]:
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -1,0 +1,90 @@
+"""What a run reports: `metrics.jsonl` in the run folder, DeepSpeed's monitors (TensorBoard, CSV), one console line
+per log step; and the numbers behind them (throughput, time waiting for data, TFLOP/s, MFU, memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import psutil
+import torch
+from deepspeed.accelerator import get_accelerator
+
+
+def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """TFLOP/s of a square matmul in `dtype` on this process's device: the CPU's peak for MFU, measured at start."""
+    device = torch.device(get_accelerator().current_device_name())
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    get_accelerator().synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def memory_bytes() -> int:
+    """Peak device memory on an accelerator; resident memory of this process on the CPU."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return int(accelerator.max_memory_allocated())
+    return psutil.Process().memory_info().rss
+
+
+class StepTimer:
+    """Wall time of the steps since the last report, and the part of it spent waiting for the next batch."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.waiting = 0.0
+        self.images = 0
+
+    def waited(self, seconds: float, images: int) -> None:
+        self.waiting += seconds
+        self.images += images
+
+    def report(self) -> tuple[float, float, float]:
+        """(seconds, images per second on this rank, share of time waiting for data)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return elapsed, self.images / elapsed, self.waiting / elapsed
+
+
+class MetricsLog:
+    """Rank 0 writes; the other ranks only take part in the collectives that produce the numbers."""
+
+    def __init__(self, output_dir: str, engine: Any, enabled: bool):
+        self.enabled = enabled
+        self.engine = engine
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+
+    def write(self, record: dict[str, Any], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            step = record["step"]
+            prefix = record.get("kind", "train")
+            events = [(f"{prefix}/{name}", float(value), step) for name, value in record.items()
+                      if isinstance(value, int | float) and name != "step"]
+            monitor.write_events(events)
+        if console:
+            print(console, flush=True)
+
+
+def train_line(record: dict[str, Any], total_steps: int) -> str:
+    grad = f"{record['grad_norm']:.3g}" if record.get("grad_norm") is not None else "-"
+    return (f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+            f"lr {record['lr']:.3g} | grad {grad} | {record['images_per_s']:.1f} img/s | "
+            f"data {record['data_wait']:.0%} | {record['tflops']:.3g} TFLOP/s | MFU {record['mfu']:.1%} | "
+            f"mem {record['memory_gb']:.2f} GB")

@@ -1,0 +1,1 @@
+"""Training objectives: what a batch's loss is, and what evaluation measures."""

@@ -1,0 +1,54 @@
+"""Pre-train a ViT: `deepspeed pretrain/run.py --config configs/vit_h14_jft.json [--set k=v ...] [--resume auto]`.
+
+The same script runs under `torchrun` and under `srun` (one task per device); see pretrain/distributed.py. Errors a
+user can cause (config, data source, batch sizes, checkpoint place) end the job before training with one line on
+rank 0 and exit code 2. After a preemption signal the job saves a checkpoint and exits with 75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from data_pipeline.loader import LoaderStateError, SourceError
+from pretrain import distributed
+from pretrain.checkpoint import CheckpointError
+from pretrain.config.load import ConfigError, load_config
+from pretrain.ds_config import BatchError
+from pretrain.trainer import Trainer, TrainingError
+
+USER_ERRORS = (ConfigError, SourceError, BatchError, CheckpointError, LoaderStateError, TrainingError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pretrain/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run config (JSON), see configs/README.md")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue from the newest complete checkpoint if there is one (default); "
+                             "none: start afresh; or a checkpoint name such as step-00001000")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    distributed.map_slurm_environment()
+    is_main = os.environ.get("RANK", "0") == "0"
+    try:
+        config = load_config(args.config, args.set)
+        placement = distributed.init()
+        code = Trainer(config, placement, resume=args.resume).train()
+    except USER_ERRORS as error:
+        if is_main:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The training loop: build data, model and DeepSpeed engine from a config, train, evaluate, log, checkpoint, resume.
+
+Read top to bottom: `Trainer.__init__` sets everything up in the order that fails fastest (data and checkpoint
+place before the model is built), `train` is the loop, `evaluate` the held-out pass, `save`/`restore` the
+checkpoints. Preemption (SIGTERM, SIGUSR1) is honoured at the next step boundary: every rank saves and the process
+exits with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import deepspeed
+import torch
+
+from data_pipeline import make_loader
+from data_pipeline.loader import StreamingLoader
+from pretrain import distributed
+from pretrain.checkpoint import CheckpointStore
+from pretrain.config.schema import Config, SupervisedObjective
+from pretrain.ds_config import batch_sizes, deepspeed_config, parameter_groups, total_steps
+from pretrain.metrics import MetricsLog, StepTimer, measure_matmul_peak, memory_bytes, train_line
+from pretrain.model import create_model, flops_per_image
+from pretrain.objectives.supervised import correct_counts, supervised_loss
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75
+"""Exit code after a preemption signal once the checkpoint is saved (EX_TEMPFAIL): rerun with --resume auto."""
+MAX_NONFINITE_IN_A_ROW = 10
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingError(Exception):
+    """Training cannot go on (or start); the message says why and what to do."""
+
+
+class Trainer:
+    def __init__(self, config: Config, placement: distributed.Placement, resume: str = "auto"):
+        self.config = config
+        self.placement = placement
+        self.output_dir = config.run.output_dir or os.path.join("runs", config.run.name)
+        self.micro_batch, self.accumulation = batch_sizes(config, placement.world_size)
+        self.dtype = DTYPES[config.deepspeed.precision]
+        if not isinstance(config.objective, SupervisedObjective):
+            raise TrainingError(f"objective.type {config.objective.type!r} is not implemented by this trainer yet")
+        self.objective = config.objective
+
+        # Data first: a missing shard, a wrong endpoint or a class-count mismatch fails before any model is built
+        self.train_loader = self._loader(config.data.train, config.data.train_split, train=True)
+        self._check_labels(self.train_loader)
+        self.steps = total_steps(config, self.train_loader.samples_per_epoch)
+        self.checkpoints = CheckpointStore(
+            config.checkpoint.dir or os.path.join(self.output_dir, "checkpoints"),
+            dict(config.checkpoint.storage_options), os.path.join(self.output_dir, "checkpoint-staging"),
+            config.checkpoint.keep_last, placement)
+        self.checkpoints.check_writable()
+
+        ds_config = deepspeed_config(config, placement.world_size, self.steps, os.path.join(self.output_dir, "monitor"))
+        torch.manual_seed(config.run.seed)  # the same initial weights on every rank
+        if config.deepspeed.zero_stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = create_model(config.model.variant, **config.model.model_kwargs())
+        else:
+            model = create_model(config.model.variant, **config.model.model_kwargs())
+        if config.deepspeed.activation_checkpointing:
+            model.set_grad_checkpointing()
+        optim = config.optimizer
+        optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                                      eps=optim.eps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        torch.manual_seed(config.run.seed + 1 + placement.rank)  # dropout and stochastic depth differ per rank
+
+        with torch.device("meta"):
+            flops = flops_per_image(create_model(config.model.variant, **config.model.model_kwargs()),
+                                    config.model.image_size)
+        self.train_flops_per_image = flops * (4 if config.deepspeed.activation_checkpointing else 3)
+        self.peak_tflops = config.logging.peak_tflops or measure_matmul_peak(self.dtype)
+        self.metrics = MetricsLog(self.output_dir, self.engine, enabled=placement.is_main)
+
+        self.samples_seen = 0
+        self.nonfinite_steps = 0
+        self.preempt_requested = False
+        tag = self.checkpoints.resolve(resume)
+        if tag is not None:
+            self.restore(tag)
+
+    # -- set-up helpers ------------------------------------------------------------------------------------------
+
+    def _loader(self, source: str, split: str, train: bool) -> StreamingLoader:
+        data = self.config.data
+        return make_loader(
+            source, batch_size=self.micro_batch, rank=self.placement.rank, world_size=self.placement.world_size,
+            num_workers=data.num_workers if train else min(data.num_workers, 1), seed=self.config.run.seed,
+            train=train, image_size=self.config.model.image_size, storage_options=dict(data.storage_options),
+            split=split, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
+            max_error_fraction=data.max_error_fraction)
+
+    def _check_labels(self, loader: StreamingLoader) -> None:
+        shards = loader.shards
+        if not shards.labelled:
+            raise TrainingError(f"{self.config.data.train}: the shards carry no labels; the supervised objective "
+                                "needs them (or use objective.type masked_patch_prediction)")
+        if shards.num_classes is not None and shards.num_classes != self.config.model.num_classes:
+            raise TrainingError(f"model.num_classes is {self.config.model.num_classes} but {self.config.data.train} "
+                                f"has {shards.num_classes} classes; set model.num_classes to {shards.num_classes}")
+        if shards.multi_label != (self.objective.loss == "sigmoid"):
+            want = "sigmoid" if shards.multi_label else "softmax"
+            raise TrainingError(f"objective.loss is {self.objective.loss} but the shards are "
+                                f"{'multi' if shards.multi_label else 'single'}-label; use {want}")
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images to the [-1, 1] range of the paper's preprocessing, on the device, in the training dtype."""
+        images = images.to(distributed.device(), non_blocking=True)
+        return (images.float() / 127.5 - 1.0).to(self.dtype)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.preempt_requested:
+            log.warning("rank %d: got signal %d; checkpointing at the next step boundary", self.placement.rank, signum)
+        self.preempt_requested = True
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Train to the configured length; returns the process exit code (0, or EXIT_PREEMPTED)."""
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_signal)
+        config, engine = self.config, self.engine
+        device = distributed.device()
+        eval_every = config.run.eval_every_steps
+        timer = StepTimer()
+        loss_sum, loss_count, nonfinite_in_a_row = 0.0, 0, 0
+        batches = iter(self.train_loader)
+        while engine.global_steps < self.steps:
+            start = time.perf_counter()
+            batch = next(batches)
+            timer.waited(time.perf_counter() - start, int(batch["valid"].sum()))
+            steps_before = engine.global_steps
+            logits = engine(self._images(batch["image"]))
+            loss = supervised_loss(logits, batch["label"].to(device), self.objective)
+            if not distributed.all_true(bool(torch.isfinite(loss))):
+                # every rank skips the same micro-batch, so the ranks stay in step
+                self.nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingError(f"loss was not finite {nonfinite_in_a_row} times in a row at step "
+                                        f"{engine.global_steps}; lower optimizer.lr or check the data")
+                continue
+            nonfinite_in_a_row = 0
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+            loss_count += 1
+            self.samples_seen += self.micro_batch * self.placement.world_size
+            if engine.global_steps == steps_before:  # inside a gradient-accumulation cycle
+                continue
+            step = engine.global_steps
+            if step % config.logging.every_steps == 0 or step == self.steps:
+                self._log_train(step, timer, loss_sum, loss_count)
+                timer.reset()
+                loss_sum, loss_count = 0.0, 0
+            if eval_every and step % eval_every == 0 and step < self.steps:
+                self.evaluate(step)
+            preempted = distributed.any_true(self.preempt_requested)
+            if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
+                self.save(step)
+            if preempted:
+                if self.placement.is_main:
+                    print(f"preempted: checkpoint {self.checkpoints.url} step {step} saved; exit "
+                          f"{EXIT_PREEMPTED}; rerun with --resume auto", flush=True)
+                return EXIT_PREEMPTED
+        self.evaluate(engine.global_steps)
+        return 0
+
+    def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
+        _elapsed, rate, waiting = timer.report()
+        loss_total, count, rate_total, waiting_total = distributed.all_sum([loss_sum, loss_count, rate, waiting])
+        world = self.placement.world_size
+        tflops = rate_total / world * self.train_flops_per_image / 1e12
+        counters = self.train_loader.counters()
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "kind": "train", "step": step, "epoch": self.samples_seen / self.train_loader.samples_per_epoch,
+            "loss": loss_total / max(count, 1), "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "images_per_s": rate_total, "data_wait": waiting_total / world, "tflops": tflops,
+            "mfu": tflops / self.peak_tflops, "memory_gb": memory_bytes() / 1e9,
+            "skipped_samples": sum(counters["skipped"].values()), "nonfinite_steps": self.nonfinite_steps,
+            "retries": counters["retries"],
+        }
+        self.metrics.write(record, train_line(record, self.steps))
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Top-1/top-5 (or precision@1) on data.val; every rank gets the same number of (padded) batches."""
+        if self.config.data.val is None:
+            return {}
+        loader = self._loader(self.config.data.val, self.config.data.val_split, train=False)
+        multi_label = loader.shards.multi_label
+        names = ["precision@1", "images"] if multi_label else ["top1", "top5", "images"]
+        sums = dict.fromkeys(names, 0.0)
+        self.engine.eval()
+        with torch.no_grad():
+            for batch in loader:
+                logits = self.engine(self._images(batch["image"])).float()
+                for name, value in correct_counts(logits, batch["label"], batch["valid"], multi_label).items():
+                    sums[name] += value
+        self.engine.train()
+        totals = dict(zip(names, distributed.all_sum([sums[name] for name in names]), strict=True))
+        images = max(totals.pop("images"), 1.0)
+        result = {name: value / images for name, value in totals.items()}
+        record = {"kind": "eval", "step": step, **result, "images": images}
+        self.metrics.write(record, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items())
+                           + f" | {images:.0f} images")
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def save(self, step: int) -> None:
+        trainer_state = {"samples_seen": self.samples_seen, "nonfinite_steps": self.nonfinite_steps,
+                         "world_size": self.placement.world_size, "config": self.config.model_dump(mode="json")}
+        self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict())
+        if self.placement.is_main:
+            print(f"checkpoint {self.checkpoints.url}/step-{step:08d}", flush=True)
+
+    def restore(self, tag: str) -> None:
+        restored = self.checkpoints.load(self.engine, tag)
+        self.train_loader.load_state_dict(restored.loader_states)
+        self.samples_seen = restored.trainer["samples_seen"]
+        self.nonfinite_steps = restored.trainer["nonfinite_steps"]
+        if self.placement.is_main:
+            print(f"resumed from {self.checkpoints.url}/{tag} at step {restored.step}", flush=True)

@@ -1,0 +1,178 @@
+"""The DeepSpeed trainer on two CPU ranks (gloo), started as users start it: `deepspeed --num_gpus 2 pretrain/run.py`.
+
+Data are scikit-learn's digits as shards on moto's S3 server. Each run takes some seconds of start-up, so every
+test here launches as few runs as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import s3fs
+import torch
+from conftest import free_port
+from faulty_proxy import FaultyProxy
+
+from data_pipeline.builder import BuildOptions, build
+from pretrain.demo import write_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root / "images", size=16)
+    build(BuildOptions(input=str(root / "images"), output=str(root / "shards"), val_fraction=0.2,
+                       max_samples_per_shard=200, workers=0))
+    return root / "shards"
+
+
+@pytest.fixture
+def s3_digits(digit_shards: Path, s3: dict) -> dict:
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    fs.put(str(digit_shards) + "/", "bucket/digits/", recursive=True)
+    return s3
+
+
+def write_config(path: Path, s3: dict, run_dir: Path, **sections: dict) -> Path:
+    config = {
+        "run": {"name": "test", "output_dir": str(run_dir), "seed": 0},
+        "model": {"variant": "Ti/4", "image_size": 16, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 2,
+                  "num_classes": 10, "pool": "gap"},
+        "data": {"train": "s3://bucket/digits/index.json", "val": "s3://bucket/digits/index.json",
+                 "storage_options": s3, "batch_size": 32, "num_workers": 1, "crop_scale": [0.7, 1.0],
+                 "hflip": False},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.01, "grad_clip_norm": 1.0},
+        "schedule": {"steps": 64, "warmup_steps": 4, "decay": "cosine"},
+        "deepspeed": {"zero_stage": 2, "precision": "bf16"},
+        "checkpoint": {"every_steps": 16, "keep_last": 2},
+        "logging": {"every_steps": 8, "tensorboard": False, "peak_tflops": 1.0},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path.write_text(json.dumps(config))
+    return path
+
+
+def launch(config: Path, *args: str) -> subprocess.Popen:
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/run.py",
+               "--config", str(config), *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def fp32_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.json", s3_digits, run_dir, deepspeed={"zero_stage": stage})
+    code, output = finish(launch(config))
+    assert code == 0, output
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.2, [r["loss"] for r in train]
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["mfu"] > 0 for r in train)
+    evaluation = records(run_dir, "eval")[-1]
+    assert evaluation["images"] == 361 and 0.1 < evaluation["top1"] <= evaluation["top5"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000064"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000048", "step-00000064"]
+    assert "step 64/64 | epoch" in output and "eval step 64 | top1" in output
+
+
+def test_killed_run_resumes_to_bit_identical_weights(s3_digits: dict, tmp_path: Path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = write_config(tmp_path / "reference.json", s3_digits, reference_dir)
+    code, output = finish(launch(reference))
+    assert code == 0, output
+
+    killed = write_config(tmp_path / "killed.json", s3_digits, killed_dir)
+    process = launch(killed)
+    latest = killed_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 180
+    while not (latest.exists() and latest.read_text() == "step-00000016"):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint at step 16"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, at once, mid-run
+    process.wait()
+    assert records(killed_dir, "train")[-1]["step"] < 64
+
+    code, output = finish(launch(killed, "--resume", "auto"))
+    assert code == 0, output
+    assert "resumed from" in output and "step-00000016 at step 16" in output
+    ours = fp32_weights(killed_dir / "checkpoints", "step-00000064")
+    theirs = fp32_weights(reference_dir / "checkpoints", "step-00000064")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(s3_digits: dict, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.json", s3_digits, run_dir, schedule={"steps": 400},
+                          checkpoint={"every_steps": 1000})
+    process = launch(config)
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").exists() or not records(run_dir, "train"):
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
+             if any(arg.startswith("--local_rank") for arg in child.cmdline()) and child.name() != "pt_data_worker"]
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)  # as a scheduler's preemption notice reaches every task
+    code, output = finish(process)
+    assert code == 75, output
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step-"))
+    assert 2 <= step < 400 and "preempted: checkpoint" in output
+    assert (run_dir / "checkpoints" / tag / "loader-rank1.json").exists()
+
+
+def test_checkpoints_on_s3_and_a_failed_upload_never_moves_latest(s3_digits: dict, tmp_path: Path):
+    with FaultyProxy(s3_digits["endpoint_url"], every=0, fail_writes_to="step-00000032") as proxy:
+        options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 2}}}
+        config = write_config(tmp_path / "config.json", s3_digits, tmp_path / "run",
+                              checkpoint={"dir": "s3://bucket/ckpt", "storage_options": options})
+        code, output = finish(launch(config))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits)
+    assert code == 2, output
+    assert "s3://bucket/ckpt/step-00000032: upload failed" in output
+    assert fs.cat_file("bucket/ckpt/latest") == b"step-00000016"
+    assert fs.exists("bucket/ckpt/step-00000016/loader-rank0.json")
+
+
+def test_user_errors_are_one_line_on_rank_0(s3_digits: dict, tmp_path: Path):
+    config = write_config(tmp_path / "config.json", s3_digits, tmp_path / "run",
+                          data={"train": "s3://bucket/nowhere/index.json"})
+    code, output = finish(launch(config, "--set", "data.batch_size=31"))
+    assert code == 2
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: data.batch_size 31 does not divide over 2 ranks; choose a multiple of 2 or set "
+                      "deepspeed.micro_batch_size"], output
+    code, output = finish(launch(config))
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "s3://bucket/nowhere/index.json: no such file" in errors[0], output
