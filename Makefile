@@ -28,6 +28,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	-$(BIN)/python -m benchmarks.bench_build_shards
 	-$(BIN)/python -m benchmarks.bench_loader
+	-$(BIN)/python -m benchmarks.bench_trainer
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -90,7 +90,7 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def all_gather_objects(value: object) -> list[object]:
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
+def all_max(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()

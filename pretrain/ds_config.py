@@ -20,6 +20,8 @@ STAGE3_LEAN = {
     # these (or tighter) values belong in deepspeed.overrides.
     "stage3_max_live_parameters": 1e8,
     "stage3_prefetch_bucket_size": 2e7,
+    # the optimizer steps one sub-group of the partition at a time; its temporaries scale with this
+    "sub_group_size": 1e8,
 }
 
 

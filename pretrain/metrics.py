@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from typing import Any
 
-import psutil
 import torch
 from deepspeed.accelerator import get_accelerator
 
@@ -28,11 +28,11 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1
 
 
 def memory_bytes() -> int:
-    """Peak device memory on an accelerator; resident memory of this process on the CPU."""
+    """Peak device memory on an accelerator; peak resident memory of this process on the CPU."""
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return int(accelerator.max_memory_allocated())
-    return psutil.Process().memory_info().rss
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class StepTimer:

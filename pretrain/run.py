@@ -17,6 +17,7 @@ from pretrain import distributed
 from pretrain.checkpoint import CheckpointError
 from pretrain.config.load import ConfigError, load_config
 from pretrain.ds_config import BatchError
+from pretrain.host_memory import fix_mmap_threshold
 from pretrain.trainer import Trainer, TrainingError
 
 USER_ERRORS = (ConfigError, SourceError, BatchError, CheckpointError, LoaderStateError, TrainingError)
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    fix_mmap_threshold()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     distributed.map_slurm_environment()
     is_main = os.environ.get("RANK", "0") == "0"

@@ -19,6 +19,8 @@ import torch
 
 from data_pipeline import make_loader
 from data_pipeline.loader import StreamingLoader
+from data_pipeline.synthetic import SOURCE as SYNTHETIC
+from data_pipeline.synthetic import SyntheticLoader
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointStore
 from pretrain.config.schema import Config, SupervisedObjective
@@ -91,8 +93,11 @@ class Trainer:
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
 
-    def _loader(self, source: str, split: str, train: bool) -> StreamingLoader:
+    def _loader(self, source: str, split: str, train: bool) -> StreamingLoader | SyntheticLoader:
         data = self.config.data
+        if source == SYNTHETIC:
+            return SyntheticLoader(batch_size=self.micro_batch, image_size=self.config.model.image_size,
+                                   num_classes=self.config.model.num_classes, seed=self.config.run.seed)
         return make_loader(
             source, batch_size=self.micro_batch, rank=self.placement.rank, world_size=self.placement.world_size,
             num_workers=data.num_workers if train else min(data.num_workers, 1), seed=self.config.run.seed,
@@ -100,7 +105,7 @@ class Trainer:
             split=split, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
             max_error_fraction=data.max_error_fraction)
 
-    def _check_labels(self, loader: StreamingLoader) -> None:
+    def _check_labels(self, loader: StreamingLoader | SyntheticLoader) -> None:
         shards = loader.shards
         if not shards.labelled:
             raise TrainingError(f"{self.config.data.train}: the shards carry no labels; the supervised objective "
@@ -179,6 +184,7 @@ class Trainer:
     def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
         _elapsed, rate, waiting = timer.report()
         loss_total, count, rate_total, waiting_total = distributed.all_sum([loss_sum, loss_count, rate, waiting])
+        memory = distributed.all_max(memory_bytes())
         world = self.placement.world_size
         tflops = rate_total / world * self.train_flops_per_image / 1e12
         counters = self.train_loader.counters()
@@ -188,7 +194,7 @@ class Trainer:
             "loss": loss_total / max(count, 1), "lr": self.engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "images_per_s": rate_total, "data_wait": waiting_total / world, "tflops": tflops,
-            "mfu": tflops / self.peak_tflops, "memory_gb": memory_bytes() / 1e9,
+            "mfu": tflops / self.peak_tflops, "memory_gb": memory / 1e9,
             "skipped_samples": sum(counters["skipped"].values()), "nonfinite_steps": self.nonfinite_steps,
             "retries": counters["retries"],
         }

@@ -38,7 +38,7 @@ def test_deepspeed_json_from_the_config():
     assert (built["train_batch_size"], built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"]) \
         == (64, 8, 4)
     assert built["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 5,
-                                          "stage3_prefetch_bucket_size": 2e7}
+                                          "stage3_prefetch_bucket_size": 2e7, "sub_group_size": 1e8}
     assert built["bf16"]["enabled"] and not built["fp16"]["enabled"] and built["gradient_clipping"] == 1.0
     assert built["scheduler"] == {"type": "WarmupCosineLR", "params": {
         "total_num_steps": 100, "warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.01,

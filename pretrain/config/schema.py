@@ -113,7 +113,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     train: str
     """Training shards: the URL of an index.json written by build-shards (local path, file://, s3://, ...), or a
-    brace pattern of shard URLs such as s3://bucket/train-{000000..000127}.tar."""
+    brace pattern of shard URLs such as s3://bucket/train-{000000..000127}.tar. "synthetic" serves one random batch
+    from memory, to measure the model's throughput and memory without an input pipeline."""
     train_split: str = "train"
     """Split of the index to train on (build-shards writes "train" and "val")."""
     val: str | None = None
