@@ -30,10 +30,10 @@ LEAN_STAGE3 = {"zero_optimization": {"stage3_max_live_parameters": 3e7, "stage3_
 
 def config(run_dir: Path, variant: str, stage: int, steps: int, batch: int, train: str = "synthetic",
            storage_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-           checkpoint_every: int = 10**6) -> dict[str, Any]:
+           checkpoint_every: int = 10**6, num_classes: int = 1000) -> dict[str, Any]:
     return {
         "run": {"name": run_dir.name, "output_dir": str(run_dir), "seed": 0},
-        "model": {"variant": variant, "image_size": 224, "num_classes": 1000},
+        "model": {"variant": variant, "image_size": 224, "num_classes": num_classes},
         "data": {"train": train, "batch_size": batch, "num_workers": 1, "storage_options": storage_options or {}},
         "optimizer": {"lr": 1e-4, "weight_decay": 0.05},
         "schedule": {"steps": steps, "warmup_steps": 1, "decay": "cosine"},
@@ -50,7 +50,7 @@ def train(run_dir: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     path.write_text(json.dumps(settings))
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                str(ROOT / "pretrain" / "run.py"), "--config", str(path), "--resume", "none"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode:
         raise RuntimeError(f"{run_dir.name}: trainer exited {result.returncode}:\n{result.stdout[-3000:]}")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -89,9 +89,10 @@ def streaming(work: Path, images: int) -> bool:
         rates = {}
         for source in ("synthetic", "s3://bench/shards/index.json"):
             name = "s3" if source.startswith("s3") else "synthetic"
-            records = train(work / f"ti16-{name}", config(work / f"ti16-{name}", "Ti/16", 0, steps=24, batch=32,
-                                                         train=source, storage_options={"endpoint_url": endpoint}))
-            steady = records[4:]  # after start-up: the first steps pay for allocation and the first shards
+            records = train(work / f"ti16-{name}", config(work / f"ti16-{name}", "Ti/16", 0, steps=40, batch=32,
+                                                         train=source, storage_options={"endpoint_url": endpoint},
+                                                         num_classes=10))
+            steady = records[8:]  # after start-up: the first steps pay for allocation and the first shards
             rates[name] = sum(r["images_per_s"] for r in steady) / len(steady)
             waits = sum(r["data_wait"] for r in steady) / len(steady)
             print(f"  Ti/16, 224 px, batch 16 per rank, data {name:9s}: {rates[name]:6.1f} images/s, "
