@@ -14,6 +14,7 @@ side at 512 px, like a typical pre-training corpus; crops at 224 px).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,19 +105,29 @@ def loader_read(fs, paths: list[str], streams: int) -> float:
     return counters.bytes / (time.perf_counter() - start)
 
 
-def s3_bandwidth(shards: Path) -> dict[str, float]:
-    import s3fs
-
-    # moto in its own process: in this one its request threads would compete for the GIL with the readers measured
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """An S3 endpoint on loopback, served by moto in its own process (in this one its request threads would
+    compete for the GIL with what is measured); credentials for it in the environment."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         endpoint = f"http://127.0.0.1:{port}"
         wait_for(endpoint)
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            os.environ.setdefault(name, value)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def s3_bandwidth(shards: Path) -> dict[str, float]:
+    import s3fs
+
+    with moto_server() as endpoint:
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir("bench")
         fs.put(str(shards) + "/", "bench/shards/", recursive=True)
@@ -124,9 +136,6 @@ def s3_bandwidth(shards: Path) -> dict[str, float]:
         rates["loader reader, 1 stream"] = loader_read(fs, paths, 1)
         rates["loader reader, 4 streams"] = loader_read(fs, paths, 4)
         return rates
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def free_port() -> int:

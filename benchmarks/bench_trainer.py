@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_loader import build_shards, free_port, wait_for
+from benchmarks.bench_loader import build_shards, free_port, moto_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LEAN_STAGE3 = {"zero_optimization": {"stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 1e7,
@@ -74,19 +73,11 @@ def streaming(work: Path, images: int) -> bool:
     import s3fs
 
     shards = build_shards(work / "corpus", images)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_for(endpoint)
-        for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            os.environ.setdefault(name, value)
+    rates = {}
+    with moto_server() as endpoint:
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir("bench")
         fs.put(str(shards) + "/", "bench/shards/", recursive=True)
-        rates = {}
         for source in ("synthetic", "s3://bench/shards/index.json"):
             name = "s3" if source.startswith("s3") else "synthetic"
             records = train(work / f"ti16-{name}", config(work / f"ti16-{name}", "Ti/16", 0, steps=40, batch=32,
@@ -97,9 +88,6 @@ def streaming(work: Path, images: int) -> bool:
             waits = sum(r["data_wait"] for r in steady) / len(steady)
             print(f"  Ti/16, 224 px, batch 16 per rank, data {name:9s}: {rates[name]:6.1f} images/s, "
                   f"waiting for data {waits:.1%}")
-    finally:
-        server.terminate()
-        server.wait()
     ratio = rates["s3"] / rates["synthetic"]
     print(f"  streamed from S3 / in memory: {ratio:.2f}x (target >= 0.95x): {'met' if ratio >= 0.95 else 'MISSED'}")
     return ratio >= 0.95
