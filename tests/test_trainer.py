@@ -90,9 +90,12 @@ def fp32_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp_path: Path):
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "config.json", s3_digits, run_dir, deepspeed={"zero_stage": stage})
+    config = write_config(tmp_path / "config.json", s3_digits, run_dir, deepspeed={"zero_stage": stage},
+                          logging={"tensorboard": True, "csv": True})
     code, output = finish(launch(config))
     assert code == 0, output
+    assert list((run_dir / "monitor").rglob("events.out.tfevents.*"))  # DeepSpeed's TensorBoard monitor
+    assert list((run_dir / "monitor").rglob("*loss*.csv"))  # and its CSV monitor
     train = records(run_dir, "train")
     assert [r["step"] for r in train] == [8, 16, 24, 32, 40, 48, 56, 64]
     assert train[-1]["loss"] < train[0]["loss"] - 0.2, [r["loss"] for r in train]
