@@ -3,7 +3,8 @@ trainer needs outside DeepSpeed.
 
 The deepspeed launcher and torchrun export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Under `srun`
 (one task per device) only Slurm's variables exist, so they are mapped: SLURM_PROCID -> RANK, SLURM_LOCALID ->
-LOCAL_RANK, SLURM_NTASKS -> WORLD_SIZE, the first host of SLURM_JOB_NODELIST -> MASTER_ADDR.
+LOCAL_RANK, SLURM_NTASKS -> WORLD_SIZE, SLURM_NTASKS_PER_NODE -> LOCAL_WORLD_SIZE, the first host of
+SLURM_JOB_NODELIST -> MASTER_ADDR.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def map_slurm_environment(env: dict[str, str] | os._Environ = os.environ) -> Non
     env["RANK"] = env["SLURM_PROCID"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+    per_node = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))  # "4" or "4(x2)"
+    if per_node:
+        env["LOCAL_WORLD_SIZE"] = per_node.group(0)
     env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
     env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
 

@@ -63,9 +63,11 @@ def test_weight_decay_on_matrices_only():
 
 def test_slurm_variables_become_torch_distributed_ones():
     assert first_host("gpu[003-010,017],cpu1") == "gpu003" and first_host("node7") == "node7"
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n[12-13]"}
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n[12-13]",
+           "SLURM_NTASKS_PER_NODE": "4(x2)"}
     map_slurm_environment(env)
-    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("5", "1", "8", "n12")
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["LOCAL_WORLD_SIZE"]) == \
+        ("5", "1", "8", "n12", "4")
     launched = {"RANK": "0", "SLURM_PROCID": "3"}
     map_slurm_environment(launched)
     assert launched["RANK"] == "0"
