@@ -20,6 +20,7 @@ boundaries, so they describe what the training loop consumed, not what was prefe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -60,7 +61,13 @@ class EpochPlan:
                 if self.num_samples[shard] > 0]
 
     def part(self, epoch: int, worker: int, num_workers: int) -> list[Piece]:
-        return split(self.pieces(epoch), num_workers)[worker]
+        return list(self.parts(epoch, num_workers)[worker])
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (plans are few, small and live as long as their loader)
+    def parts(self, epoch: int, num_workers: int) -> tuple[tuple[Piece, ...], ...]:
+        """The epoch cut for all workers at once: sizing a finite run or resharding asks for every worker's part,
+        and cutting once per epoch keeps that linear in the number of shards."""
+        return tuple(tuple(part) for part in split(self.pieces(epoch), num_workers))
 
     def sample_rng(self, epoch: int, shard: int) -> np.random.Generator:
         """The generator of one shard's sample shuffle in one epoch."""

@@ -167,26 +167,26 @@ class WorkerStream:
             assert current is not None
             raw = self._read(current)
             if raw is None:
-                current.close()
-                self.open[i] = None
-                cursor.slots[i] = None
+                self._close_slot(i)
                 continue
             current.pos += 1
             piece = current.piece
             if current.pos == piece.end:
-                current.close()
-                self.open[i] = None
-                cursor.slots[i] = None
+                self._close_slot(i)
             else:
                 cursor.slots[i] = piece._replace(start=current.pos)
             cursor.turn = (i + 1) % slots
             return piece, raw
         return None
 
+    def _close_slot(self, i: int) -> None:
+        self.open[i].close()  # type: ignore[union-attr]
+        self.open[i] = None
+        self.cursor.slots[i] = None
+
     def _read(self, current: OpenPiece) -> dict[str, Any] | None:
-        """The piece's next raw sample; None at its end. A shard that ends early or fails counts as skipped."""
-        if current.pos >= current.piece.end:
-            return None
+        """The piece's next raw sample (an open piece always has one left, by the index); None when the shard ends
+        early or fails, counted as skipped."""
         url = self.config.shards.urls[current.piece.shard]
         try:
             return next(current.samples)

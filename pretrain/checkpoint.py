@@ -110,6 +110,8 @@ class CheckpointStore:
         dist.barrier()
 
     def _upload(self, folder: str, tag: str) -> bool:
+        # File by file rather than fsspec's recursive put: that one retries every remaining file after the first
+        # failure (a minute on a refusing endpoint) before it reports; here the first failure ends the upload.
         try:
             for dirpath, _dirs, files in os.walk(folder):
                 for name in files:
