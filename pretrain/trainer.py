@@ -23,11 +23,13 @@ from data_pipeline.synthetic import SOURCE as SYNTHETIC
 from data_pipeline.synthetic import SyntheticLoader
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointStore
-from pretrain.config.schema import Config, SupervisedObjective
+from pretrain.config.schema import Config
 from pretrain.ds_config import batch_sizes, deepspeed_config, parameter_groups, total_steps
+from pretrain.fewshot import extract_features, fewshot_accuracy, probe_batches
 from pretrain.metrics import MetricsLog, StepTimer, measure_matmul_peak, memory_bytes, train_line
 from pretrain.model import create_model, flops_per_image
-from pretrain.objectives.supervised import correct_counts, supervised_loss
+from pretrain.objectives import ObjectiveError, build_model, build_task
+from pretrain.weights import WeightsError, load_matching, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,20 @@ class Trainer:
         self.output_dir = config.run.output_dir or os.path.join("runs", config.run.name)
         self.micro_batch, self.accumulation = batch_sizes(config, placement.world_size)
         self.dtype = DTYPES[config.deepspeed.precision]
-        if not isinstance(config.objective, SupervisedObjective):
-            raise TrainingError(f"objective.type {config.objective.type!r} is not implemented by this trainer yet")
-        self.objective = config.objective
+        self.task = build_task(config)
 
         # Data first: a missing shard, a wrong endpoint or a class-count mismatch fails before any model is built
         self.train_loader = self._loader(config.data.train, config.data.train_split, train=True)
-        self._check_labels(self.train_loader)
+        try:
+            self.task.check_shards(self.train_loader.shards, config.data.train)
+        except ObjectiveError as error:
+            raise TrainingError(str(error)) from None
+        for dataset in config.fewshot.datasets.values():
+            _, train_classes = self._probe_loader(dataset.train, dataset.train_split)
+            _, test_classes = self._probe_loader(dataset.test, dataset.test_split)
+            if train_classes != test_classes:
+                raise TrainingError(f"fewshot: {dataset.test} has {test_classes} classes but {dataset.train} has "
+                                    f"{train_classes}; use shards with the same class table")
         self.steps = total_steps(config, self.train_loader.samples_per_epoch)
         self.checkpoints = CheckpointStore(
             config.checkpoint.dir or os.path.join(self.output_dir, "checkpoints"),
@@ -66,9 +75,11 @@ class Trainer:
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
         if config.deepspeed.zero_stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
-                model = create_model(config.model.variant, **config.model.model_kwargs())
+                model = build_model(config)
         else:
-            model = create_model(config.model.variant, **config.model.model_kwargs())
+            model = build_model(config)
+        if config.model.init_from:
+            self._init_from(model, config.model.init_from)
         if config.deepspeed.activation_checkpointing:
             model.set_grad_checkpointing()
         optim = config.optimizer
@@ -103,25 +114,23 @@ class Trainer:
             num_workers=data.num_workers if train else min(data.num_workers, 1), seed=self.config.run.seed,
             train=train, image_size=self.config.model.image_size, storage_options=dict(data.storage_options),
             split=split, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
-            max_error_fraction=data.max_error_fraction)
+            max_error_fraction=data.max_error_fraction, labels=self.task.labels)
 
-    def _check_labels(self, loader: StreamingLoader | SyntheticLoader) -> None:
-        shards = loader.shards
-        if not shards.labelled:
-            raise TrainingError(f"{self.config.data.train}: the shards carry no labels; the supervised objective "
-                                "needs them (or use objective.type masked_patch_prediction)")
-        if shards.num_classes is not None and shards.num_classes != self.config.model.num_classes:
-            raise TrainingError(f"model.num_classes is {self.config.model.num_classes} but {self.config.data.train} "
-                                f"has {shards.num_classes} classes; set model.num_classes to {shards.num_classes}")
-        if shards.multi_label != (self.objective.loss == "sigmoid"):
-            want = "sigmoid" if shards.multi_label else "softmax"
-            raise TrainingError(f"objective.loss is {self.objective.loss} but the shards are "
-                                f"{'multi' if shards.multi_label else 'single'}-label; use {want}")
+    def _init_from(self, model: torch.nn.Module, url: str) -> None:
+        try:
+            _config, state = read_checkpoint(url, dict(self.config.checkpoint.storage_options))
+            not_loaded = load_matching(model, state, url)
+        except WeightsError as error:
+            raise TrainingError(f"model.init_from: {error}") from None
+        if self.placement.is_main:
+            fresh = f"; initialised afresh: {', '.join(not_loaded)}" if not_loaded else ""
+            print(f"weights from {url}{fresh}", flush=True)
 
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images to the [-1, 1] range of the paper's preprocessing, on the device, in the training dtype."""
-        images = images.to(distributed.device(), non_blocking=True)
-        return (images.float() / 127.5 - 1.0).to(self.dtype)
+    def _images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images on the device (for targets computed from pixels), and the same in the [-1, 1] range of the
+        paper's preprocessing in the training dtype (the model's input)."""
+        raw = images.to(distributed.device(), non_blocking=True)
+        return raw, (raw.float() / 127.5 - 1.0).to(self.dtype)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self.preempt_requested:
@@ -135,8 +144,8 @@ class Trainer:
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
         config, engine = self.config, self.engine
-        device = distributed.device()
         eval_every = config.run.eval_every_steps
+        probe_every = config.fewshot.every_steps
         timer = StepTimer()
         loss_sum, loss_count, nonfinite_in_a_row = 0.0, 0, 0
         batches = iter(self.train_loader)
@@ -145,8 +154,8 @@ class Trainer:
             batch = next(batches)
             timer.waited(time.perf_counter() - start, int(batch["valid"].sum()))
             steps_before = engine.global_steps
-            logits = engine(self._images(batch["image"]))
-            loss = supervised_loss(logits, batch["label"].to(device), self.objective)
+            raw, images = self._images(batch["image"])
+            loss = self.task.loss(engine, images, raw, batch)
             if not distributed.all_true(bool(torch.isfinite(loss))):
                 # every rank skips the same micro-batch, so the ranks stay in step
                 self.nonfinite_steps += 1
@@ -170,6 +179,8 @@ class Trainer:
                 loss_sum, loss_count = 0.0, 0
             if eval_every and step % eval_every == 0 and step < self.steps:
                 self.evaluate(step)
+            if probe_every and step % probe_every == 0 and step < self.steps:
+                self.fewshot(step)
             preempted = distributed.any_true(self.preempt_requested)
             if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
                 self.save(step)
@@ -179,6 +190,7 @@ class Trainer:
                           f"{EXIT_PREEMPTED}; rerun with --resume auto", flush=True)
                 return EXIT_PREEMPTED
         self.evaluate(engine.global_steps)
+        self.fewshot(engine.global_steps)
         return 0
 
     def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
@@ -203,26 +215,51 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Top-1/top-5 (or precision@1) on data.val; every rank gets the same number of (padded) batches."""
+        """The objective's held-out metrics on data.val (top-1/top-5 or precision@1; masked-patch loss and accuracy
+        with the same masks at every evaluation); every rank gets the same number of (padded) batches."""
         if self.config.data.val is None:
             return {}
         loader = self._loader(self.config.data.val, self.config.data.val_split, train=False)
-        multi_label = loader.shards.multi_label
-        names = ["precision@1", "images"] if multi_label else ["top1", "top5", "images"]
-        sums = dict.fromkeys(names, 0.0)
+        generator = torch.Generator(distributed.device()).manual_seed(self.config.run.seed + self.placement.rank)
+        sums: dict[str, float] = {}
         self.engine.eval()
         with torch.no_grad():
             for batch in loader:
-                logits = self.engine(self._images(batch["image"])).float()
-                for name, value in correct_counts(logits, batch["label"], batch["valid"], multi_label).items():
-                    sums[name] += value
+                raw, images = self._images(batch["image"])
+                for name, value in self.task.eval_sums(self.engine, images, raw, batch, generator).items():
+                    sums[name] = sums.get(name, 0.0) + value
         self.engine.train()
+        names = sorted(sums)
         totals = dict(zip(names, distributed.all_sum([sums[name] for name in names]), strict=True))
         images = max(totals.pop("images"), 1.0)
         result = {name: value / images for name, value in totals.items()}
         record = {"kind": "eval", "step": step, **result, "images": images}
         self.metrics.write(record, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items())
                            + f" | {images:.0f} images")
+        return result
+
+    def _probe_loader(self, source: str, split: str) -> tuple[Any, int]:
+        return probe_batches(source, split, batch_size=self.micro_batch, image_size=self.config.model.image_size,
+                             rank=self.placement.rank, world_size=self.placement.world_size,
+                             storage_options=dict(self.config.data.storage_options))
+
+    def fewshot(self, step: int) -> dict[str, float]:
+        """Few-shot linear probes of the frozen representation on each configured dataset (rank 0 logs them)."""
+        settings = self.config.fewshot
+        result: dict[str, float] = {}
+        if not settings.datasets:
+            return result
+        represent = lambda raw: self.engine(self._images(raw)[1], pre_logits=True)  # noqa: E731
+        self.engine.eval()
+        for name, dataset in settings.datasets.items():
+            train_loader, num_classes = self._probe_loader(dataset.train, dataset.train_split)
+            test_loader, _ = self._probe_loader(dataset.test, dataset.test_split)
+            train, test = extract_features(represent, train_loader), extract_features(represent, test_loader)
+            accuracies = fewshot_accuracy(train, test, num_classes, settings.shots, settings.draws, settings.l2_reg)
+            result.update({f"{name}/{shots}shot": value for shots, value in accuracies.items()})
+        self.engine.train()
+        self.metrics.write({"kind": "fewshot", "step": step, **result},
+                           f"few-shot step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from faulty_proxy import FaultyProxy
 
 from data_pipeline.builder import BuildOptions, build
 from pretrain.demo import write_digits
+from pretrain.model import create_model
+from pretrain.weights import load_matching, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -82,9 +84,7 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def fp32_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    return read_checkpoint(str(checkpoints / tag))[1]  # DeepSpeed's zero_to_fp32 under weights_only loads
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -179,3 +179,46 @@ def test_user_errors_are_one_line_on_rank_0(s3_digits: dict, tmp_path: Path):
     code, output = finish(launch(config))
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "s3://bucket/nowhere/index.json: no such file" in errors[0], output
+
+
+def test_masked_patch_pretraining_on_unlabelled_shards_then_finetuning_from_it(digit_shards: Path, s3_digits: dict,
+                                                                                 tmp_path: Path):
+    unlabelled = tmp_path / "unlabelled"
+    build(BuildOptions(input=str(digit_shards.parent / "images"), output=str(unlabelled), val_fraction=0.2,
+                       max_samples_per_shard=200, workers=0, no_labels=True))
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits).put(str(unlabelled) + "/", "bucket/unlabelled/",
+                                                                 recursive=True)
+    pretrain_dir = tmp_path / "mpp"
+    config = write_config(
+        tmp_path / "mpp.json", s3_digits, pretrain_dir,
+        model={"num_classes": 0, "pool": "token"},
+        data={"train": "s3://bucket/unlabelled/index.json", "val": "s3://bucket/unlabelled/index.json"},
+        objective={"type": "masked_patch_prediction", "target": "mean_color"},
+        schedule={"steps": 48}, deepspeed={"zero_stage": 3},
+        fewshot={"datasets": {"digits": {"train": "s3://bucket/digits/index.json",
+                                         "test": "s3://bucket/digits/index.json"}},
+                 "shots": [1, 5], "draws": 2, "every_steps": 24})
+    code, output = finish(launch(config))
+    assert code == 0, output
+    train = records(pretrain_dir, "train")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
+    evaluation = records(pretrain_dir, "eval")[-1]
+    assert evaluation["images"] == 361 and 0 < evaluation["mpp_accuracy"] < 1 and evaluation["mpp_loss"] > 0
+    probes = records(pretrain_dir, "fewshot")
+    assert [r["step"] for r in probes] == [24, 48]
+    assert all(0.1 < r["digits/5shot"] <= 1 and 0 < r["digits/1shot"] <= 1 for r in probes), probes
+    assert "few-shot step 48 | digits/1shot" in output
+
+    _config, weights = read_checkpoint(str(pretrain_dir / "checkpoints"))  # ZeRO-3 partitions, consolidated
+    assert weights["mask_token"].shape == (1, 1, 64) and weights["head.weight"].shape == (512, 64)
+    classifier = create_model("Ti/4", image_size=16, width=64, depth=2, mlp_dim=128, num_heads=2, num_classes=10)
+    assert load_matching(classifier, weights, "mpp") == ["head.weight", "head.bias"]
+    assert torch.equal(classifier.patch_embed.proj.weight, weights["encoder.patch_embed.proj.weight"])
+
+    finetune_dir = tmp_path / "finetune"
+    config = write_config(tmp_path / "finetune.json", s3_digits, finetune_dir, model={"pool": "token",
+                          "init_from": str(pretrain_dir / "checkpoints")}, schedule={"steps": 8},
+                          deepspeed={"zero_stage": 1}, checkpoint={"every_steps": 8})
+    code, output = finish(launch(config))
+    assert code == 0, output
+    assert f"weights from {pretrain_dir / 'checkpoints'}; initialised afresh: head.weight, head.bias" in output

@@ -64,6 +64,11 @@ class ModelConfig(Section):
     """Stochastic depth rate of the last block; it grows linearly from 0 at the first block."""
     head_bias_init: float = 0.0
     """Initial classifier bias; -10 keeps a sigmoid head over thousands of classes from a huge initial loss."""
+    init_from: str | None = None
+    """Start from the weights of a trainer checkpoint (its folder, for the newest checkpoint, or one step-XXXXXXXX
+    folder; local or s3://, read with checkpoint.storage_options): every tensor whose name and shape match is loaded,
+    the rest keeps its initialisation (e.g. a new classifier on a masked-patch-pretrained encoder). Optimizer and
+    schedule start fresh; --resume of this run's own checkpoints takes precedence."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -89,6 +94,11 @@ class ModelConfig(Section):
         if self.pos_embed == "sincos" and width % 4:
             raise FieldError("pos_embed", f"sincos needs a width divisible by 4, got {width}; use learned")
         return self
+
+    @property
+    def resolved_patch_size(self) -> int:
+        """Patch size in pixels: patch_size or the variant's (a hybrid's is its ResNet stem's stride)."""
+        return self.patch_size or parse_variant(self.variant).patch_size
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments for `pretrain.model.create_model(self.variant, **kwargs)`."""
@@ -289,8 +299,35 @@ class RunConfig(Section):
     """Evaluate on data.val every this many steps (and at the end); null to evaluate at the end only."""
 
 
+class FewShotDataset(Section):
+    train: str
+    """Labelled single-label shards the probes are fitted on (index.json URL or brace pattern); each draw takes
+    `shots` images per class from them, so a small set (tens of images per class) is enough."""
+    test: str
+    """Labelled held-out shards the probes are scored on (often the same index.json)."""
+    train_split: str = "train"
+    """Split of the train index."""
+    test_split: str = "val"
+    """Split of the test index."""
+
+
+class FewShotConfig(Section):
+    datasets: dict[str, FewShotDataset] = {}
+    """Few-shot datasets by name (metrics are named e.g. digits/10shot, kind "fewshot"); none to skip probes.
+    Shards are read with data.storage_options."""
+    shots: list[PositiveInt] = [1, 5, 10, 25]
+    """Training images per class of each probe."""
+    draws: PositiveInt = 3
+    """Seeded draws of the training images per shot count; the accuracies are averaged."""
+    l2_reg: Annotated[float, Field(gt=0)] = 1024.0
+    """L2 regularisation of the closed-form least squares (2^10 in the paper's public code)."""
+    every_steps: PositiveInt | None = None
+    """Probe every this many steps (and at the end); null to probe at the end only."""
+
+
 class Config(Section):
-    """A whole run. Sections: model, data, objective, optimizer, schedule, deepspeed, checkpoint, logging, run."""
+    """A whole run. Sections: model, data, objective, optimizer, schedule, deepspeed, checkpoint, logging, run,
+    fewshot."""
 
     model: ModelConfig
     """The network."""
@@ -310,6 +347,8 @@ class Config(Section):
     """Metrics and monitors."""
     run: RunConfig
     """Name, seed, output folder, evaluation cadence."""
+    fewshot: FewShotConfig = FewShotConfig()
+    """Few-shot linear probes of the frozen representation during training (paper Section 4.1)."""
 
     @model_validator(mode="after")
     def _check_sections(self) -> Config:

@@ -257,5 +257,6 @@ class VisionTransformer(nn.Module):
         x = self.pre_logits(self.pool_tokens(tokens))
         return x if pre_logits else self.head(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
+    def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits, or with `pre_logits=True` the image representation (for probes; through DeepSpeed's engine)."""
+        return self.forward_head(self.forward_features(images), pre_logits=pre_logits)

@@ -1,1 +1,30 @@
-"""Training objectives: what a batch's loss is, and what evaluation measures."""
+"""Training objectives. Each is a task object the trainer drives the same way: `labels` (does the loader deliver
+them), `wrap(model)` (the module DeepSpeed trains), `check_shards`, `loss` and `eval_sums`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pretrain.config.schema import Config, SupervisedObjective
+from pretrain.model import create_model
+from pretrain.objectives.masked_patch import MaskedPatchTask
+from pretrain.objectives.supervised import ObjectiveError, SupervisedTask
+
+Task = SupervisedTask | MaskedPatchTask
+
+
+def build_task(config: Config) -> Task:
+    if isinstance(config.objective, SupervisedObjective):
+        return SupervisedTask(config.objective, config.model.num_classes)
+    return MaskedPatchTask(config.objective, config.model.resolved_patch_size)
+
+
+def build_model(config: Config) -> nn.Module:
+    """The module a run trains: the configured ViT, wrapped as its objective needs (e.g. a [mask] token and head).
+
+    Call it under `deepspeed.zero.Init` for ZeRO-3. Its state dict is what a consolidated checkpoint holds.
+    """
+    return build_task(config).wrap(create_model(config.model.variant, **config.model.model_kwargs()))
+
+
+__all__ = ["MaskedPatchTask", "ObjectiveError", "SupervisedTask", "Task", "build_model", "build_task"]

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from data_pipeline.shardlist import ShardList
 from pretrain.config.schema import SupervisedObjective
+from pretrain.model.vit import VisionTransformer
+
+
+class ObjectiveError(Exception):
+    """The data does not fit the objective; the message names the config field to change."""
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, objective: SupervisedObjective) -> torch.Tensor:
@@ -31,3 +38,36 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     hits = top5 == labels[:, None]
     return {"top1": float((hits[:, 0] & valid).sum()), "top5": float((hits.any(-1) & valid).sum()),
             "images": float(valid.sum())}
+
+
+class SupervisedTask:
+    """What the trainer needs from this objective: the model as it is, the loss on labels, and top-k sums."""
+
+    labels = True
+
+    def __init__(self, objective: SupervisedObjective, num_classes: int):
+        self.objective = objective
+        self.num_classes = num_classes
+
+    def wrap(self, model: VisionTransformer) -> nn.Module:
+        return model
+
+    def check_shards(self, shards: ShardList, source: str) -> None:
+        if not shards.labelled:
+            raise ObjectiveError(f"{source}: the shards carry no labels; the supervised objective needs them (or "
+                                 "use objective.type masked_patch_prediction)")
+        if shards.num_classes is not None and shards.num_classes != self.num_classes:
+            raise ObjectiveError(f"model.num_classes is {self.num_classes} but {source} has {shards.num_classes} "
+                                 f"classes; set model.num_classes to {shards.num_classes}")
+        if shards.multi_label != (self.objective.loss == "sigmoid"):
+            want = "sigmoid" if shards.multi_label else "softmax"
+            raise ObjectiveError(f"objective.loss is {self.objective.loss} but the shards are "
+                                 f"{'multi' if shards.multi_label else 'single'}-label; use {want}")
+
+    def loss(self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict) -> torch.Tensor:
+        return supervised_loss(engine(images), batch["label"].to(images.device), self.objective)
+
+    def eval_sums(self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict,
+                  generator: torch.Generator) -> dict[str, float]:
+        multi_label = batch["label"].ndim == 2
+        return correct_counts(engine(images).float(), batch["label"], batch["valid"], multi_label)
