@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint configs-reference clean
+.PHONY: demo demo-mpp test bench lint configs-reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m pretrain.demo --config configs/demo_digits.json
+
+# Masked patch prediction without labels, few-shot probes, fine-tuning on 10% of the labels vs from scratch.
+demo-mpp: $(VENV)/.installed
+	$(BIN)/python -m pretrain.demo_mpp
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -28,6 +28,7 @@ from data_pipeline.builder import BuildOptions, build
 from pretrain.config import ConfigError, load_config
 
 TARGET_TOP1 = 0.95
+VAL_FRACTION = 0.2
 
 
 def write_digits(folder: Path, size: int = 32) -> int:
@@ -41,6 +42,23 @@ def write_digits(folder: Path, size: int = 32) -> int:
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
         image.save(folder / str(label) / f"{n:04d}.png")
     return len(digits.images)
+
+
+def digit_shards(images: Path, shards: Path, image_size: int, seed: int, labels: bool = True) -> None:
+    """Write the digits as PNG files (once) and build shards with a 20% val split from them (once)."""
+    if (shards / "index.json").exists():
+        return
+    if not images.exists():
+        print(f"writing scikit-learn's digits to {images}: {write_digits(images, image_size)} images")
+    build(BuildOptions(input=str(images), output=str(shards), val_fraction=VAL_FRACTION, max_samples_per_shard=250,
+                       workers=2, seed=seed, no_labels=not labels))
+    print(f"shards{'' if labels else ' without labels'} in {shards}")
+
+
+def last_record(run_dir: Path, kind: str) -> dict:
+    """The newest record of `kind` ("eval", "fewshot", ...) in a run's metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind][-1]
 
 
 def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str]:
@@ -64,14 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     shards = Path(config.data.train).parent
-    if not Path(config.data.train).exists():
-        images = shards.parent / "images"
-        if not images.exists():
-            print(f"writing scikit-learn's digits to {images}: {write_digits(images, config.model.image_size)} images")
-        build(BuildOptions(input=str(images), output=str(shards), val_fraction=0.2, max_samples_per_shard=250,
-                           workers=2, seed=config.run.seed))
-        print(f"shards in {shards}")
-
+    digit_shards(shards.parent / "images", shards, config.model.image_size, config.run.seed)
     command = deepspeed_command(args.config, args.overrides, args.ranks)
     print("$ " + " ".join(command), flush=True)
     code = subprocess.call(command)
@@ -80,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     run_dir = Path(config.run.output_dir or f"runs/{config.run.name}")
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    final = [record for record in evals if record["kind"] == "eval"][-1]
+    final = last_record(run_dir, "eval")
     checkpoints = Path(config.checkpoint.dir or run_dir / "checkpoints")
     latest = (checkpoints / "latest").read_text().strip()
     print(f"held-out top-1 {final['top1']:.4f} on {final['images']:.0f} images (target {TARGET_TOP1}); "

@@ -1,9 +1,10 @@
 """Few-shot linear evaluation (paper Section 4.1): frozen representations, closed-form ridge regression onto {-1, 1}^K.
 
-For each shot count, `draws` seeded draws take that many training images per class; features are centred on the
-draw's mean, a linear map W = (X^T X + l2 I)^-1 X^T Y onto targets Y in {-1, 1}^K is solved in closed form (with the
-draw's mean target as the bias), and the top-1 accuracy of argmax(XW + b) on the test images is averaged over draws.
-L2 regularisation 2^10 is the public implementation's default.
+For each shot count, `draws` seeded draws take that many training images per class; each feature is standardised
+with the draw's mean and standard deviation (so the regularisation means the same whatever the features' scale), a
+linear map W = (X^T X + l2 I)^-1 X^T Y onto targets Y in {-1, 1}^K is solved in closed form (with the draw's mean
+target as the unregularised bias), and the top-1 accuracy of argmax(XW + b) on the test images is averaged over
+draws. L2 regularisation 2^10 is the default of the paper's public implementation, which standardises likewise.
 
 The representation is the model's pre-logits: the representation layer's output when there is one, otherwise the
 pooled output (class token or global average pool); for a masked-patch model, its encoder's.
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_L2 = 2.0**10
+STD_EPSILON = 1e-5
+"""Added to each feature's standard deviation: a feature constant over the draw (always so with one shot of a
+dead unit) is then zero, not a division by zero."""
 
 
 @dataclass
@@ -45,25 +49,27 @@ class Features:
 @dataclass
 class RidgeProbe:
     mean: torch.Tensor
+    std: torch.Tensor
     weights: torch.Tensor
     bias: torch.Tensor
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
-        return (features.double() - self.mean) @ self.weights + self.bias
+        return (features.double() - self.mean) / self.std @ self.weights + self.bias
 
 
 def fit_ridge(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = DEFAULT_L2) -> RidgeProbe:
-    """Closed-form ridge regression of centred features onto {-1, 1}^K targets, in float64."""
+    """Closed-form ridge regression of standardised features onto {-1, 1}^K targets, in float64."""
     x = features.double()
     targets = 2.0 * torch.nn.functional.one_hot(labels.long(), num_classes).double() - 1.0
     mean = x.mean(dim=0)
-    x = x - mean
+    std = x.std(dim=0, correction=0) + STD_EPSILON
+    x = (x - mean) / std
     samples, dims = x.shape
     if samples < dims:  # few shots: the equivalent n x n system X^T (X X^T + l2 I)^-1 Y is much smaller
         weights = x.T @ torch.linalg.solve(x @ x.T + l2 * torch.eye(samples, dtype=x.dtype), targets)
     else:
         weights = torch.linalg.solve(x.T @ x + l2 * torch.eye(dims, dtype=x.dtype), x.T @ targets)
-    return RidgeProbe(mean, weights, targets.mean(dim=0))
+    return RidgeProbe(mean, std, weights, targets.mean(dim=0))
 
 
 def draw_shots(labels: torch.Tensor, shots: int, num_classes: int, seed: int) -> torch.Tensor | None:
@@ -107,6 +113,8 @@ def extract_features(represent: Callable[[torch.Tensor], torch.Tensor], batches:
         features.append(represent(batch["image"]).float().cpu()[valid])
         labels.append(batch["label"][valid])
         keys += [key for key, ok in zip(batch["key"], valid.tolist(), strict=True) if ok]
+    if not features:
+        raise SourceError("few-shot: the loader delivered no batches (an empty split, or a loader already used)")
     part = (torch.cat(features), torch.cat(labels), keys)
     parts = [part]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

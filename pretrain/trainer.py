@@ -149,6 +149,8 @@ class Trainer:
         timer = StepTimer()
         loss_sum, loss_count, nonfinite_in_a_row = 0.0, 0, 0
         batches = iter(self.train_loader)
+        if probe_every and engine.global_steps == 0:
+            self.fewshot(0)  # the initial weights' numbers: the baseline every later probe is read against
         while engine.global_steps < self.steps:
             start = time.perf_counter()
             batch = next(batches)

@@ -10,18 +10,18 @@ from pretrain.fewshot import Features, draw_shots, extract_features, fewshot_acc
 
 
 def numpy_ridge_scores(x, y, test, num_classes, l2):
-    """The textbook primal solve, written independently: centred X, W = (X^T X + l2 I)^-1 X^T Y, bias mean(Y)."""
+    """The textbook primal solve, written independently: standardised X, W = (X^T X + l2 I)^-1 X^T Y, bias mean(Y)."""
     targets = 2.0 * np.eye(num_classes)[y] - 1.0
-    mean = x.mean(axis=0)
-    centred = x - mean
-    weights = np.linalg.solve(centred.T @ centred + l2 * np.eye(x.shape[1]), centred.T @ targets)
-    return (test - mean) @ weights + targets.mean(axis=0)
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5
+    standard = (x - mean) / std
+    weights = np.linalg.solve(standard.T @ standard + l2 * np.eye(x.shape[1]), standard.T @ targets)
+    return (test - mean) / std @ weights + targets.mean(axis=0)
 
 
 @pytest.mark.parametrize("samples", [12, 300])  # fewer samples than dimensions (dual form) and more (primal)
 def test_ridge_probe_matches_a_direct_numpy_solve(samples):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(samples, 40)) * 3 + 1
+    x = rng.normal(size=(samples, 40)) * rng.uniform(0.1, 5, size=40) + 1
     y = rng.integers(0, 4, size=samples)
     test = rng.normal(size=(50, 40))
     probe = fit_ridge(torch.from_numpy(x).float(), torch.from_numpy(y), 4, l2=1024.0)

@@ -81,6 +81,10 @@ def test_sincos_position_embeddings_are_fixed_and_not_saved() -> None:
     assert torch.all(similarity.argmax(dim=1) == torch.arange(16))  # each position is most similar to itself
     # A larger grid gets its own table rather than an interpolated one.
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
+    # DeepSpeed's bf16 engine casts parameters only; the fp32 table must not promote the bf16 activations
+    for parameter in model.parameters():
+        parameter.data = parameter.data.bfloat16()
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_resize_keeps_class_token_and_is_identity_on_same_grid() -> None:

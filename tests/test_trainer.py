@@ -205,7 +205,7 @@ def test_masked_patch_pretraining_on_unlabelled_shards_then_finetuning_from_it(d
     evaluation = records(pretrain_dir, "eval")[-1]
     assert evaluation["images"] == 361 and 0 < evaluation["mpp_accuracy"] < 1 and evaluation["mpp_loss"] > 0
     probes = records(pretrain_dir, "fewshot")
-    assert [r["step"] for r in probes] == [24, 48]
+    assert [r["step"] for r in probes] == [0, 24, 48]  # step 0: the initial weights, as a baseline
     assert all(0.1 < r["digits/5shot"] <= 1 and 0 < r["digits/1shot"] <= 1 for r in probes), probes
     assert "few-shot step 48 | digits/1shot" in output
 
@@ -215,10 +215,30 @@ def test_masked_patch_pretraining_on_unlabelled_shards_then_finetuning_from_it(d
     assert load_matching(classifier, weights, "mpp") == ["head.weight", "head.bias"]
     assert torch.equal(classifier.patch_embed.proj.weight, weights["encoder.patch_embed.proj.weight"])
 
+    # the CLI probes the same checkpoint (the newest one: step 48) and reads the shards from S3
+    command = [sys.executable, "-m", "pretrain.fewshot", "--checkpoint", str(pretrain_dir / "checkpoints"),
+               "--train", "s3://bucket/digits/index.json", "--test", "s3://bucket/digits/index.json",
+               "--shots", "1", "5", "--draws", "2", "--storage-option", f"endpoint_url={s3_digits['endpoint_url']}"]
+    cli = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    lines = [line for line in cli.stdout.splitlines() if "-shot top-1" in line]
+    assert [float(line.split()[-1]) for line in lines] == pytest.approx(
+        [probes[-1]["digits/1shot"], probes[-1]["digits/5shot"]], abs=0.05), cli.stdout  # bf16 ranks vs fp32 here
+    missing = subprocess.run([*command[:4], str(tmp_path / "nowhere"), *command[5:]], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "not a checkpoint" in missing.stderr
+
     finetune_dir = tmp_path / "finetune"
+    # ZeRO-3 builds the classifier partitioned; fp32 and a vanishing learning rate keep the loaded weights visible
     config = write_config(tmp_path / "finetune.json", s3_digits, finetune_dir, model={"pool": "token",
-                          "init_from": str(pretrain_dir / "checkpoints")}, schedule={"steps": 8},
-                          deepspeed={"zero_stage": 1}, checkpoint={"every_steps": 8})
+                          "init_from": str(pretrain_dir / "checkpoints")}, schedule={"steps": 4, "warmup_steps": 1},
+                          optimizer={"lr": 1e-12}, deepspeed={"zero_stage": 3, "precision": "fp32"},
+                          checkpoint={"every_steps": 4})
     code, output = finish(launch(config))
     assert code == 0, output
     assert f"weights from {pretrain_dir / 'checkpoints'}; initialised afresh: head.weight, head.bias" in output
+    _config, tuned = read_checkpoint(str(finetune_dir / "checkpoints"))
+    for name, tensor in tuned.items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(tensor, weights[f"encoder.{name}"], rtol=0, atol=1e-6)

@@ -322,7 +322,8 @@ class FewShotConfig(Section):
     l2_reg: Annotated[float, Field(gt=0)] = 1024.0
     """L2 regularisation of the closed-form least squares (2^10 in the paper's public code)."""
     every_steps: PositiveInt | None = None
-    """Probe every this many steps (and at the end); null to probe at the end only."""
+    """Probe every this many steps, before the first step (a baseline) and at the end; null to probe at the end
+    only."""
 
 
 class Config(Section):

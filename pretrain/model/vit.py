@@ -233,7 +233,8 @@ class VisionTransformer(nn.Module):
         """Prepend the class token and add position embeddings: (B, N, D) -> (B, prefix + N, D)."""
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.position_embeddings(grid))
+        # DeepSpeed's bf16/fp16 engines cast parameters but not buffers: a fixed sin-cos table stays fp32
+        return self.pos_drop(x + self.position_embeddings(grid).to(x.dtype))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Transformer blocks and the final LayerNorm over all tokens."""
