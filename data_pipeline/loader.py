@@ -115,8 +115,11 @@ class StreamingLoader:
         if self.num_workers == 0:
             batches: Any = iter(dataset)
         else:
+            # Its own generator: by default DataLoader draws its workers' base seed from torch's global generator,
+            # so opening an evaluation or probe loader would change the training run's later random draws.
             batches = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                 prefetch_factor=self.prefetch_factor, pin_memory=torch.accelerator.is_available())
+                                 prefetch_factor=self.prefetch_factor, pin_memory=torch.accelerator.is_available(),
+                                 generator=torch.Generator().manual_seed(self.config.plan.seed))
         self.started = self.started or time.monotonic()
         for batch in batches:
             local = batch.pop("_worker")

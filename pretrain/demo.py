@@ -55,10 +55,18 @@ def digit_shards(images: Path, shards: Path, image_size: int, seed: int, labels:
     print(f"shards{'' if labels else ' without labels'} in {shards}")
 
 
-def last_record(run_dir: Path, kind: str) -> dict:
-    """The newest record of `kind` ("eval", "fewshot", ...) in a run's metrics.jsonl."""
+def run_records(run_dir: Path, kind: str) -> list[dict]:
+    """The records of `kind` ("eval", "fewshot", ...) in a run's metrics.jsonl, oldest first."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["kind"] == kind][-1]
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def first_record(run_dir: Path, kind: str) -> dict:
+    return run_records(run_dir, kind)[0]
+
+
+def last_record(run_dir: Path, kind: str) -> dict:
+    return run_records(run_dir, kind)[-1]
 
 
 def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from data_pipeline.builder import BuildOptions, build, split_of
 from data_pipeline.sources import row_key
 from pretrain.config import ConfigError, load_config
-from pretrain.demo import VAL_FRACTION, deepspeed_command, digit_shards, last_record
+from pretrain.demo import VAL_FRACTION, deepspeed_command, digit_shards, first_record, last_record
 
 LABELLED_SHARE = 0.1
 
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-config", default="configs/demo_digits_finetune.json")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to train on")
     args = parser.parse_args(argv)
-    scratch = ["model.init_from=null", "run.name=demo_digits_scratch"]
     try:
         pretrain = load_config(args.pretrain_config)
         finetune = load_config(args.finetune_config)
+        scratch = ["model.init_from=null", f"run.name={finetune.run.name}_scratch"]
         from_scratch = load_config(args.finetune_config, scratch)
     except ConfigError as error:
         print(error, file=sys.stderr)
@@ -88,13 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     train(args.finetune_config, [], args.ranks)
     train(args.finetune_config, scratch, args.ranks)
 
-    probes = last_record(runs["pretrain"], "fewshot")
     mpp = last_record(runs["pretrain"], "eval")
     tuned, baseline = last_record(runs["finetune"], "eval"), last_record(runs["scratch"], "eval")
-    print(f"masked patch prediction, step {probes['step']}: held-out mean-colour accuracy "
-          f"{mpp['mpp_accuracy']:.4f}")
-    print("few-shot top-1 of the frozen representation: " + ", ".join(
-        f"{name.split('/')[-1]} {value:.4f}" for name, value in probes.items() if name.startswith("digits/")))
+    print(f"masked patch prediction, step {mpp['step']}: held-out mean-colour accuracy {mpp['mpp_accuracy']:.4f}")
+    for probes in (first_record(runs["pretrain"], "fewshot"), last_record(runs["pretrain"], "fewshot")):
+        print(f"few-shot top-1 of the frozen representation at step {probes['step']}: " + ", ".join(
+            f"{name.split('/')[-1]} {value:.4f}" for name, value in probes.items() if name.startswith("digits/")))
     print(f"fine-tuned on {LABELLED_SHARE:.0%} of the labels: held-out top-1 {tuned['top1']:.4f} from masked patch "
           f"prediction, {baseline['top1']:.4f} from scratch ({tuned['images']:.0f} images)")
     return 0

@@ -107,13 +107,18 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     assert "step 64/64 | epoch" in output and "eval step 64 | top1" in output
 
 
-def test_killed_run_resumes_to_bit_identical_weights(s3_digits: dict, tmp_path: Path):
+MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}
+
+
+@pytest.mark.parametrize("sections", [{}, MASKED_PATCH], ids=["supervised", "masked_patch"])
+def test_killed_run_resumes_to_bit_identical_weights(sections: dict, s3_digits: dict, tmp_path: Path):
+    # masked patch prediction draws its masks from the device's generator: resuming must restore it too
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference = write_config(tmp_path / "reference.json", s3_digits, reference_dir)
+    reference = write_config(tmp_path / "reference.json", s3_digits, reference_dir, **sections)
     code, output = finish(launch(reference))
     assert code == 0, output
 
-    killed = write_config(tmp_path / "killed.json", s3_digits, killed_dir)
+    killed = write_config(tmp_path / "killed.json", s3_digits, killed_dir, **sections)
     process = launch(killed)
     latest = killed_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 180
