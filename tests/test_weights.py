@@ -1,0 +1,50 @@
+"""Weights out of checkpoints and into models: what is loaded, what is refused, and how it is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config.schema import MaskedPatchObjective
+from pretrain.model import create_model
+from pretrain.objectives.masked_patch import MaskedPatchModel
+from pretrain.weights import WeightsError, load_matching, read_checkpoint
+
+SMALL = {"image_size": 16, "width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2}
+
+
+def test_a_folder_that_is_not_a_checkpoint_gets_a_one_line_error(tmp_path: Path):
+    with pytest.raises(WeightsError, match=r"not a checkpoint \(no latest file\)"):
+        read_checkpoint(str(tmp_path))
+    (tmp_path / "latest").write_text("step-00000010")
+    (tmp_path / "step-00000010").mkdir()
+    with pytest.raises(WeightsError, match=r"step-00000010 has no trainer\.json; it is incomplete"):
+        read_checkpoint(str(tmp_path))
+    with pytest.raises(WeightsError, match="incomplete"):
+        read_checkpoint(str(tmp_path / "step-00000010"))
+
+
+def test_an_encoder_moves_between_a_masked_patch_model_and_a_classifier():
+    torch.manual_seed(0)
+    pretrained = MaskedPatchModel(create_model("Ti/4", num_classes=0, **SMALL),
+                                  MaskedPatchObjective(type="masked_patch_prediction"))
+    classifier = create_model("Ti/4", num_classes=10, **SMALL)
+    fresh = load_matching(classifier, pretrained.state_dict(), "mpp")
+    assert fresh == ["head.weight", "head.bias"]  # no classifier in the pre-trained model: it stays zero
+    assert torch.equal(classifier.blocks[0].attn.qkv.weight, pretrained.encoder.blocks[0].attn.qkv.weight)
+
+    back = MaskedPatchModel(create_model("Ti/4", num_classes=0, **SMALL),
+                            MaskedPatchObjective(type="masked_patch_prediction"))
+    fresh = load_matching(back, classifier.state_dict(), "classifier")
+    assert fresh == ["mask_token", "head.weight", "head.bias"]
+    assert torch.equal(back.encoder.pos_embed, classifier.pos_embed)
+
+
+def test_shapes_that_differ_keep_their_initialisation_and_nothing_matching_is_an_error():
+    source = create_model("Ti/4", num_classes=5, **SMALL).state_dict()
+    target = create_model("Ti/4", num_classes=10, **SMALL)
+    assert load_matching(target, source, "five classes") == ["head.weight", "head.bias"]
+    with pytest.raises(WeightsError, match="other: no tensor matches the model; is it a checkpoint of the same"):
+        load_matching(target, {"something.else": torch.zeros(3)}, "other")
