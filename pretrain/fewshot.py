@@ -159,6 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pretrain.model import model_input
     from pretrain.objectives import build_model
     from pretrain.weights import WeightsError, read_checkpoint
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(state)
         model.eval()
         size = config.model.image_size
-        represent = lambda images: model(images.float() / 127.5 - 1.0, pre_logits=True)  # noqa: E731
+        represent = lambda images: model(model_input(images), pre_logits=True)  # noqa: E731
         train_loader, num_classes = probe_batches(args.train, args.train_split, batch_size=args.batch_size,
                                                   image_size=size, storage_options=options)
         test_loader, test_classes = probe_batches(args.test, args.test_split, batch_size=args.batch_size,

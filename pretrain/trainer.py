@@ -27,7 +27,7 @@ from pretrain.config.schema import Config
 from pretrain.ds_config import batch_sizes, deepspeed_config, parameter_groups, total_steps
 from pretrain.fewshot import extract_features, fewshot_accuracy, probe_batches
 from pretrain.metrics import MetricsLog, StepTimer, measure_matmul_peak, memory_bytes, train_line
-from pretrain.model import create_model, flops_per_image
+from pretrain.model import create_model, flops_per_image, model_input
 from pretrain.objectives import ObjectiveError, build_model, build_task
 from pretrain.weights import WeightsError, load_matching, read_checkpoint
 
@@ -130,7 +130,7 @@ class Trainer:
         """uint8 images on the device (for targets computed from pixels), and the same in the [-1, 1] range of the
         paper's preprocessing in the training dtype (the model's input)."""
         raw = images.to(distributed.device(), non_blocking=True)
-        return raw, (raw.float() / 127.5 - 1.0).to(self.dtype)
+        return raw, model_input(raw).to(self.dtype)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self.preempt_requested:

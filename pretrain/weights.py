@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import zero_to_fp32
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -114,8 +115,6 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     shape match a parameter of `model`; the rest of the model keeps its initialisation. Works on a model built under
     ZeRO-3 (each parameter is gathered, written by rank 0's copy and re-partitioned). Returns the names not loaded.
     """
-    import deepspeed
-
     names = dict(model.named_parameters())
     renamed: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -131,7 +130,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         if tensor is None or tuple(tensor.shape) != shape:
             not_loaded.append(name)
             continue
-        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+        with GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             parameter.copy_(tensor.to(parameter.dtype))
     if len(not_loaded) == len(names):
         raise WeightsError(f"{source}: no tensor matches the model; is it a checkpoint of the same variant?")

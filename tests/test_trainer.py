@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import s3fs
+import timm
 import torch
 from conftest import free_port
 from faulty_proxy import FaultyProxy
@@ -91,7 +92,7 @@ def fp32_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
 def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp_path: Path):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "config.json", s3_digits, run_dir, deepspeed={"zero_stage": stage},
-                          logging={"tensorboard": True, "csv": True})
+                          logging={"tensorboard": True, "csv": True}, model={"pool": "token"})
     code, output = finish(launch(config))
     assert code == 0, output
     assert list((run_dir / "monitor").rglob("events.out.tfevents.*"))  # DeepSpeed's TensorBoard monitor
@@ -105,6 +106,25 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000064"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000048", "step-00000064"]
     assert "step 64/64 | epoch" in output and "eval step 64 | top1" in output
+
+    # the checkpoint, written in partitions by 2 ranks, exported for transformers and timm, behaves as our model
+    from transformers import ViTForImageClassification
+
+    run_config, state = read_checkpoint(str(run_dir / "checkpoints"))
+    ours = create_model("Ti/4", **run_config.model.model_kwargs()).eval()
+    ours.load_state_dict(state)
+    images = torch.randn(2, 3, 16, 16)
+    for target in ("hf", "timm"):
+        command = [sys.executable, "-m", "pretrain.convert", str(run_dir / "checkpoints"), "--to", target,
+                   "--out", str(tmp_path / target)]
+        converted = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert converted.returncode == 0, converted.stderr
+    hf = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    timm_model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        reference = ours(images)
+        for logits in (hf(pixel_values=images).logits, timm_model(images)):
+            assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
 
 
 MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}

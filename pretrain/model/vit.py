@@ -28,6 +28,11 @@ PosEmbed = Literal["learned", "sincos"]
 LAYER_NORM_EPS = 1e-6
 
 
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixel values to the [-1, 1] input range of the paper's preprocessing, in fp32."""
+    return images.float() / 127.5 - 1.0
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping P x P patches, each mapped linearly to the model width (a stride-P convolution)."""
 

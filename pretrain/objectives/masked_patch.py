@@ -24,7 +24,7 @@ from torch import nn
 
 from pretrain.config.schema import MaskedPatchObjective
 from pretrain.model.init import Dense
-from pretrain.model.vit import VisionTransformer
+from pretrain.model.vit import VisionTransformer, model_input
 
 MASK, RANDOM, KEEP = 0, 1, 2
 """What happens to a corrupted patch: replaced by the [mask] embedding, by another patch, or kept as it is."""
@@ -100,7 +100,7 @@ def patch_targets(images: torch.Tensor, patch_size: int, objective: MaskedPatchO
                                       DOWNSAMPLED_GRID)
         cells = cells.reshape(batch, num, channels, DOWNSAMPLED_GRID**2).transpose(-1, -2)  # (B, N, 16, 3)
         return quantised_colour(cells, objective.color_bits)
-    return (patches / 127.5 - 1.0).flatten(2)
+    return model_input(patches).flatten(2)
 
 
 def prediction_size(objective: MaskedPatchObjective, patch_size: int, channels: int = 3) -> int:

@@ -1,0 +1,104 @@
+"""Exported weights behave as ours: transformers' ViT and timm's give our logits, and the pipeline our top-1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from pretrain.config.load import validate
+from pretrain.convert import ConversionError, Weights, from_checkpoint, replace_head, write_hf, write_timm
+from pretrain.model import create_model, model_input
+from pretrain.objectives import build_model
+
+BASE = {
+    "run": {"name": "t"},
+    "model": {"variant": "Ti/4", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4,
+              "num_classes": 10},
+    "data": {"train": "x/index.json", "batch_size": 8},
+    "optimizer": {"lr": 1e-3},
+    "schedule": {"steps": 10, "warmup_steps": 1},
+}
+
+
+def trained(**model: object) -> tuple[Weights, torch.nn.Module]:
+    """A model with every weight random (the zero-initialised head and tokens too), as a checkpoint gives it."""
+    config = validate({**BASE, "model": {**BASE["model"], **model}})
+    torch.manual_seed(0)
+    net = build_model(config).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return from_checkpoint(config, net.state_dict()), net
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def test_transformers_model_gives_our_logits(tmp_path: Path):
+    from transformers import ViTForImageClassification, ViTModel
+
+    weights, ours = trained()
+    write_hf(weights, tmp_path)
+    theirs = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(theirs(pixel_values=images).logits, ours(images)) <= 1e-5
+        encoder = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+        tokens = encoder(pixel_values=images).last_hidden_state
+        assert relative_error(tokens, ours.forward_features(images)) <= 1e-5
+
+
+def test_image_classification_pipeline_agrees_with_our_top1(tmp_path: Path):
+    from transformers import pipeline
+
+    weights, ours = trained()
+    write_hf(weights, tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path), device="cpu")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):  # real RGB images at the model's size: the processor's resize is then the identity
+        pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator)
+        image = Image.fromarray(pixels.numpy())
+        with torch.no_grad():
+            top = ours(model_input(pixels.permute(2, 0, 1)[None])).argmax().item()
+        assert classify(image, top_k=1)[0]["label"] == f"LABEL_{top}"
+
+
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_timm_loads_the_export_strictly_and_gives_our_logits(pool: str, tmp_path: Path):
+    weights, ours = trained(pool=pool)
+    write_timm(weights, tmp_path)
+    theirs = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()  # strict load of model.safetensors
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(theirs(images), ours(images)) <= 1e-5
+
+
+def test_masked_patch_encoder_gets_a_new_zero_head_and_unsupported_models_are_refused(tmp_path: Path):
+    mpp = validate({**BASE, "model": {**BASE["model"], "num_classes": 0},
+                    "objective": {"type": "masked_patch_prediction"}})
+    torch.manual_seed(0)
+    encoder_weights = from_checkpoint(mpp, build_model(mpp).state_dict())
+    assert not any(name.startswith(("encoder.", "mask_token")) for name in encoder_weights.state)
+    with pytest.raises(ConversionError, match=r"no classifier.*add --num-classes K"):
+        replace_head(encoder_weights, None, False)
+    tuned = replace_head(encoder_weights, 7, False)
+    assert tuned.state["head.weight"].shape == (7, 64) and not tuned.state["head.weight"].any()
+    write_hf(tuned, tmp_path)
+
+    with pytest.raises(ConversionError, match="pools by averaging"):
+        write_hf(trained(pool="gap")[0], tmp_path / "gap")
+    with pytest.raises(ConversionError, match="sin-cos"):
+        write_timm(trained(pos_embed="sincos")[0], tmp_path / "sincos")
+    with_representation = trained(representation_size=32)[0]
+    with pytest.raises(ConversionError, match="add --drop-representation --num-classes K"):
+        write_hf(with_representation, tmp_path / "representation")
+    with pytest.raises(ConversionError, match="needs a new head"):
+        replace_head(with_representation, None, True)
+    dropped = replace_head(with_representation, 3, True)
+    assert not any(name.startswith("pre_logits") for name in dropped.state)
+    assert create_model("Ti/4", **dropped.kwargs).load_state_dict(dropped.state) is not None
