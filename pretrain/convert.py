@@ -1,9 +1,10 @@
-"""`python -m pretrain.convert CHECKPOINT --to {hf,timm} --out DIR`: trained weights for downstream fine-tuning.
+"""`python -m pretrain.convert SOURCE --to {hf,timm,native} --out DIR`: weights for downstream fine-tuning and back.
 
-The checkpoint (any ZeRO stage, any number of ranks, local or s3://) is consolidated by DeepSpeed's zero_to_fp32
-(`pretrain.weights.read_checkpoint`). A masked-patch checkpoint gives its encoder; `--num-classes K` puts a
-zero-initialised K-class classifier on it (the paper's fine-tuning head), `--drop-representation` removes the
-pre-logits layer as the paper does before fine-tuning.
+SOURCE is a trainer checkpoint (any ZeRO stage, any number of ranks, local or s3://; consolidated by DeepSpeed's
+zero_to_fp32 in `pretrain.weights`), a transformers ViT folder, a timm ViT state dict (or its folder), or a native
+folder. A masked-patch checkpoint gives its encoder; `--num-classes K` puts a zero-initialised K-class classifier on
+it (the paper's fine-tuning head), `--drop-representation` removes the pre-logits layer as the paper does before
+fine-tuning, `--image-size` resizes the position embeddings for another resolution.
 
 - `--to hf`: `config.json`, `model.safetensors` and `preprocessor_config.json` for
   `transformers.ViTForImageClassification` (and `ViTModel`). The weights are copied into a model built by the
@@ -13,6 +14,7 @@ pre-logits layer as the paper does before fine-tuning.
   `layers.N.attention.q_proj`) and may again.
 - `--to timm`: `model.safetensors` (our names are timm's) and a timm `config.json`, loadable with
   `timm.create_model("local-dir:DIR", pretrained=True)`, strict.
+- `--to native`: `model.safetensors` in our names and `vit.json`, which `model.init_from` starts a run from.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch
 from torch import nn
 
 from pretrain.config.schema import Config, MaskedPatchObjective
+from pretrain.model.pos_embed import resize_pos_embed
 from pretrain.model.variants import parse_variant
+from pretrain.weights import NATIVE_CONFIG, WeightsError, read_checkpoint, read_state
 
 TIMM_ARCHITECTURES = {
     (192, 16): "vit_tiny_patch16_224", (384, 16): "vit_small_patch16_224", (384, 32): "vit_small_patch32_224",
@@ -37,6 +41,10 @@ TIMM_ARCHITECTURES = {
 }
 """timm's registered ViTs by (width, patch size). Any other size is written as vit_base_patch16_224 with its own
 model_args, which timm applies over the architecture's defaults (timm is not a run-time dependency here)."""
+
+
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+"""Attention heads of the standard ViT widths (Ti, S, B, L, H, g, G), for timm state dicts without a config."""
 
 
 class ConversionError(Exception):
@@ -84,9 +92,6 @@ def replace_head(weights: Weights, num_classes: int | None, drop_representation:
         state["head.weight"] = torch.zeros(num_classes, fan_in)
         state["head.bias"] = torch.zeros(num_classes)
         kwargs["num_classes"] = num_classes
-    if not kwargs["num_classes"]:
-        raise ConversionError("these weights have no classifier (a masked-patch checkpoint, or num_classes 0); "
-                              "add --num-classes K for a new zero-initialised one")
     return Weights(kwargs, state)
 
 
@@ -98,6 +103,9 @@ def _unsupported(weights: Weights, target: str) -> str | None:
         return f"{target}'s ViT has learned position embeddings only, these are fixed sin-cos"
     if kwargs.get("representation_size"):
         return f"{target}'s ViT classifier has no representation layer; add --drop-representation --num-classes K"
+    if target == "hf" and not kwargs["num_classes"]:
+        return ("these weights have no classifier (a masked-patch checkpoint, or num_classes 0); add --num-classes K "
+                "for a new zero-initialised one")
     if target == "hf" and kwargs["pool"] != "token":
         return "transformers' ViT classifies from the class token; this model pools by averaging (use --to timm)"
     return None
@@ -136,6 +144,69 @@ def write_timm(weights: Weights, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def from_timm(path: str) -> Weights:
+    """Native weights from a timm ViT: a state dict file (.safetensors or .pth), or a folder with model.safetensors
+    and timm's config.json (whose model_args give the number of heads; otherwise the paper's table does)."""
+    location = Path(path)
+    file = location / "model.safetensors" if location.is_dir() else location
+    if not file.is_file():
+        raise ConversionError(f"{path}: no such file; pass a timm state dict (.safetensors or .pth) or its folder")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+    except Exception as error:  # whatever the unpickler or safetensors say about a file that is not a state dict
+        reason = " ".join(str(error).split())[:200]
+        raise ConversionError(f"{path}: not a readable state dict ({type(error).__name__}: {reason})") from None
+    config_file = file.parent / "config.json"
+    model_args = json.loads(config_file.read_text()).get("model_args", {}) if config_file.is_file() else {}
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
+        raise ConversionError(f"{path}: not a timm ViT state dict (no pos_embed / patch_embed.proj.weight)")
+    native = {"cls_token", "pos_embed", "norm.weight", "norm.bias", "head.weight", "head.bias"}
+    foreign = sorted(k for k in state if k not in native and not k.startswith(("patch_embed.proj.", "blocks.")))
+    if foreign:
+        raise ConversionError(f"{path}: timm tensors with no equivalent here: {', '.join(foreign[:4])} (e.g. fc_norm "
+                              "of timm's average pooling, register tokens); unsupported timm ViT")
+    width = state["pos_embed"].shape[-1]
+    heads = model_args.get("num_heads") or STANDARD_HEADS.get(width)
+    if heads is None:
+        raise ConversionError(f"{path}: width {width} is not a standard ViT size; put timm's config.json (with "
+                              "model_args.num_heads) beside the weights")
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    prefix = 1 if "cls_token" in state else 0
+    grid = round((state["pos_embed"].shape[1] - prefix) ** 0.5)
+    kwargs = {"width": width, "depth": len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+              "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0], "num_heads": heads, "patch_size": patch,
+              "image_size": grid * patch, "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
+              "pool": "token" if prefix else "gap", "pos_embed": "learned", "representation_size": None,
+              "stem_stages": None}
+    return Weights(kwargs, dict(state))
+
+
+# -- native --------------------------------------------------------------------------------------------------------
+
+
+def write_native(weights: Weights, out: Path) -> None:
+    """`model.safetensors` in our names and `vit.json` (the VisionTransformer arguments): what `model.init_from`
+    and this converter read back."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in weights.state.items()}, str(out / "model.safetensors"))
+    (out / NATIVE_CONFIG).write_text(json.dumps(weights.kwargs, indent=2) + "\n")
+
+
+def read_native(folder: str) -> Weights:
+    kwargs = json.loads((Path(folder) / NATIVE_CONFIG).read_text())
+    if kwargs.get("stem_stages") is not None:
+        kwargs["stem_stages"] = tuple(kwargs["stem_stages"])
+    return Weights(kwargs, read_state(folder))
+
+
 # -- Hugging Face transformers ----------------------------------------------------------------------------------
 
 
@@ -143,12 +214,45 @@ def _of_type(module: nn.Module, kind: type[nn.Module]) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, kind)]
 
 
-def _copy(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
-    if tuple(target.shape) != tuple(source.shape):
-        raise ConversionError(f"{what}: transformers expects shape {tuple(target.shape)}, the checkpoint has "
-                              f"{tuple(source.shape)}; unsupported transformers ViT layout")
-    with torch.no_grad():
-        target.copy_(source)
+Slot = tuple[torch.Tensor, str, slice]
+"""A transformers parameter, the native tensor it holds, and which rows of it (q, k and v share our fused qkv)."""
+
+
+def _hf_slots(model: nn.Module, depth: int, width: int) -> list[Slot]:
+    """Every parameter of a transformers ViTForImageClassification paired with its native tensor, found by the
+    model's structure: the embeddings' convolution and 3-D tensors, per block the linear layers (q, k, v, out, fc1,
+    fc2) and norms (before, after) in the order transformers registers them, the final norm, the classifier."""
+    rows = slice(None)
+    base = model.base_model
+    embeddings = base.embeddings
+    convolutions = _of_type(embeddings, nn.Conv2d)
+    tokens = sorted((p for p in embeddings.parameters(recurse=False) if p.ndim == 3), key=lambda p: p.shape[1])
+    block_lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if len(convolutions) != 1 or len(tokens) != 2 or len(block_lists) != 1:
+        raise ConversionError("unsupported transformers ViT layout: expected one patch convolution, a class token, "
+                              f"a position table and one list of {depth} blocks")
+    (conv,), (blocks,) = convolutions, block_lists
+    slots: list[Slot] = [(conv.weight, "patch_embed.proj.weight", rows), (conv.bias, "patch_embed.proj.bias", rows),
+                         (tokens[0], "cls_token", rows), (tokens[1], "pos_embed", rows)]
+    for i, block in enumerate(blocks):
+        linears, norms = _of_type(block, nn.Linear), _of_type(block, nn.LayerNorm)
+        if len(linears) != 6 or len(norms) != 2:
+            raise ConversionError(f"unsupported transformers ViT layout: block {i} has {len(linears)} linear layers "
+                                  f"and {len(norms)} norms, not 6 and 2")
+        for n, layer in enumerate(linears[:3]):  # q, k, v: row blocks of the fused qkv
+            part = slice(n * width, (n + 1) * width)
+            slots += [(layer.weight, f"blocks.{i}.attn.qkv.weight", part),
+                      (layer.bias, f"blocks.{i}.attn.qkv.bias", part)]
+        for layer, ours in zip([*linears[3:], *norms], ["attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2"],
+                               strict=True):
+            slots += [(layer.weight, f"blocks.{i}.{ours}.weight", rows), (layer.bias, f"blocks.{i}.{ours}.bias", rows)]
+    in_blocks = {id(m) for m in blocks.modules()}
+    (final_norm,) = [m for m in _of_type(base, nn.LayerNorm) if id(m) not in in_blocks]
+    in_base = {id(m) for m in base.modules()}
+    (classifier,) = [m for m in _of_type(model, nn.Linear) if id(m) not in in_base]
+    slots += [(final_norm.weight, "norm.weight", rows), (final_norm.bias, "norm.bias", rows),
+              (classifier.weight, "head.weight", rows), (classifier.bias, "head.bias", rows)]
+    return slots
 
 
 def to_hf(weights: Weights) -> nn.Module:
@@ -164,40 +268,43 @@ def to_hf(weights: Weights) -> nn.Module:
                        patch_size=kwargs["patch_size"], num_channels=3, qkv_bias=True,
                        num_labels=kwargs["num_classes"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = ViTForImageClassification(config).eval()
-    base = model.base_model
-    embeddings = base.embeddings
-    (conv,) = _of_type(embeddings, nn.Conv2d)
-    _copy(conv.weight, state["patch_embed.proj.weight"], "patch embedding")
-    _copy(conv.bias, state["patch_embed.proj.bias"], "patch embedding bias")
-    tokens = {tuple(p.shape): p for p in embeddings.parameters(recurse=False)}
-    _copy(tokens[tuple(state["cls_token"].shape)], state["cls_token"], "class token")
-    _copy(tokens[tuple(state["pos_embed"].shape)], state["pos_embed"], "position embeddings")
-
-    (blocks,) = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == kwargs["depth"]]
-    width = kwargs["width"]
-    for i, block in enumerate(blocks):
-        linears, norms = _of_type(block, nn.Linear), _of_type(block, nn.LayerNorm)
-        if len(linears) != 6 or len(norms) != 2:
-            raise ConversionError(f"transformers block {i} has {len(linears)} linear layers and {len(norms)} norms, "
-                                  "not 6 and 2; unsupported transformers ViT layout")
-        query, key, value, out, fc1, fc2 = linears
-        qkv_weight, qkv_bias = state[f"blocks.{i}.attn.qkv.weight"], state[f"blocks.{i}.attn.qkv.bias"]
-        for n, layer in enumerate((query, key, value)):
-            _copy(layer.weight, qkv_weight[n * width:(n + 1) * width], f"block {i} q/k/v")
-            _copy(layer.bias, qkv_bias[n * width:(n + 1) * width], f"block {i} q/k/v bias")
-        for layer, ours in ((out, "attn.proj"), (fc1, "mlp.fc1"), (fc2, "mlp.fc2"), (norms[0], "norm1"),
-                            (norms[1], "norm2")):
-            _copy(layer.weight, state[f"blocks.{i}.{ours}.weight"], f"block {i} {ours}")
-            _copy(layer.bias, state[f"blocks.{i}.{ours}.bias"], f"block {i} {ours} bias")
-    in_blocks = {id(m) for m in blocks.modules()}
-    (final_norm,) = [m for m in _of_type(base, nn.LayerNorm) if id(m) not in in_blocks]
-    _copy(final_norm.weight, state["norm.weight"], "final norm")
-    _copy(final_norm.bias, state["norm.bias"], "final norm bias")
-    in_base = {id(m) for m in base.modules()}
-    (classifier,) = [m for m in _of_type(model, nn.Linear) if id(m) not in in_base]
-    _copy(classifier.weight, state["head.weight"], "classifier")
-    _copy(classifier.bias, state["head.bias"], "classifier bias")
+    with torch.no_grad():
+        for parameter, name, rows in _hf_slots(model, kwargs["depth"], kwargs["width"]):
+            source = state[name][rows]
+            if parameter.shape != source.shape:
+                raise ConversionError(f"{name}: transformers expects {tuple(parameter.shape)}, the weights have "
+                                      f"{tuple(source.shape)}; unsupported transformers ViT layout")
+            parameter.copy_(source)
     return model
+
+
+def from_hf(folder: str) -> Weights:
+    """Native weights from a transformers ViT classification folder (`save_pretrained` output)."""
+    from transformers import AutoConfig, ViTForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{folder}: not a transformers model folder ({error})") from None
+    problems = [f"{name} is {value!r}" for name, value, wanted in (
+        ("model_type", config.model_type, "vit"), ("hidden_act", getattr(config, "hidden_act", None), "gelu"),
+        ("qkv_bias", getattr(config, "qkv_bias", None), True), ("num_channels", getattr(config, "num_channels", 3), 3),
+    ) if value != wanted]
+    if problems:
+        raise ConversionError(f"{folder}: unsupported transformers config ({', '.join(problems)}); a ViT with GELU, "
+                              "qkv biases and RGB input is needed")
+    model = ViTForImageClassification.from_pretrained(folder)
+    kwargs = {"width": config.hidden_size, "depth": config.num_hidden_layers, "mlp_dim": config.intermediate_size,
+              "num_heads": config.num_attention_heads, "patch_size": config.patch_size,
+              "image_size": config.image_size, "num_classes": config.num_labels, "pool": "token",
+              "pos_embed": "learned", "representation_size": None, "stem_stages": None}
+    state: dict[str, torch.Tensor] = {}
+    for parameter, name, rows in _hf_slots(model, config.num_hidden_layers, config.hidden_size):
+        if rows == slice(None):
+            state[name] = parameter.detach().clone()
+        else:  # q, k and v arrive in order: concatenate them into the fused qkv
+            state[name] = torch.cat([state[name], parameter.detach()]) if rows.start else parameter.detach().clone()
+    return Weights(kwargs, state)
 
 
 def write_hf(weights: Weights, out: Path) -> None:
@@ -214,30 +321,70 @@ def write_hf(weights: Weights, out: Path) -> None:
 # -- command line ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pretrain.weights import WeightsError, read_checkpoint
+def read_any(source: str, storage_options: dict[str, Any]) -> Weights:
+    """Weights from a native folder, a transformers folder, a timm folder or file, or a trainer checkpoint."""
+    location = Path(source)
+    if location.is_file():
+        return from_timm(source)
+    if (location / NATIVE_CONFIG).is_file():
+        return read_native(source)
+    if (location / "config.json").is_file():
+        described = json.loads((location / "config.json").read_text())
+        return from_hf(source) if "model_type" in described else from_timm(source)
+    config, state = read_checkpoint(source, storage_options)
+    return from_checkpoint(config, state)
 
+
+def resize_positions(weights: Weights, image_size: int) -> Weights:
+    """Position embeddings for `image_size` (same patch size, longer sequence): 2-D bicubic resize of the grid,
+    class token kept, with the function the model itself uses at other resolutions."""
+    kwargs, state = dict(weights.kwargs), dict(weights.state)
+    patch = kwargs["patch_size"]
+    if image_size % patch:
+        raise ConversionError(f"--image-size {image_size} is not a multiple of the patch size {patch}")
+    if kwargs["pos_embed"] == "learned":
+        old, new = kwargs["image_size"] // patch, image_size // patch
+        prefix = 1 if kwargs["pool"] == "token" else 0
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (new, new), (old, old), prefix)
+    kwargs["image_size"] = image_size
+    return Weights(kwargs, state)
+
+
+WRITERS = {"hf": write_hf, "timm": write_timm, "native": write_native}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint",
-                        help="trainer checkpoint folder (its newest checkpoint) or a step-XXXXXXXX folder")
-    parser.add_argument("--to", choices=["hf", "timm"], required=True, help="output format")
+    parser.add_argument("source", help="trainer checkpoint folder (its newest checkpoint) or a step-XXXXXXXX folder "
+                        "(local or s3://), a transformers ViT folder, a timm state dict or folder, or a native folder")
+    parser.add_argument("--to", choices=list(WRITERS), required=True,
+                        help="hf (transformers), timm, or native (what model.init_from reads)")
     parser.add_argument("--out", required=True, help="output folder (local)")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="replace the classifier with a zero-initialised one of this many classes")
+                        help="replace the classifier with a zero-initialised one of this many classes (default: "
+                             "keep the classifier there is)")
     parser.add_argument("--drop-representation", action="store_true",
                         help="remove the representation (pre-logits) layer, as the paper does for fine-tuning")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize the position embeddings for this resolution (e.g. 384 for fine-tuning)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written tensors")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for an s3:// checkpoint, e.g. endpoint_url=http://...")
     args = parser.parse_args(argv)
     options = dict(option.split("=", 1) for option in args.storage_option)
     try:
-        config, state = read_checkpoint(args.checkpoint, options)
-        weights = replace_head(from_checkpoint(config, state), args.num_classes, args.drop_representation)
-        (write_hf if args.to == "hf" else write_timm)(weights, Path(args.out))
+        weights = replace_head(read_any(args.source, options), args.num_classes, args.drop_representation)
+        if args.image_size:
+            weights = resize_positions(weights, args.image_size)
+        weights = Weights(weights.kwargs, {k: v.to(DTYPES[args.dtype]) for k, v in weights.state.items()})
+        WRITERS[args.to](weights, Path(args.out))
     except (WeightsError, ConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.to} weights ({config.model.variant}, {weights.num_classes} classes) in {args.out}")
+    print(f"{args.to} weights ({weights.kwargs['width']} wide, {weights.kwargs['depth']} blocks, patch "
+          f"{weights.kwargs['patch_size']}, {weights.kwargs['image_size']} px, {weights.num_classes} classes) "
+          f"in {args.out}")
     return 0
 
 

@@ -29,7 +29,7 @@ from pretrain.fewshot import extract_features, fewshot_accuracy, probe_batches
 from pretrain.metrics import MetricsLog, StepTimer, measure_matmul_peak, memory_bytes, train_line
 from pretrain.model import create_model, flops_per_image, model_input
 from pretrain.objectives import ObjectiveError, build_model, build_task
-from pretrain.weights import WeightsError, load_matching, read_checkpoint
+from pretrain.weights import WeightsError, load_matching, read_state
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Trainer:
 
     def _init_from(self, model: torch.nn.Module, url: str) -> None:
         try:
-            _config, state = read_checkpoint(url, dict(self.config.checkpoint.storage_options))
+            state = read_state(url, dict(self.config.checkpoint.storage_options))
             not_loaded = load_matching(model, state, url)
         except WeightsError as error:
             raise TrainingError(f"model.init_from: {error}") from None

@@ -68,7 +68,7 @@ def _locate(url: str, storage_options: dict[str, Any]) -> tuple[Any, str, str]:
             tag = fs.cat_file(join(fs, root, LATEST)).decode().strip()
         except FileNotFoundError:
             raise WeightsError(f"{url}: not a checkpoint (no {LATEST} file); pass a checkpoint folder written by the "
-                               f"trainer or one of its {PREFIX}XXXXXXXX folders") from None
+                               f"trainer, one of its {PREFIX}XXXXXXXX folders, or a native weights folder") from None
     if not fs.exists(join(fs, root, tag, "trainer.json")):
         raise WeightsError(f"{url}: {tag} has no trainer.json; it is incomplete or not written by this trainer")
     return fs, root, tag
@@ -90,6 +90,20 @@ def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> 
             config = validate(json.load(handle)["config"])
         state = _consolidate(local_root, tag, url)
     return config, state
+
+
+NATIVE_CONFIG = "vit.json"
+"""Beside model.safetensors, marks a folder of native weights (written by `python -m pretrain.convert --to native`)."""
+
+
+def read_state(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of a trainer checkpoint or of a native weights folder (what `model.init_from` takes)."""
+    from safetensors.torch import load as load_safetensors
+
+    fs, path = filesystem(url.rstrip("/"), storage_options or {})
+    if fs.exists(join(fs, path, NATIVE_CONFIG)):
+        return load_safetensors(fs.cat_file(join(fs, path, "model.safetensors")))
+    return read_checkpoint(url, storage_options)[1]
 
 
 def _consolidate(root: str, tag: str, url: str) -> dict[str, torch.Tensor]:

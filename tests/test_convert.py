@@ -10,7 +10,18 @@ import torch
 from PIL import Image
 
 from pretrain.config.load import validate
-from pretrain.convert import ConversionError, Weights, from_checkpoint, replace_head, write_hf, write_timm
+from pretrain.convert import (
+    ConversionError,
+    Weights,
+    from_checkpoint,
+    from_hf,
+    main,
+    read_native,
+    replace_head,
+    write_hf,
+    write_native,
+    write_timm,
+)
 from pretrain.model import create_model, model_input
 from pretrain.objectives import build_model
 
@@ -85,7 +96,7 @@ def test_masked_patch_encoder_gets_a_new_zero_head_and_unsupported_models_are_re
     encoder_weights = from_checkpoint(mpp, build_model(mpp).state_dict())
     assert not any(name.startswith(("encoder.", "mask_token")) for name in encoder_weights.state)
     with pytest.raises(ConversionError, match=r"no classifier.*add --num-classes K"):
-        replace_head(encoder_weights, None, False)
+        write_hf(encoder_weights, tmp_path / "headless")
     tuned = replace_head(encoder_weights, 7, False)
     assert tuned.state["head.weight"].shape == (7, 64) and not tuned.state["head.weight"].any()
     write_hf(tuned, tmp_path)
@@ -102,3 +113,65 @@ def test_masked_patch_encoder_gets_a_new_zero_head_and_unsupported_models_are_re
     dropped = replace_head(with_representation, 3, True)
     assert not any(name.startswith("pre_logits") for name in dropped.state)
     assert create_model("Ti/4", **dropped.kwargs).load_state_dict(dropped.state) is not None
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_transformers_to_native_to_transformers_reproduces_every_tensor(tmp_path: Path):
+    write_hf(trained()[0], tmp_path / "hf")
+    write_native(from_hf(str(tmp_path / "hf")), tmp_path / "native")
+    write_hf(read_native(str(tmp_path / "native")), tmp_path / "again")
+    first, second = tensors(tmp_path / "hf"), tensors(tmp_path / "again")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_timm_to_native_to_timm_reproduces_every_tensor(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=7)  # timm's own, not exported by us
+    original = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(original, str(tmp_path / "timm.safetensors"))  # a bare state dict: heads from the width (Ti: 3)
+    assert main([str(tmp_path / "timm.safetensors"), "--to", "native", "--out", str(tmp_path / "native")]) == 0
+    assert main([str(tmp_path / "native"), "--to", "timm", "--out", str(tmp_path / "again")]) == 0
+    again = tensors(tmp_path / "again")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[name], again[name]) for name in original)
+    ours = create_model("Ti/16", **{k: v for k, v in read_native(str(tmp_path / "native")).kwargs.items()
+                                    if k != "stem_stages"}).eval()
+    ours.load_state_dict(original)
+    with torch.no_grad():
+        images = torch.randn(1, 3, 224, 224)
+        assert relative_error(ours(images), model.eval()(images)) <= 1e-5
+
+
+def test_larger_resolution_export_matches_our_model_run_at_that_resolution(tmp_path: Path, capsys):
+    from transformers import ViTForImageClassification
+
+    weights, ours = trained()
+    write_native(weights, tmp_path / "native")
+    assert main([str(tmp_path / "native"), "--to", "hf", "--out", str(tmp_path / "hf"), "--image-size", "48"]) == 0
+    assert "48 px" in capsys.readouterr().out
+    theirs = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():  # ours resizes its 32 px table on the fly with the same function
+        assert relative_error(theirs(pixel_values=images).logits, ours(images)) <= 1e-5
+
+
+def test_bad_sources_get_one_line_errors(tmp_path: Path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main([str(tmp_path / "notes.txt"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert main([str(tmp_path / "empty"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    assert main([str(tmp_path / "bert"), "--to", "timm", "--out", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, errors
+    assert "notes.txt: not a readable state dict" in errors[0]
+    assert "not a checkpoint" in errors[1]
+    assert "bert" in errors[2]

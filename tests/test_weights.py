@@ -48,3 +48,13 @@ def test_shapes_that_differ_keep_their_initialisation_and_nothing_matching_is_an
     assert load_matching(target, source, "five classes") == ["head.weight", "head.bias"]
     with pytest.raises(WeightsError, match="other: no tensor matches the model; is it a checkpoint of the same"):
         load_matching(target, {"something.else": torch.zeros(3)}, "other")
+
+
+def test_a_native_weights_folder_is_read_as_init_from_reads_it(tmp_path: Path):
+    from pretrain.convert import Weights, write_native
+    from pretrain.weights import read_state
+
+    state = create_model("Ti/4", num_classes=3, **SMALL).state_dict()
+    write_native(Weights({"width": 32}, state), tmp_path)
+    loaded = read_state(str(tmp_path))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
