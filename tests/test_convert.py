@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -22,6 +23,7 @@ from pretrain.convert import (
     write_native,
     write_timm,
 )
+from pretrain.demo import write_digits
 from pretrain.model import create_model, model_input
 from pretrain.objectives import build_model
 
@@ -68,15 +70,19 @@ def test_image_classification_pipeline_agrees_with_our_top1(tmp_path: Path):
     from transformers import pipeline
 
     weights, ours = trained()
-    write_hf(weights, tmp_path)
-    classify = pipeline("image-classification", model=str(tmp_path), device="cpu")
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(4):  # real RGB images at the model's size: the processor's resize is then the identity
-        pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator)
-        image = Image.fromarray(pixels.numpy())
-        with torch.no_grad():
-            top = ours(model_input(pixels.permute(2, 0, 1)[None])).argmax().item()
+    write_digits(tmp_path / "digits", size=32)  # real scans at the model's size: the processor's resize is exact
+    images = [Image.open(path).convert("RGB") for path in sorted((tmp_path / "digits").glob("*/*.png"))[::150]]
+    pixels = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images])
+    with torch.no_grad():  # prototype rows, so that the random model's top class differs between images
+        features = ours(model_input(pixels), pre_logits=True)
+        ours.head.weight.copy_(10 * (features - features.mean(0))[:10])
+        ours.head.bias.zero_()
+        tops = ours(model_input(pixels)).argmax(-1).tolist()
+    write_hf(Weights(weights.kwargs, ours.state_dict()), tmp_path / "hf")
+    classify = pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
+    for image, top in zip(images, tops, strict=True):
         assert classify(image, top_k=1)[0]["label"] == f"LABEL_{top}"
+    assert len(images) >= 10 and len(set(tops)) > 5
 
 
 @pytest.mark.parametrize("pool", ["token", "gap"])
