@@ -72,7 +72,7 @@ def test_image_classification_pipeline_agrees_with_our_top1(tmp_path: Path):
     weights, ours = trained()
     write_digits(tmp_path / "digits", size=32)  # real scans at the model's size: the processor's resize is exact
     images = [Image.open(path).convert("RGB") for path in sorted((tmp_path / "digits").glob("*/*.png"))[::150]]
-    pixels = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images])
+    pixels = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
     with torch.no_grad():  # prototype rows, so that the random model's top class differs between images
         features = ours(model_input(pixels), pre_logits=True)
         ours.head.weight.copy_(10 * (features - features.mean(0))[:10])
