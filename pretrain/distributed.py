@@ -9,6 +9,7 @@ SLURM_JOB_NODELIST -> MASTER_ADDR.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -72,7 +73,23 @@ def init() -> Placement:
     elif "OMP_NUM_THREADS" not in os.environ:
         share_cores_between_local_ranks()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    if accelerator.device_name() == "cpu":
+        dist.barrier()  # every rank has now mapped every other rank's all-reduce buffer
+        unlink_shm_allreduce_buffer(dist.get_rank())
     return Placement(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size())
+
+
+def unlink_shm_allreduce_buffer(rank: int) -> None:
+    """Remove the name of this rank's /dev/shm all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU all-reduce (its shm comm op, DeepSpeed 0.19) creates one buffer per rank in /dev/shm and never
+    unlinks it, so every CPU run left about 50 MB per rank of RAM behind for good (19 GB after a day of test runs
+    here, enough to starve the machine). The mappings stay valid without the name, and the memory returns to the
+    system when the ranks exit, even when they are killed.
+    """
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def share_cores_between_local_ranks() -> None:

@@ -68,10 +68,18 @@ def write_config(path: Path, s3: dict, run_dir: Path, **sections: dict) -> Path:
 
 
 def launch(config: Path, *args: str) -> subprocess.Popen:
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/run.py",
+    port = free_port()
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "pretrain/run.py",
                "--config", str(config), *args]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    process.master_port = port  # type: ignore[attr-defined]
+    return process
+
+
+def shm_buffers(process: subprocess.Popen) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers of a launched job still named in /dev/shm (RAM)."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{process.master_port}_*"))
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -93,8 +101,10 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "config.json", s3_digits, run_dir, deepspeed={"zero_stage": stage},
                           logging={"tensorboard": True, "csv": True}, model={"pool": "token"})
-    code, output = finish(launch(config))
+    process = launch(config)
+    code, output = finish(process)
     assert code == 0, output
+    assert not shm_buffers(process)  # DeepSpeed never unlinks them; the trainer does
     assert list((run_dir / "monitor").rglob("events.out.tfevents.*"))  # DeepSpeed's TensorBoard monitor
     assert list((run_dir / "monitor").rglob("*loss*.csv"))  # and its CSV monitor
     train = records(run_dir, "train")
