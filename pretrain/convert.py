@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipeline.storage import parse_storage_options
 from pretrain.config.schema import Config, MaskedPatchObjective
 from pretrain.model.pos_embed import resize_pos_embed
 from pretrain.model.variants import parse_variant
@@ -372,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for an s3:// checkpoint, e.g. endpoint_url=http://...")
     args = parser.parse_args(argv)
-    options = dict(option.split("=", 1) for option in args.storage_option)
+    try:
+        options = parse_storage_options(args.storage_option)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         weights = replace_head(read_any(args.source, options), args.num_classes, args.drop_representation)
         if args.image_size:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from data_pipeline import make_loader
 from data_pipeline.shardlist import SourceError
+from data_pipeline.storage import parse_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec storage option for the checkpoint and shards, e.g. endpoint_url=http://...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.storage_option = parse_storage_options(args.storage_option)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    options = dict(option.split("=", 1) for option in args.storage_option)
+    options = args.storage_option
     try:
         config, state = read_checkpoint(args.checkpoint, options)
         model = build_model(config)
