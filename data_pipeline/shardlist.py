@@ -102,13 +102,20 @@ def resolve(source: str, *, split: str = "train", storage_options: dict[str, Any
             counts.append(_count_samples(url, storage_options))
         except FileNotFoundError:
             raise SourceError(f"{url}: shard not found; check the pattern {source}") from None
-    return ShardList(urls, counts, True, _classes_beside(urls[0], storage_options), multi_label=False)
+    return ShardList(urls, counts, True, _class_count(urls[0], storage_options), multi_label=False)
 
 
-def _classes_beside(url: str, storage_options: dict[str, Any] | None) -> int | None:
-    """Number of classes from a classes.json beside the shards; None (labels taken as given) when there is none."""
-    fs, path = filesystem(f"{_parent(url)}/classes.json", storage_options)
+def read_classes(source: str, storage_options: dict[str, Any] | None = None) -> dict[str, int] | None:
+    """The class table (name -> index) from the classes.json beside the shards of `source` (an index.json URL or a
+    shard pattern); None when there is none."""
+    first = next(iter(braceexpand.braceexpand(source)))
+    fs, path = filesystem(f"{_parent(first)}/classes.json", storage_options)
     try:
-        return len(json.loads(fs.cat_file(path)))
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
+
+
+def _class_count(url: str, storage_options: dict[str, Any] | None) -> int | None:
+    classes = read_classes(url, storage_options)
+    return None if classes is None else len(classes)

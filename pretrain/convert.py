@@ -2,9 +2,11 @@
 
 SOURCE is a trainer checkpoint (any ZeRO stage, any number of ranks, local or s3://; consolidated by DeepSpeed's
 zero_to_fp32 in `pretrain.weights`), a transformers ViT folder, a timm ViT state dict (or its folder), or a native
-folder. A masked-patch checkpoint gives its encoder; `--num-classes K` puts a zero-initialised K-class classifier on
-it (the paper's fine-tuning head), `--drop-representation` removes the pre-logits layer as the paper does before
-fine-tuning, `--image-size` resizes the position embeddings for another resolution.
+folder. A masked-patch checkpoint gives its encoder. The export carries no classifier unless asked: the paper
+fine-tunes with a new zero-initialised head, which `--num-classes K` adds; `--keep-head` keeps the trained one (for
+inference on the pre-training classes). `--drop-representation` removes the pre-logits layer as the paper does before
+fine-tuning, `--image-size` resizes the position embeddings for another resolution. Tensors that do not fit the model
+the source describes (another variant, a damaged file) are refused before anything is written.
 
 - `--to hf`: `config.json`, `model.safetensors` and `preprocessor_config.json` for
   `transformers.ViTForImageClassification` (and `ViTModel`). The weights are copied into a model built by the
@@ -33,6 +35,7 @@ from data_pipeline.storage import parse_storage_options
 from pretrain.config.schema import Config, MaskedPatchObjective
 from pretrain.model.pos_embed import resize_pos_embed
 from pretrain.model.variants import parse_variant
+from pretrain.model.vit import VisionTransformer
 from pretrain.weights import NATIVE_CONFIG, WeightsError, read_checkpoint, read_state
 
 TIMM_ARCHITECTURES = {
@@ -79,21 +82,55 @@ def from_checkpoint(config: Config, state: dict[str, torch.Tensor]) -> Weights:
     return Weights(kwargs, state)
 
 
-def replace_head(weights: Weights, num_classes: int | None, drop_representation: bool) -> Weights:
-    """A zero-initialised `num_classes` head and/or no representation layer, as the paper fine-tunes."""
+def choose_head(weights: Weights, *, keep_head: bool = False, num_classes: int | None = None,
+                drop_representation: bool = False) -> Weights:
+    """The classifier the export carries: the trained one (`keep_head`), a new zero-initialised `num_classes` one
+    (the paper's fine-tuning head), or none at all (the default: fine-tuning replaces the pre-training head).
+    `drop_representation` removes the pre-logits layer, as the paper does before fine-tuning."""
+    if keep_head and num_classes is not None:
+        raise ConversionError("--keep-head and --num-classes exclude each other: keep the trained classifier or "
+                              "start a new one")
     kwargs, state = dict(weights.kwargs), dict(weights.state)
+    if keep_head and not kwargs["num_classes"]:
+        raise ConversionError("these weights have no classifier to keep (a masked-patch checkpoint, or num_classes "
+                              "0); drop --keep-head, or add --num-classes K for a new zero-initialised one")
     if drop_representation and kwargs.get("representation_size"):
+        if keep_head:
+            raise ConversionError("the trained classifier reads the representation layer, so it cannot be kept "
+                                  "without it: drop --keep-head (or --drop-representation)")
         state = {name: tensor for name, tensor in state.items() if not name.startswith("pre_logits.")}
         kwargs["representation_size"] = None
-        if num_classes is None and kwargs["num_classes"]:
-            raise ConversionError("the classifier reads the representation layer; dropping that needs a new head: "
-                                  "add --num-classes K")
+    if not keep_head:
+        state = {name: tensor for name, tensor in state.items() if not name.startswith("head.")}
+        kwargs["num_classes"] = 0
     if num_classes is not None:
         fan_in = kwargs.get("representation_size") or kwargs["width"]
         state["head.weight"] = torch.zeros(num_classes, fan_in)
         state["head.bias"] = torch.zeros(num_classes)
         kwargs["num_classes"] = num_classes
     return Weights(kwargs, state)
+
+
+def describe(kwargs: dict[str, Any]) -> str:
+    return (f"{kwargs['width']} wide, {kwargs['depth']} blocks, patch {kwargs['patch_size']}, "
+            f"{kwargs['image_size']} px, {kwargs['num_classes'] or 'no'} classes")
+
+
+def check_weights(weights: Weights, source: str) -> None:
+    """Refuse weights that do not fit the model their description builds (a checkpoint whose tensors belong to
+    another variant than its config says, an incomplete or hand-edited file) before anything is written."""
+    with torch.device("meta"):
+        model = VisionTransformer(**weights.kwargs)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in weights.state.items()}
+    problems = [f"{name} is missing" for name in expected if name not in found]
+    problems += [f"{name} is {found[name]}, not {expected[name]}" for name in expected
+                 if name in found and found[name] != expected[name]]
+    problems += [f"{name} is unexpected" for name in found if name not in expected]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ConversionError(f"{source}: the tensors do not fit the model it describes ({describe(weights.kwargs)}):"
+                              f" {'; '.join(problems[:3])}{more}; is it a checkpoint of another variant, or damaged?")
 
 
 def _unsupported(weights: Weights, target: str) -> str | None:
@@ -103,10 +140,7 @@ def _unsupported(weights: Weights, target: str) -> str | None:
     if kwargs["pos_embed"] != "learned":
         return f"{target}'s ViT has learned position embeddings only, these are fixed sin-cos"
     if kwargs.get("representation_size"):
-        return f"{target}'s ViT classifier has no representation layer; add --drop-representation --num-classes K"
-    if target == "hf" and not kwargs["num_classes"]:
-        return ("these weights have no classifier (a masked-patch checkpoint, or num_classes 0); add --num-classes K "
-                "for a new zero-initialised one")
+        return f"{target}'s ViT has no representation (pre-logits) layer; add --drop-representation"
     if target == "hf" and kwargs["pool"] != "token":
         return "transformers' ViT classifies from the class token; this model pools by averaging (use --to timm)"
     return None
@@ -222,7 +256,8 @@ Slot = tuple[torch.Tensor, str, slice]
 def _hf_slots(model: nn.Module, depth: int, width: int) -> list[Slot]:
     """Every parameter of a transformers ViTForImageClassification paired with its native tensor, found by the
     model's structure: the embeddings' convolution and 3-D tensors, per block the linear layers (q, k, v, out, fc1,
-    fc2) and norms (before, after) in the order transformers registers them, the final norm, the classifier."""
+    fc2) and norms (before, after) in the order transformers registers them, the final norm, the classifier (if
+    any)."""
     rows = slice(None)
     base = model.base_model
     embeddings = base.embeddings
@@ -250,9 +285,9 @@ def _hf_slots(model: nn.Module, depth: int, width: int) -> list[Slot]:
     in_blocks = {id(m) for m in blocks.modules()}
     (final_norm,) = [m for m in _of_type(base, nn.LayerNorm) if id(m) not in in_blocks]
     in_base = {id(m) for m in base.modules()}
-    (classifier,) = [m for m in _of_type(model, nn.Linear) if id(m) not in in_base]
-    slots += [(final_norm.weight, "norm.weight", rows), (final_norm.bias, "norm.bias", rows),
-              (classifier.weight, "head.weight", rows), (classifier.bias, "head.bias", rows)]
+    slots += [(final_norm.weight, "norm.weight", rows), (final_norm.bias, "norm.bias", rows)]
+    for classifier in [m for m in _of_type(model, nn.Linear) if id(m) not in in_base]:  # none when num_labels is 0
+        slots += [(classifier.weight, "head.weight", rows), (classifier.bias, "head.bias", rows)]
     return slots
 
 
@@ -308,15 +343,18 @@ def from_hf(folder: str) -> Weights:
     return Weights(kwargs, state)
 
 
-def write_hf(weights: Weights, out: Path) -> None:
+def write_preprocessor(out: Path, image_size: int) -> None:
+    """transformers' image processor for our preprocessing: pixels / 127.5 - 1 (mean 0.5, std 0.5 on [0, 1]),
+    bicubic resize to the model's resolution."""
     from transformers import ViTImageProcessor
 
-    model = to_hf(weights)
-    model.save_pretrained(out)
-    size = weights.kwargs["image_size"]
-    # our preprocessing: pixels / 127.5 - 1, i.e. mean 0.5 and std 0.5 on [0, 1]
-    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                       resample=3).save_pretrained(out)
+
+
+def write_hf(weights: Weights, out: Path) -> None:
+    to_hf(weights).save_pretrained(out)
+    write_preprocessor(out, weights.kwargs["image_size"])
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -362,9 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", choices=list(WRITERS), required=True,
                         help="hf (transformers), timm, or native (what model.init_from reads)")
     parser.add_argument("--out", required=True, help="output folder (local)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="replace the classifier with a zero-initialised one of this many classes (default: "
-                             "keep the classifier there is)")
+    head = parser.add_mutually_exclusive_group()
+    head.add_argument("--num-classes", type=int, default=None,
+                      help="a new zero-initialised classifier of this many classes, as the paper fine-tunes "
+                           "(default: no classifier; fine-tuning adds its own)")
+    head.add_argument("--keep-head", action="store_true",
+                      help="keep the trained classifier (for inference with the pre-training classes)")
     parser.add_argument("--drop-representation", action="store_true",
                         help="remove the representation (pre-logits) layer, as the paper does for fine-tuning")
     parser.add_argument("--image-size", type=int, default=None,
@@ -378,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        weights = replace_head(read_any(args.source, options), args.num_classes, args.drop_representation)
+        weights = read_any(args.source, options)
+        check_weights(weights, args.source)
+        weights = choose_head(weights, keep_head=args.keep_head, num_classes=args.num_classes,
+                              drop_representation=args.drop_representation)
         if args.image_size:
             weights = resize_positions(weights, args.image_size)
         weights = Weights(weights.kwargs, {k: v.to(DTYPES[args.dtype]) for k, v in weights.state.items()})
@@ -386,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.to} weights ({weights.kwargs['width']} wide, {weights.kwargs['depth']} blocks, patch "
-          f"{weights.kwargs['patch_size']}, {weights.kwargs['image_size']} px, {weights.num_classes} classes) "
-          f"in {args.out}")
+    print(f"{args.to} weights ({describe(weights.kwargs)}) in {args.out}")
+    if not weights.num_classes:
+        print("no classifier written: --keep-head keeps the trained one, --num-classes K adds a new one")
     return 0
 
 

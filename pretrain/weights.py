@@ -28,6 +28,7 @@ from torch import nn
 from data_pipeline.storage import filesystem, is_local, join
 from pretrain.checkpoint import LATEST, PREFIX
 from pretrain.config import Config, validate
+from pretrain.model.pos_embed import resize_pos_embed
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,12 @@ def _consolidate(root: str, tag: str, url: str) -> dict[str, torch.Tensor]:
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Copy every tensor of `state` whose name (after dropping an `encoder.` prefix where the model has none) and
-    shape match a parameter of `model`; the rest of the model keeps its initialisation. Works on a model built under
-    ZeRO-3 (each parameter is gathered, written by rank 0's copy and re-partitioned). Returns the names not loaded.
+    """Copy `state` into `model` by name (after dropping or adding an `encoder.` prefix where the names differ that
+    way); parameters the state lacks, and a classifier of another shape, keep their initialisation. A learned
+    position table of another grid is resized to the model's (2-D bicubic, class token kept), so a run can start at
+    another resolution. Any other tensor of another shape means another variant: an error. Works on a model built
+    under ZeRO-3 (each parameter is gathered, written by rank 0's copy and re-partitioned). Returns the names not
+    loaded.
     """
     names = dict(model.named_parameters())
     renamed: dict[str, torch.Tensor] = {}
@@ -137,17 +141,27 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         elif name not in names and f"encoder.{name}" in names:
             name = f"encoder.{name}"
         renamed[name] = tensor
-    not_loaded = []
+    prefix_tokens = 1 if {"cls_token", "encoder.cls_token"} & names.keys() else 0
+    not_loaded, mismatched = [], []
     for name, parameter in names.items():
         tensor = renamed.get(name)
         shape = tuple(getattr(parameter, "ds_shape", parameter.shape))
+        if tensor is not None and tuple(tensor.shape) != shape and name.endswith("pos_embed"):
+            old, new = (round((n - prefix_tokens) ** 0.5) for n in (tensor.shape[1], shape[1]))
+            tensor = resize_pos_embed(tensor, (new, new), (old, old), prefix_tokens)
+            log.info("%s: position embeddings resized from a %dx%d to a %dx%d grid", source, old, old, new, new)
         if tensor is None or tuple(tensor.shape) != shape:
             not_loaded.append(name)
+            if tensor is not None and not name.rsplit(".", 1)[0].endswith("head"):  # classifiers may differ
+                mismatched.append(f"{name} is {tuple(tensor.shape)}, the model's {shape}")
             continue
         with GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             parameter.copy_(tensor.to(parameter.dtype))
     if len(not_loaded) == len(names):
         raise WeightsError(f"{source}: no tensor matches the model; is it a checkpoint of the same variant?")
+    if mismatched:
+        raise WeightsError(f"{source}: another variant than this run's model ({'; '.join(mismatched[:2])}); "
+                           "set model.variant (and width, depth, ...) to those of the checkpoint")
     if not_loaded:
         log.info("%s: kept the initial values of %s", source, ", ".join(not_loaded))
     return not_loaded

@@ -14,11 +14,12 @@ from pretrain.config.load import validate
 from pretrain.convert import (
     ConversionError,
     Weights,
+    check_weights,
+    choose_head,
     from_checkpoint,
     from_hf,
     main,
     read_native,
-    replace_head,
     write_hf,
     write_native,
     write_timm,
@@ -101,9 +102,9 @@ def test_masked_patch_encoder_gets_a_new_zero_head_and_unsupported_models_are_re
     torch.manual_seed(0)
     encoder_weights = from_checkpoint(mpp, build_model(mpp).state_dict())
     assert not any(name.startswith(("encoder.", "mask_token")) for name in encoder_weights.state)
-    with pytest.raises(ConversionError, match=r"no classifier.*add --num-classes K"):
-        write_hf(encoder_weights, tmp_path / "headless")
-    tuned = replace_head(encoder_weights, 7, False)
+    with pytest.raises(ConversionError, match=r"no classifier to keep.*add --num-classes K"):
+        choose_head(encoder_weights, keep_head=True)
+    tuned = choose_head(encoder_weights, num_classes=7)
     assert tuned.state["head.weight"].shape == (7, 64) and not tuned.state["head.weight"].any()
     write_hf(tuned, tmp_path)
 
@@ -112,11 +113,11 @@ def test_masked_patch_encoder_gets_a_new_zero_head_and_unsupported_models_are_re
     with pytest.raises(ConversionError, match="sin-cos"):
         write_timm(trained(pos_embed="sincos")[0], tmp_path / "sincos")
     with_representation = trained(representation_size=32)[0]
-    with pytest.raises(ConversionError, match="add --drop-representation --num-classes K"):
+    with pytest.raises(ConversionError, match=r"no representation .* add --drop-representation"):
         write_hf(with_representation, tmp_path / "representation")
-    with pytest.raises(ConversionError, match="needs a new head"):
-        replace_head(with_representation, None, True)
-    dropped = replace_head(with_representation, 3, True)
+    with pytest.raises(ConversionError, match="cannot be kept without it"):
+        choose_head(with_representation, keep_head=True, drop_representation=True)
+    dropped = choose_head(with_representation, num_classes=3, drop_representation=True)
     assert not any(name.startswith("pre_logits") for name in dropped.state)
     assert create_model("Ti/4", **dropped.kwargs).load_state_dict(dropped.state) is not None
 
@@ -143,8 +144,8 @@ def test_timm_to_native_to_timm_reproduces_every_tensor(tmp_path: Path):
     model = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=7)  # timm's own, not exported by us
     original = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(original, str(tmp_path / "timm.safetensors"))  # a bare state dict: heads from the width (Ti: 3)
-    assert main([str(tmp_path / "timm.safetensors"), "--to", "native", "--out", str(tmp_path / "native")]) == 0
-    assert main([str(tmp_path / "native"), "--to", "timm", "--out", str(tmp_path / "again")]) == 0
+    for source, target, out in (("timm.safetensors", "native", "native"), ("native", "timm", "again")):
+        assert main([str(tmp_path / source), "--to", target, "--keep-head", "--out", str(tmp_path / out)]) == 0
     again = tensors(tmp_path / "again")
     assert original.keys() == again.keys()
     assert all(torch.equal(original[name], again[name]) for name in original)
@@ -161,7 +162,8 @@ def test_larger_resolution_export_matches_our_model_run_at_that_resolution(tmp_p
 
     weights, ours = trained()
     write_native(weights, tmp_path / "native")
-    assert main([str(tmp_path / "native"), "--to", "hf", "--out", str(tmp_path / "hf"), "--image-size", "48"]) == 0
+    assert main([str(tmp_path / "native"), "--to", "hf", "--keep-head", "--out", str(tmp_path / "hf"),
+                 "--image-size", "48"]) == 0
     assert "48 px" in capsys.readouterr().out
     theirs = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     images = torch.randn(2, 3, 48, 48)
@@ -181,3 +183,36 @@ def test_bad_sources_get_one_line_errors(tmp_path: Path, capsys):
     assert "notes.txt: not a readable state dict" in errors[0]
     assert "not a checkpoint" in errors[1]
     assert "bert" in errors[2]
+
+
+def test_by_default_the_export_has_no_classifier_and_a_new_head_loads_as_asked(tmp_path: Path, capsys):
+    from transformers import ViTForImageClassification, ViTModel
+
+    weights, ours = trained()
+    write_native(weights, tmp_path / "native")
+    assert main([str(tmp_path / "native"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "no classifier written: --keep-head keeps the trained one" in capsys.readouterr().out
+    assert not any(name.startswith("classifier") for name in tensors(tmp_path / "hf"))
+    _, report = ViTForImageClassification.from_pretrained(tmp_path / "hf", num_labels=4, output_loading_info=True)
+    assert sorted(report["missing_keys"]) == ["classifier.bias", "classifier.weight"]  # the head asked to be new
+    assert not report["unexpected_keys"] and not report["mismatched_keys"]
+    encoder = ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(encoder(pixel_values=images).last_hidden_state, ours.forward_features(images)) <= 1e-5
+    with pytest.raises(SystemExit):  # argparse refuses the pair, naming both options
+        main([str(tmp_path / "native"), "--to", "hf", "--keep-head", "--num-classes", "3", "--out", str(tmp_path)])
+    assert "--num-classes: not allowed with argument --keep-head" in capsys.readouterr().err
+
+
+def test_tensors_of_another_variant_are_refused_before_anything_is_written(tmp_path: Path, capsys):
+    weights, _ = trained()
+    check_weights(weights, "good")
+    wider = Weights({**weights.kwargs, "mlp_dim": 256}, weights.state)
+    with pytest.raises(ConversionError, match=r"ckpt: the tensors do not fit the model it describes \(64 wide, 2 "
+                                              r"blocks.*blocks\.0\.mlp\.fc1\.weight is \(128, 64\), not \(256, 64\)"):
+        check_weights(wider, "ckpt")
+    write_native(wider, tmp_path / "native")
+    assert main([str(tmp_path / "native"), "--to", "timm", "--out", str(tmp_path / "timm")]) == 2
+    assert "the tensors do not fit" in capsys.readouterr().err
+    assert not (tmp_path / "timm").exists()

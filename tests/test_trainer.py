@@ -123,18 +123,22 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     run_config, state = read_checkpoint(str(run_dir / "checkpoints"))
     ours = create_model("Ti/4", **run_config.model.model_kwargs()).eval()
     ours.load_state_dict(state)
-    images = torch.randn(2, 3, 16, 16)
-    for target in ("hf", "timm"):
+    for target, size in (("hf", 16), ("timm", 16), ("hf", 24)):  # native resolution, and resized to a larger one
         command = [sys.executable, "-m", "pretrain.convert", str(run_dir / "checkpoints"), "--to", target,
-                   "--out", str(tmp_path / target)]
+                   "--keep-head", "--image-size", str(size), "--out", str(tmp_path / f"{target}{size}")]
         converted = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert converted.returncode == 0, converted.stderr
-    hf = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
-    timm_model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    exports = {16: [ViTForImageClassification.from_pretrained(tmp_path / "hf16").eval(),
+                    timm.create_model(f"local-dir:{tmp_path / 'timm16'}", pretrained=True).eval()],
+               24: [ViTForImageClassification.from_pretrained(tmp_path / "hf24").eval()]}
     with torch.no_grad():
-        reference = ours(images)
-        for logits in (hf(pixel_values=images).logits, timm_model(images)):
-            assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+        for size, models in exports.items():
+            images = torch.randn(2, 3, size, size)
+            reference = ours(images)  # at 24 px ours resizes its table on the fly, with the same function
+            for model in models:
+                hf_model = isinstance(model, ViTForImageClassification)
+                logits = model(pixel_values=images).logits if hf_model else model(images)
+                assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
 
 
 MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}

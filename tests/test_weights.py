@@ -48,6 +48,19 @@ def test_shapes_that_differ_keep_their_initialisation_and_nothing_matching_is_an
     assert load_matching(target, source, "five classes") == ["head.weight", "head.bias"]
     with pytest.raises(WeightsError, match="other: no tensor matches the model; is it a checkpoint of the same"):
         load_matching(target, {"something.else": torch.zeros(3)}, "other")
+    deeper = create_model("Ti/4", num_classes=10, **{**SMALL, "mlp_dim": 96})
+    with pytest.raises(WeightsError, match=r"wider: another variant than this run's model \(blocks\.0\.mlp\.fc1"):
+        load_matching(deeper, source, "wider")
+
+
+def test_a_position_table_of_another_grid_is_resized_as_the_model_resizes_it():
+    torch.manual_seed(0)
+    small = create_model("Ti/4", num_classes=3, **SMALL).eval()
+    large = create_model("Ti/4", num_classes=3, **{**SMALL, "image_size": 24}).eval()
+    assert load_matching(large, small.state_dict(), "16 px") == []
+    images = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():  # the 16 px model resizes its table on the fly for 24 px inputs
+        assert torch.allclose(large(images), small(images), atol=1e-6)
 
 
 def test_a_native_weights_folder_is_read_as_init_from_reads_it(tmp_path: Path):

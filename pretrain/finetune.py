@@ -1,0 +1,278 @@
+"""`vit-finetune --model HF_FOLDER --train INDEX --out DIR`: fine-tune a converted ViT on our shards, the paper's way.
+
+The defaults are the paper's fine-tuning recipe (Appendix B.1.1): SGD with momentum 0.9, no weight decay, gradient
+clipping at global norm 1, cosine decay after a linear warm-up, batch 512, 384 px, and a new zero-initialised head.
+The model is a transformers ViT folder (`convert-checkpoint --to hf`, or any transformers ViT with GELU and qkv
+biases). It is read through the converter, so the position embeddings are resized to the fine-tuning resolution
+once, with the function our model and the converter use, and the head is replaced by a zero-initialised one for the
+dataset's classes.
+
+Hugging Face accelerate runs it on one device or many (`accelerate launch -m pretrain.finetune ...`); each process
+streams its own share of the shards with our loader, and `micro_batch_size` below the per-process batch accumulates
+gradients. The model is evaluated on the held-out split every `eval_every_steps` and at the end, then written with
+`save_pretrained` (with the class names as labels and a matching image processor) beside `results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from data_pipeline.shardlist import SourceError, read_classes
+from pretrain.config.schema import SupervisedObjective
+from pretrain.convert import ConversionError, choose_head, from_hf, resize_positions, to_hf, write_preprocessor
+from pretrain.model import model_input
+from pretrain.objectives.supervised import correct_counts, supervised_loss
+
+log = logging.getLogger("finetune")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class FinetuneConfig(BaseModel):
+    """A fine-tuning run; every field is also a command-line option (`lr` is `--lr`, `micro_batch_size` is
+    `--micro-batch-size`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    model: str
+    """transformers ViT folder to start from (`convert-checkpoint ... --to hf --out DIR`)."""
+    train: str
+    """Training shards: the index.json written by build-shards (local or s3://) or a brace pattern."""
+    out: str
+    """Folder for the fine-tuned model (save_pretrained) and results.json."""
+    val: str | None = None
+    """Held-out shards; default: the train index (its val_split)."""
+    train_split: str = "train"
+    """Split of the train index to fine-tune on."""
+    val_split: str = "val"
+    """Split of the val index to evaluate on."""
+    image_size: PositiveInt = 384
+    """Fine-tuning resolution; the position embeddings are resized to it (the patch size stays)."""
+    batch_size: PositiveInt = 512
+    """Global batch per optimizer step, across all processes."""
+    micro_batch_size: PositiveInt | None = None
+    """Images per process per forward pass; default the whole per-process batch. Smaller values accumulate."""
+    steps: PositiveInt = 20_000
+    """Optimizer steps (the paper: 20k for ImageNet; fewer for small datasets)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 500
+    """Linear warm-up from 0 before the cosine decay."""
+    lr: Annotated[float, Field(gt=0)] = 0.01
+    """Peak learning rate (the paper sweeps 0.003, 0.01, 0.03 and 0.06)."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """SGD momentum."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """SGD weight decay (the paper uses none for fine-tuning)."""
+    grad_clip_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    """Clip gradients to this global norm; null for no clipping."""
+    keep_head: bool = False
+    """Fine-tune the folder's classifier instead of a new zero-initialised one (it must have the dataset's classes)."""
+    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Accelerate's mixed precision: no, bf16 or fp16 (autocast; the weights stay fp32)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the random-resized crop, as fractions of the image."""
+    hflip: bool = True
+    """Random horizontal flips (off for data where mirroring changes the class, such as digits)."""
+    num_workers: Annotated[int, Field(ge=0)] = 4
+    """Loader worker processes per process."""
+    eval_every_steps: PositiveInt | None = None
+    """Evaluate during training every this many steps; it always evaluates at the end."""
+    log_every_steps: PositiveInt = 50
+    """Print the loss, learning rate and images/s every this many steps."""
+    seed: int = 0
+    """Seeds the head-independent randomness: data order, crops, flips."""
+    storage_options: dict[str, JsonValue] = {}
+    """fsspec options for s3:// shards, e.g. {"endpoint_url": "http://..."}."""
+
+
+class FinetuneError(Exception):
+    """A fine-tuning run cannot start; the message names the input and what to change."""
+
+
+def parse_args(argv: list[str] | None) -> FinetuneConfig:
+    """A `--flag` for every FinetuneConfig field, its help the field's documentation; values are JSON where they
+    parse (numbers, null, true, lists) and strings otherwise."""
+    parser = argparse.ArgumentParser(prog="vit-finetune", description=__doc__.splitlines()[0])
+    for name, field in FinetuneConfig.model_fields.items():
+        default = "" if field.is_required() else f" (default: {json.dumps(field.default)})"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=field.is_required(),
+                            help=f"{field.description}{default}", metavar=name.upper())
+    args = parser.parse_args(argv)
+    given = {name: _json_or_text(value) for name, value in vars(args).items() if value is not None}
+    try:
+        return FinetuneConfig.model_validate(given)
+    except ValidationError as error:
+        problems = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']} (got {e['input']!r})"
+                    for e in error.errors()]
+        parser.error("; ".join(problems))
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# -- the model -----------------------------------------------------------------------------------------------------
+
+
+def build_model(config: FinetuneConfig, class_names: list[str]) -> torch.nn.Module:
+    """The transformers ViT to fine-tune: position embeddings at `image_size`, a zero-initialised head for
+    `class_names` (or the folder's own with keep_head), the class names as labels."""
+    weights = from_hf(config.model)
+    if config.keep_head and weights.num_classes != len(class_names):
+        raise FinetuneError(f"{config.model}: keep_head, but its classifier has {weights.num_classes} classes and "
+                            f"{config.train} has {len(class_names)}; drop --keep-head for a new head")
+    weights = choose_head(weights, keep_head=config.keep_head,
+                          num_classes=None if config.keep_head else len(class_names))
+    if weights.kwargs["image_size"] != config.image_size:
+        weights = resize_positions(weights, config.image_size)
+    model = to_hf(weights)
+    model.config.id2label = dict(enumerate(class_names))
+    model.config.label2id = {name: n for n, name in enumerate(class_names)}
+    return model.train()
+
+
+def class_table(config: FinetuneConfig) -> list[str]:
+    classes = read_classes(config.train, config.storage_options)
+    if not classes:
+        raise FinetuneError(f"{config.train}: no classes.json beside the shards; fine-tuning needs the class table "
+                            "build-shards writes")
+    return sorted(classes, key=classes.__getitem__)
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+
+def learning_rate(config: FinetuneConfig, step: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to 0 at `steps` (`step` counts from 0)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_plan(config: FinetuneConfig, processes: int) -> tuple[int, int]:
+    """(images per forward pass per process, forward passes per optimizer step)."""
+    if config.batch_size % processes:
+        raise FinetuneError(f"--batch-size {config.batch_size} is not divisible by the {processes} processes")
+    per_process = config.batch_size // processes
+    micro = config.micro_batch_size or per_process
+    if per_process % micro:
+        raise FinetuneError(f"--micro-batch-size {micro} does not divide the per-process batch {per_process} "
+                            f"(--batch-size {config.batch_size} over {processes} processes)")
+    return micro, per_process // micro
+
+
+def evaluate(model: torch.nn.Module, config: FinetuneConfig, accelerator: Any, batch_size: int) -> dict[str, float]:
+    """Top-1 and top-5 over the held-out split, summed across processes (padding excluded)."""
+    from data_pipeline import make_loader
+
+    loader = make_loader(config.val or config.train, batch_size=batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, num_workers=config.num_workers, seed=config.seed,
+                         train=False, image_size=config.image_size, storage_options=config.storage_options,
+                         split=config.val_split)
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for batch in loader:
+            logits = model(pixel_values=model_input(batch["image"].to(accelerator.device))).logits
+            counts = correct_counts(logits.float(), batch["label"], batch["valid"], multi_label=False)
+            sums += torch.tensor([counts["top1"], counts["top5"], counts["images"]], device=accelerator.device,
+                                 dtype=torch.float64)
+    model.train()
+    top1, top5, images = accelerator.reduce(sums, reduction="sum").tolist()
+    return {"top1": top1 / max(images, 1), "top5": top5 / max(images, 1), "images": images}
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from data_pipeline import make_loader
+
+    accelerator = Accelerator(mixed_precision=config.precision)
+    micro, accumulation = batch_plan(config, accelerator.num_processes)
+    set_seed(config.seed)
+    class_names = class_table(config)
+    loader = make_loader(config.train, batch_size=micro, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, num_workers=config.num_workers, seed=config.seed,
+                         train=True, image_size=config.image_size, storage_options=config.storage_options,
+                         split=config.train_split, crop_scale=config.crop_scale, hflip=config.hflip)
+    if loader.shards.multi_label:
+        raise FinetuneError(f"{config.train}: multi-label shards; vit-finetune trains single-label classifiers")
+    model = build_model(config, class_names)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    # The schedule is stepped here, once per optimizer step, rather than handed to accelerate, whose scheduler
+    # wrapper steps once per process per optimizer step unless batches are split.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = SupervisedObjective(type="supervised", loss="softmax")
+    accelerator.print(f"fine-tuning {config.model} at {config.image_size} px on {loader.shards.total} images of "
+                      f"{len(class_names)} classes: {config.steps} steps of {config.batch_size} "
+                      f"({accelerator.num_processes} processes x {accumulation} passes x {micro})")
+    batches = iter(loader)
+    started, history = time.perf_counter(), []
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for n in range(accumulation):
+            batch = next(batches)
+            # gradients are all-reduced on the last pass only
+            sync = contextlib.nullcontext() if n == accumulation - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                logits = model(pixel_values=model_input(batch["image"].to(accelerator.device))).logits
+                loss = supervised_loss(logits, batch["label"].to(accelerator.device), objective) / accumulation
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+        if config.grad_clip_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == config.steps:
+            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+            rate = done * config.batch_size / (time.perf_counter() - started)
+            accelerator.print(f"step {done}/{config.steps} | loss {loss_value:.4f} | lr "
+                              f"{optimizer.param_groups[0]['lr']:.2e} | {rate:.1f} images/s", flush=True)
+        if done == config.steps or (config.eval_every_steps and done % config.eval_every_steps == 0):
+            result = {"step": done, **evaluate(model, config, accelerator, micro)}
+            history.append(result)
+            accelerator.print(f"eval step {done} | top1 {result['top1']:.4f} | top5 {result['top5']:.4f} on "
+                              f"{result['images']:.0f} images", flush=True)
+    results = {**history[-1], "history": history, "config": config.model_dump()}
+    if accelerator.is_main_process:
+        out = Path(config.out)
+        accelerator.unwrap_model(model).save_pretrained(out)
+        write_preprocessor(out, config.image_size)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    try:
+        results = finetune(config)
+    except (FinetuneError, ConversionError, SourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"held-out top-1 {results['top1']:.4f} on {results['images']:.0f} images; model in {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`vit-finetune`: the paper's recipe on our shards, from a converted transformers folder to a better classifier."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config.load import validate
+from pretrain.convert import choose_head, from_checkpoint, resize_positions, write_hf
+from pretrain.demo import digit_shards
+from pretrain.finetune import FinetuneConfig, FinetuneError, batch_plan, build_model, learning_rate, main
+from pretrain.objectives import build_model as build_ours
+
+TINY = {"variant": "Ti/4", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4,
+        "num_classes": 10}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    digit_shards(root / "images", root / "shards", image_size=32, seed=0)
+    return root / "shards" / "index.json"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers folder of a randomly initialised tiny ViT with a (random) 10-class head to be replaced."""
+    config = validate({"run": {"name": "t"}, "model": TINY, "data": {"train": "x/index.json", "batch_size": 8},
+                       "optimizer": {"lr": 1e-3}, "schedule": {"steps": 10, "warmup_steps": 1}})
+    torch.manual_seed(0)
+    model = build_ours(config)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    folder = tmp_path_factory.mktemp("hf")
+    write_hf(from_checkpoint(config, model.state_dict()), folder)
+    return folder
+
+
+def test_schedule_warms_up_linearly_then_decays_to_zero_on_a_cosine():
+    config = FinetuneConfig(model="m", train="t", out="o", steps=100, warmup_steps=10, lr=0.1)
+    assert learning_rate(config, 0) == pytest.approx(0.01) and learning_rate(config, 9) == pytest.approx(0.1)
+    assert learning_rate(config, 10) == pytest.approx(0.1)
+    assert learning_rate(config, 55) == pytest.approx(0.05)
+    assert learning_rate(config, 99) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_batch_splits_over_processes_and_accumulation_or_says_what_to_change():
+    config = FinetuneConfig(model="m", train="t", out="o", batch_size=512, micro_batch_size=32)
+    assert batch_plan(config, 8) == (32, 2)
+    assert batch_plan(FinetuneConfig(model="m", train="t", out="o"), 2) == (256, 1)
+    with pytest.raises(FinetuneError, match="--batch-size 512 is not divisible by the 3 processes"):
+        batch_plan(config, 3)
+    with pytest.raises(FinetuneError, match="--micro-batch-size 48 does not divide the per-process batch 256"):
+        batch_plan(FinetuneConfig(model="m", train="t", out="o", micro_batch_size=48), 2)
+
+
+def test_the_model_gets_a_zero_head_for_the_classes_and_the_resized_position_table(pretrained: Path):
+    from pretrain.convert import from_hf
+
+    config = FinetuneConfig(model=str(pretrained), train="t", out="o", image_size=48)
+    model = build_model(config, [f"digit {n}" for n in range(5)])
+    assert model.config.image_size == 48 and model.config.id2label[3] == "digit 3"
+    assert model.classifier.weight.shape == (5, 64) and not model.classifier.weight.any()
+    assert not model.classifier.bias.any()
+    expected = resize_positions(choose_head(from_hf(str(pretrained)), num_classes=5), 48).state["pos_embed"]
+    table = model.vit.embeddings.position_embeddings
+    assert table.shape == (1, 145, 64) and torch.equal(table, expected)
+
+
+def test_finetuning_at_a_higher_resolution_learns_the_digits_and_saves_a_working_model(
+        shards: Path, pretrained: Path, tmp_path: Path, capsys):
+    from transformers import pipeline
+
+    out = tmp_path / "tuned"
+    code = main(["--model", str(pretrained), "--train", str(shards), "--out", str(out), "--image-size", "48",
+                 "--batch-size", "64", "--micro-batch-size", "32", "--steps", "60", "--warmup-steps", "6",
+                 "--lr", "0.03", "--hflip", "false", "--crop-scale", "[0.6, 1.0]", "--num-workers", "0",
+                 "--log-every-steps", "20", "--eval-every-steps", "30", "--precision", "no"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "60 steps of 64 (1 processes x 2 passes x 32)" in printed and "step 60/60 | loss" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [entry["step"] for entry in results["history"]] == [30, 60]
+    assert results["images"] == 361  # the held-out 20% of 1,797, each counted once
+    first, last = results["history"]
+    assert last["top1"] >= 0.3 and last["top1"] > first["top1"], results  # chance is 0.1; random init, 60 steps
+    classify = pipeline("image-classification", model=str(out), device="cpu")
+    image = next((shards.parent.parent / "images" / "7").iterdir())
+    labels = [guess["label"] for guess in classify(str(image), top_k=10)]
+    assert sorted(labels) == [str(n) for n in range(10)]  # the class names of classes.json, not LABEL_n
+
+
+def test_bad_inputs_get_one_line_errors(shards: Path, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--train", "t", "--out", "o", "--lr", "-1"])
+    assert "--lr: Input should be greater than 0 (got -1)" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--train", str(shards), "--out", str(tmp_path / "o"),
+                 "--num-workers", "0", "--precision", "no"]) == 2  # accelerate keeps one precision per process
+    assert "not a transformers model folder" in capsys.readouterr().err
