@@ -33,6 +33,7 @@ bench: $(VENV)/.installed-test
 	-$(BIN)/python -m benchmarks.bench_build_shards
 	-$(BIN)/python -m benchmarks.bench_loader
 	-$(BIN)/python -m benchmarks.bench_trainer
+	-$(BIN)/python -m benchmarks.bench_convert
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -15,7 +15,8 @@ the source describes (another variant, a damaged file) are refused before anythi
   order), not by parameter names: transformers 5 renamed them (`encoder.layer.N.attention.attention.query` became
   `layers.N.attention.q_proj`) and may again.
 - `--to timm`: `model.safetensors` (our names are timm's) and a timm `config.json`, loadable with
-  `timm.create_model("local-dir:DIR", pretrained=True)`, strict.
+  `timm.create_model("local-dir:DIR", pretrained=True)`, strict; a hybrid on ResNet-50 stages becomes timm's
+  `vit_base_r50_s16_224` family.
 - `--to native`: `model.safetensors` in our names and `vit.json`, which `model.init_from` starts a run from.
 """
 
@@ -30,11 +31,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from data_pipeline.storage import parse_storage_options
 from pretrain.config.schema import Config, MaskedPatchObjective
 from pretrain.model.pos_embed import resize_pos_embed
-from pretrain.model.variants import parse_variant
+from pretrain.model.variants import parse_variant, stem_stride
 from pretrain.model.vit import VisionTransformer
 from pretrain.weights import NATIVE_CONFIG, WeightsError, read_checkpoint, read_state
 
@@ -46,6 +48,9 @@ TIMM_ARCHITECTURES = {
 """timm's registered ViTs by (width, patch size). Any other size is written as vit_base_patch16_224 with its own
 model_args, which timm applies over the architecture's defaults (timm is not a run-time dependency here)."""
 
+
+TIMM_HYBRID, TIMM_HYBRID_STAGES = "vit_base_r50_s16_224", (3, 4, 9)
+"""timm's hybrid: ResNet-50's first three stages under a ViT (model_args set the ViT's size)."""
 
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 """Attention heads of the standard ViT widths (Ti, S, B, L, H, g, G), for timm state dicts without a config."""
@@ -135,8 +140,11 @@ def check_weights(weights: Weights, source: str) -> None:
 
 def _unsupported(weights: Weights, target: str) -> str | None:
     kwargs = weights.kwargs
-    if kwargs.get("stem_stages"):
-        return f"hybrid ResNet+ViT models cannot be exported to {target} yet"
+    if kwargs.get("stem_stages") and target == "hf":
+        return "transformers' ViT has no ResNet stem; export hybrid models with --to timm"
+    if kwargs.get("stem_stages") and tuple(kwargs["stem_stages"]) != TIMM_HYBRID_STAGES:
+        return (f"timm's hybrid ViT has the ResNet-50 stages {TIMM_HYBRID_STAGES}, these weights have "
+                f"{tuple(kwargs['stem_stages'])}")
     if kwargs["pos_embed"] != "learned":
         return f"{target}'s ViT has learned position embeddings only, these are fixed sin-cos"
     if kwargs.get("representation_size"):
@@ -154,14 +162,19 @@ def to_timm(weights: Weights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if problem := _unsupported(weights, "timm"):
         raise ConversionError(problem)
     kwargs = weights.kwargs
+    hybrid = bool(kwargs.get("stem_stages"))
     model_args = {
-        "img_size": kwargs["image_size"], "patch_size": kwargs["patch_size"], "embed_dim": kwargs["width"],
+        "img_size": kwargs["image_size"], "embed_dim": kwargs["width"],
         "depth": kwargs["depth"], "num_heads": kwargs["num_heads"], "mlp_ratio": kwargs["mlp_dim"] / kwargs["width"],
         "class_token": kwargs["pool"] == "token", "global_pool": "token" if kwargs["pool"] == "token" else "avg",
         # our final LayerNorm acts on the tokens before any pooling; timm's default for "avg" normalises after it
         "fc_norm": False,
     }
-    architecture = TIMM_ARCHITECTURES.get((kwargs["width"], kwargs["patch_size"]), "vit_base_patch16_224")
+    if hybrid:  # timm's hybrid puts patch size 1 on the ResNet's feature map itself
+        architecture = TIMM_HYBRID
+    else:
+        model_args["patch_size"] = kwargs["patch_size"]
+        architecture = TIMM_ARCHITECTURES.get((kwargs["width"], kwargs["patch_size"]), "vit_base_patch16_224")
     config = {"architecture": architecture, "num_classes": kwargs["num_classes"],
               "model_args": model_args,
               "pretrained_cfg": {"input_size": [3, kwargs["image_size"], kwargs["image_size"]],
@@ -202,7 +215,8 @@ def from_timm(path: str) -> Weights:
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise ConversionError(f"{path}: not a timm ViT state dict (no pos_embed / patch_embed.proj.weight)")
     native = {"cls_token", "pos_embed", "norm.weight", "norm.bias", "head.weight", "head.bias"}
-    foreign = sorted(k for k in state if k not in native and not k.startswith(("patch_embed.proj.", "blocks.")))
+    # a hybrid's ResNet (timm's ResNetV2 under patch_embed.backbone) has our module names
+    foreign = sorted(k for k in state if k not in native and not k.startswith(("patch_embed.", "blocks.")))
     if foreign:
         raise ConversionError(f"{path}: timm tensors with no equivalent here: {', '.join(foreign[:4])} (e.g. fc_norm "
                               "of timm's average pooling, register tokens); unsupported timm ViT")
@@ -211,15 +225,26 @@ def from_timm(path: str) -> Weights:
     if heads is None:
         raise ConversionError(f"{path}: width {width} is not a standard ViT size; put timm's config.json (with "
                               "model_args.num_heads) beside the weights")
-    patch = state["patch_embed.proj.weight"].shape[-1]
+    stem_stages = _resnet_stages(state)
+    patch = stem_stride(stem_stages) if stem_stages else state["patch_embed.proj.weight"].shape[-1]
     prefix = 1 if "cls_token" in state else 0
     grid = round((state["pos_embed"].shape[1] - prefix) ** 0.5)
     kwargs = {"width": width, "depth": len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
               "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0], "num_heads": heads, "patch_size": patch,
               "image_size": grid * patch, "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
               "pool": "token" if prefix else "gap", "pos_embed": "learned", "representation_size": None,
-              "stem_stages": None}
+              "stem_stages": stem_stages}
     return Weights(kwargs, dict(state))
+
+
+def _resnet_stages(state: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """Units per stage of a hybrid's ResNet, from its `patch_embed.backbone.stages.S.blocks.B.` tensors."""
+    units: dict[int, set[int]] = {}
+    for name in state:
+        if name.startswith("patch_embed.backbone.stages."):
+            stage, _, unit = name.split(".")[3:6]
+            units.setdefault(int(stage), set()).add(int(unit))
+    return tuple(len(units[stage]) for stage in sorted(units)) or None
 
 
 # -- native --------------------------------------------------------------------------------------------------------
@@ -304,8 +329,9 @@ def to_hf(weights: Weights) -> nn.Module:
                        patch_size=kwargs["patch_size"], num_channels=3, qkv_bias=True,
                        num_labels=kwargs["num_classes"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = ViTForImageClassification(config).eval()
+    slots = _hf_slots(model, kwargs["depth"], kwargs["width"])
     with torch.no_grad():
-        for parameter, name, rows in _hf_slots(model, kwargs["depth"], kwargs["width"]):
+        for parameter, name, rows in tqdm(slots, desc="copying into transformers' ViT", unit="tensor", leave=False):
             source = state[name][rows]
             if parameter.shape != source.shape:
                 raise ConversionError(f"{name}: transformers expects {tuple(parameter.shape)}, the weights have "

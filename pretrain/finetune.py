@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from data_pipeline.shardlist import SourceError, read_classes
+from pretrain.config.load import ConfigError, read_json
 from pretrain.config.schema import SupervisedObjective
 from pretrain.convert import ConversionError, choose_head, from_hf, resize_positions, to_hf, write_preprocessor
 from pretrain.model import model_input
@@ -100,20 +101,27 @@ class FinetuneError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> FinetuneConfig:
-    """A `--flag` for every FinetuneConfig field, its help the field's documentation; values are JSON where they
-    parse (numbers, null, true, lists) and strings otherwise."""
+    """`--config FILE` (a JSON object of FinetuneConfig fields) and a `--flag` for every field, which wins over the
+    file; a flag's help is the field's documentation. Flag values are JSON where they parse (numbers, null, true,
+    lists) and strings otherwise."""
     parser = argparse.ArgumentParser(prog="vit-finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="JSON file of the fields below (e.g. configs/finetune/demo_digits.json)")
     for name, field in FinetuneConfig.model_fields.items():
-        default = "" if field.is_required() else f" (default: {json.dumps(field.default)})"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=field.is_required(),
-                            help=f"{field.description}{default}", metavar=name.upper())
+        default = " (required)" if field.is_required() else f" (default: {json.dumps(field.default)})"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{field.description}{default}",
+                            metavar=name.upper())
     args = parser.parse_args(argv)
-    given = {name: _json_or_text(value) for name, value in vars(args).items() if value is not None}
     try:
-        return FinetuneConfig.model_validate(given)
+        settings = read_json(args.config) if args.config else {}
+    except ConfigError as error:
+        parser.error(str(error))
+    settings |= {name: _json_or_text(value) for name, value in vars(args).items()
+                 if value is not None and name != "config"}
+    try:
+        return FinetuneConfig.model_validate(settings)
     except ValidationError as error:
-        problems = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']} (got {e['input']!r})"
-                    for e in error.errors()]
+        problems = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                    + (f" (got {e['input']!r})" if e["type"] != "missing" else "") for e in error.errors()]
         parser.error("; ".join(problems))
 
 

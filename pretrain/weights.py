@@ -110,7 +110,9 @@ def read_state(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 def _consolidate(root: str, tag: str, url: str) -> dict[str, torch.Tensor]:
     folder = os.path.join(root, tag)
     partitioned = any("optim_states" in name for name in os.listdir(folder))
-    with _weights_only_loads():
+    # no_grad: the fp32 partitions are saved as parameters (requires_grad), so without it the merged tensors' autograd
+    # graph keeps every memory-mapped partition alive: one more fp32 copy of the model resident while converting.
+    with _weights_only_loads(), torch.no_grad():
         if partitioned:
             try:
                 return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)

@@ -216,3 +216,20 @@ def test_tensors_of_another_variant_are_refused_before_anything_is_written(tmp_p
     assert main([str(tmp_path / "native"), "--to", "timm", "--out", str(tmp_path / "timm")]) == 2
     assert "the tensors do not fit" in capsys.readouterr().err
     assert not (tmp_path / "timm").exists()
+
+
+def test_hybrid_exports_to_timm_and_comes_back_unchanged(tmp_path: Path):
+    weights, ours = trained(variant="R50+B/16", patch_size=None)
+    assert weights.kwargs["stem_stages"] == (3, 4, 9)
+    write_timm(weights, tmp_path / "timm")
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()  # strict
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(theirs(images), ours(images)) <= 1e-5
+    assert main([str(tmp_path / "timm"), "--to", "native", "--keep-head", "--out", str(tmp_path / "native")]) == 0
+    assert read_native(str(tmp_path / "native")).kwargs == weights.kwargs
+    assert main([str(tmp_path / "native"), "--to", "timm", "--keep-head", "--out", str(tmp_path / "again")]) == 0
+    first, again = tensors(tmp_path / "timm"), tensors(tmp_path / "again")
+    assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
+    with pytest.raises(ConversionError, match="no ResNet stem; export hybrid models with --to timm"):
+        write_hf(weights, tmp_path / "hf")

@@ -101,3 +101,13 @@ def test_bad_inputs_get_one_line_errors(shards: Path, tmp_path: Path, capsys):
     assert main(["--model", str(tmp_path), "--train", str(shards), "--out", str(tmp_path / "o"),
                  "--num-workers", "0", "--precision", "no"]) == 2  # accelerate keeps one precision per process
     assert "not a transformers model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_shipped_finetune_configs_validate_and_flags_win_over_them(path: Path):
+    from pretrain.finetune import parse_args
+
+    config = parse_args(["--config", str(path), "--steps", "7", "--crop-scale", "[0.5, 1.0]"])
+    assert config == FinetuneConfig.model_validate({**json.loads(path.read_text()), "steps": 7,
+                                                    "crop_scale": [0.5, 1.0]})

@@ -121,6 +121,7 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     from transformers import ViTForImageClassification
 
     run_config, state = read_checkpoint(str(run_dir / "checkpoints"))
+    assert not any(t.requires_grad for t in state.values())  # no autograd graph holding the mapped partitions
     ours = create_model("Ti/4", **run_config.model.model_kwargs()).eval()
     ours.load_state_dict(state)
     for target, size in (("hf", 16), ("timm", 16), ("hf", 24)):  # native resolution, and resized to a larger one
@@ -139,6 +140,14 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
                 hf_model = isinstance(model, ViTForImageClassification)
                 logits = model(pixel_values=images).logits if hf_model else model(images)
                 assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
+
+    # without one rank's partition the checkpoint is refused in one line, before anything is written
+    next((run_dir / "checkpoints" / "step-00000064").glob("*rank_1_*optim_states.pt")).unlink()
+    command = [sys.executable, "-m", "pretrain.convert", str(run_dir / "checkpoints"), "--to", "hf",
+               "--out", str(tmp_path / "incomplete")]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "step-00000064: incomplete checkpoint (Expected 2 of" in refused.stderr
+    assert not (tmp_path / "incomplete").exists()
 
 
 MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}
