@@ -10,6 +10,7 @@ SLURM_JOB_NODELIST -> MASTER_ADDR.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -128,3 +129,15 @@ def all_max(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()
+
+
+def replica_digests(module: torch.nn.Module) -> list[str]:
+    """Every rank's sha256 of its copy of the parameters, gathered on all ranks. Data-parallel replicas (ZeRO 0-2)
+    must hold the same bytes, on every node; a difference means the ranks diverged (a non-deterministic collective,
+    a rank that skipped a step) and the run's weights depend on which rank saved them."""
+    digest = hashlib.sha256()
+    for parameter in module.parameters():
+        digest.update(parameter.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    digests: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return digests

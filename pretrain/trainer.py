@@ -193,7 +193,21 @@ class Trainer:
                 return EXIT_PREEMPTED
         self.evaluate(engine.global_steps)
         self.fewshot(engine.global_steps)
+        self.check_replicas(engine.global_steps)
         return 0
+
+    def check_replicas(self, step: int) -> None:
+        """Log whether every data-parallel rank ended with the same weights (ZeRO-3 partitions them: nothing to
+        compare)."""
+        if self.config.deepspeed.zero_stage == 3 or self.placement.world_size == 1:
+            return
+        digests = distributed.replica_digests(self.engine.module)
+        identical = len(set(digests)) == 1
+        line = (f"replicas: the {len(digests)} ranks hold identical weights (sha256 {digests[0][:12]})" if identical
+                else f"replicas DIVERGED at step {step}: sha256 per rank {[d[:12] for d in digests]}")
+        self.metrics.write({"kind": "replicas", "step": step, "identical": identical, "sha256": digests}, line)
+        if not identical:
+            log.error("%s; the saved weights are rank 0's", line)
 
     def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
         _elapsed, rate, waiting = timer.report()

@@ -4,6 +4,7 @@ resumed), and multi-node launches through the same environment the templates set
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from slurm_cluster import SlurmCluster, install_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +94,61 @@ def test_sbatch_job_checkpoints_on_the_preemption_signal_requeues_and_resumes_to
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{steps:08d}"
     logged = train_steps(run_dir)
     assert logged[-1] == steps and logged == sorted(logged)  # the second start continued, it did not start over
+
+
+def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> list[str]:
+    """Start one process per "node", wait for all; their outputs (each must exit 0)."""
+    processes = [subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for command, env in commands_and_envs]
+    outputs = []
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise
+        assert process.returncode == 0, output
+        outputs.append(output)
+    return outputs
+
+
+def replicas(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["kind"] == "replicas"]
+    return record
+
+
+def test_two_slurm_nodes_on_loopback_train_together_to_identical_weights(tmp_path: Path):
+    """What srun gives each task of a 2-node job with one task per node, plus what pretrain.sbatch exports."""
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, steps=30)
+    port = str(free_port())
+    nodes = [([sys.executable, "pretrain/run.py", "--config", str(config), "--resume", "auto"],
+              {"SLURM_PROCID": str(node), "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+               "SLURM_NNODES": "2", "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "node[0-1]",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for node in (0, 1)]
+    outputs = run_nodes(nodes)
+    assert "step 30/30" in outputs[0]
+    record = replicas(run_dir)
+    assert record["identical"] and len(record["sha256"]) == 2, record
+
+
+def test_two_pytorchjob_pods_run_the_container_command_and_train_together(tmp_path: Path):
+    """The environment Kubeflow's training operator injects into a master and a worker pod (nprocPerNode 1), with
+    the master's service name replaced by loopback."""
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, steps=30)
+    port = str(free_port())
+    pods = [(["bash", "cluster/k8s/launch.sh", str(config)],
+             {"PYTHON": sys.executable, "PYTHONUNBUFFERED": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+              "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(pod),
+              "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(pod), "PET_NNODES": "2"}) for pod in (0, 1)]
+    outputs = run_nodes(pods)
+    assert "node 1 of 2: 1 process(es), rendezvous 127.0.0.1:" in outputs[1]
+    assert "step 30/30" in outputs[0]
+    record = replicas(run_dir)
+    assert record["identical"] and len(record["sha256"]) == 2, record
 
 
 def test_shell_scripts_pass_shellcheck():
