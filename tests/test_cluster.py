@@ -12,8 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import free_port
+from k8s_schema import problems_of
 from slurm_cluster import SlurmCluster, install_reason
+
+from cluster.render import main as render
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "cluster" / "slurm" / "pretrain.sbatch"
@@ -134,17 +138,85 @@ def test_two_slurm_nodes_on_loopback_train_together_to_identical_weights(tmp_pat
     assert record["identical"] and len(record["sha256"]) == 2, record
 
 
-def test_two_pytorchjob_pods_run_the_container_command_and_train_together(tmp_path: Path):
-    """The environment Kubeflow's training operator injects into a master and a worker pod (nprocPerNode 1), with
-    the master's service name replaced by loopback."""
+def rendered(target: str, tmp_path: Path, *options: str) -> dict:
+    out = tmp_path / f"{target}.yaml"
+    assert render([target, *options, "--image", "registry.example/vit-pretrain:1", "--out", str(out)]) == 0
+    return yaml.safe_load(out.read_text())
+
+
+def containers(manifest: dict) -> list[dict]:
+    if manifest["kind"] == "PyTorchJob":
+        specs = manifest["spec"]["pytorchReplicaSpecs"].values()
+        return [c for spec in specs for c in spec["template"]["spec"]["containers"]]
+    jobs = manifest["spec"]["replicatedJobs"]
+    return [c for job in jobs for c in job["template"]["spec"]["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("target", ["pytorchjob", "jobset"])
+def test_rendered_manifests_validate_against_the_published_api_models(target: str, tmp_path: Path):
+    for nodes in (1, 3):
+        manifest = rendered(target, tmp_path, "--nodes", str(nodes), "--gpus-per-node", "8", "--config",
+                            "configs/vit_h14_jft.json", "--set", "optimizer.lr=1e-4")
+        assert problems_of(manifest) == [], manifest
+        assert manifest["metadata"]["name"] == "vit-h14-jft"  # run.name as a DNS label
+        for container in containers(manifest):
+            assert container["command"] == ["bash", "cluster/k8s/launch.sh", "configs/vit_h14_jft.json",
+                                            "--set=optimizer.lr=1e-4"]
+            assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+            assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        if target == "pytorchjob":
+            replicas = {role: spec["replicas"] for role, spec in manifest["spec"]["pytorchReplicaSpecs"].items()}
+            assert replicas == ({"Master": 1} if nodes == 1 else {"Master": 1, "Worker": 2})
+            assert manifest["spec"]["runPolicy"]["backoffLimit"] == 10
+        else:
+            job = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]
+            assert job["parallelism"] == job["completions"] == nodes and job["completionMode"] == "Indexed"
+    manifest["spec"]["replicatedJob" if target == "jobset" else "runPolicy"] = {"backofLimit": 1}  # typos
+    assert problems_of(manifest), "the validator must catch an unknown field"
+
+
+def test_render_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys):
+    assert render(["slurm", "--nodes", "1", "--gpus-per-node", "8", "--config", "configs/vit_h14_jft.json",
+                   "--set", "model.image_size=225", "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: configs/vit_h14_jft.json: model.") and "\n" not in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_rendered_sbatch_sets_the_allocation_and_the_default_config(tmp_path: Path):
+    out = tmp_path / "job.sbatch"
+    assert render(["slurm", "--nodes", "4", "--gpus-per-node", "8", "--config", "configs/vit_h14_jft.json",
+                   "--partition", "gpu", "--grace-seconds", "600", "--out", str(out)]) == 0
+    text = out.read_text()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --signal=USR1@600",
+                 "#SBATCH --job-name=vit_h14_jft", 'default_config="configs/vit_h14_jft.json"'):
+        assert line in text.splitlines(), line
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or "shellcheck"
+    assert subprocess.run([shellcheck, str(out)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("target", ["pytorchjob", "jobset"])
+def test_two_pods_run_the_rendered_container_command_and_train_together(target: str, tmp_path: Path):
+    """The rendered container command, run as two local processes with the environment each pod gets: for a
+    PyTorchJob what Kubeflow's training operator injects (master and worker, nprocPerNode 1); for a JobSet the
+    manifest's own variables and the index Kubernetes gives an indexed Job's pods. The pods' DNS names are replaced
+    by loopback."""
     run_dir = tmp_path / "run"
     config = tiny_config(run_dir, steps=30)
+    manifest = rendered(target, tmp_path, "--nodes", "2", "--gpus-per-node", "1", "--config", str(config))
+    container = containers(manifest)[0]
     port = str(free_port())
-    pods = [(["bash", "cluster/k8s/launch.sh", str(config)],
-             {"PYTHON": sys.executable, "PYTHONUNBUFFERED": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-              "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(pod),
-              "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(pod), "PET_NNODES": "2"}) for pod in (0, 1)]
-    outputs = run_nodes(pods)
+    if target == "pytorchjob":
+        pods = [{"PYTHONUNBUFFERED": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+                 "RANK": str(pod), "PET_NPROC_PER_NODE": manifest["spec"]["nprocPerNode"],
+                 "PET_NODE_RANK": str(pod), "PET_NNODES": "2"} for pod in (0, 1)]
+    else:
+        declared = {variable["name"]: variable["value"] for variable in container["env"]}
+        pods = [{**declared, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "JOB_COMPLETION_INDEX": str(pod)}
+                for pod in (0, 1)]
+    outputs = run_nodes([(container["command"], {**env, "PYTHON": sys.executable}) for env in pods])
     assert "node 1 of 2: 1 process(es), rendezvous 127.0.0.1:" in outputs[1]
     assert "step 30/30" in outputs[0]
     record = replicas(run_dir)
