@@ -107,13 +107,15 @@ def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout
     outputs = []
     for process in processes:
         try:
-            output, _ = process.communicate(timeout=timeout)
+            outputs.append(process.communicate(timeout=timeout)[0])
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
             raise
-        assert process.returncode == 0, output
-        outputs.append(output)
+    codes = [process.returncode for process in processes]
+    report = [f"== node {n} exited {code}:\n{output[-3000:]}" for n, (code, output) in enumerate(zip(codes, outputs,
+                                                                                                  strict=True))]
+    assert codes == [0] * len(processes), "\n".join(report)
     return outputs
 
 
@@ -124,14 +126,15 @@ def replicas(run_dir: Path) -> dict:
 
 
 def test_two_slurm_nodes_on_loopback_train_together_to_identical_weights(tmp_path: Path):
-    """What srun gives each task of a 2-node job with one task per node, plus what pretrain.sbatch exports."""
+    """What srun gives each task of a 2-node job with one task (one CPU) per node, plus what pretrain.sbatch
+    exports."""
     run_dir = tmp_path / "run"
     config = tiny_config(run_dir, steps=30)
     port = str(free_port())
     nodes = [([sys.executable, "pretrain/run.py", "--config", str(config), "--resume", "auto"],
               {"SLURM_PROCID": str(node), "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
                "SLURM_NNODES": "2", "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "node[0-1]",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for node in (0, 1)]
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
     outputs = run_nodes(nodes)
     assert "step 30/30" in outputs[0]
     record = replicas(run_dir)
