@@ -8,7 +8,9 @@
 4. `convert-checkpoint` exports the checkpoint as a transformers folder without its classifier, and `vit-finetune
    --config configs/finetune/demo_digits.json` fine-tunes it at 48 px with the paper's recipe (SGD, a new
    zero-initialised head, position embeddings resized);
-5. both held-out top-1 accuracies and where the models are are printed.
+5. `vit-analyze` draws the paper's pictures of the pre-trained model (filters, position similarity, attention
+   distance, rollout) and its training curves into runs/demo_digits/analysis;
+6. both held-out top-1 accuracies and where the models and pictures are are printed.
 
 Steps 1 and 2 are skipped when their output exists; training resumes from the newest checkpoint (`--resume auto`),
 so an interrupted demo picks up where it stopped and a finished one only re-evaluates.
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.builder import BuildOptions, build
+from pretrain.analyze import main as analyze
 from pretrain.config import ConfigError, load_config
 from pretrain.convert import main as convert
 
@@ -124,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
     tuned = json.loads((run_dir / "finetuned" / "results.json").read_text())
+    analysis = run_dir / "analysis"
+    if analyze(["--checkpoint", str(checkpoints), "--images", config.data.train, "--out", str(analysis),
+                "--metrics", str(run_dir / "metrics.jsonl")]) != 0:
+        return 2
     print(f"pre-trained at {config.model.image_size} px: held-out top-1 {final['top1']:.4f}; fine-tuned at "
           f"{tuned['config']['image_size']} px: held-out top-1 {tuned['top1']:.4f} (transformers model in "
-          f"{run_dir / 'finetuned'})")
+          f"{run_dir / 'finetuned'}; pictures in {analysis})")
     return 0 if final["top1"] >= TARGET_TOP1 and tuned["top1"] >= TARGET_TOP1 else 1
 
 

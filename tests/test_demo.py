@@ -40,6 +40,7 @@ def test_demo_runs_every_stage(capsys: pytest.CaptureFixture[str], monkeypatch: 
     assert (tmp_path / "runs/demo_digits/shards/index.json").exists()
     assert re.search(r"pre-trained at 32 px: held-out top-1 \d\.\d+; fine-tuned at 48 px: held-out top-1 \d\.\d+", out)
     assert (tmp_path / "runs/demo_digits/finetuned/model.safetensors").exists()
+    assert (tmp_path / "runs/demo_digits/analysis/attention_rollout.png").exists()
 
 
 def test_demo_reports_a_bad_config_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
