@@ -207,7 +207,7 @@ class Trainer:
                 else f"replicas DIVERGED at step {step}: sha256 per rank {[d[:12] for d in digests]}")
         self.metrics.write({"kind": "replicas", "step": step, "identical": identical, "sha256": digests}, line)
         if not identical:
-            log.error("%s; the saved weights are rank 0's", line)
+            log.error("%s; the ranks no longer train the same model: check for non-deterministic collectives", line)
 
     def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
         _elapsed, rate, waiting = timer.report()

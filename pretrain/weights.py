@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -149,9 +150,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
         tensor = renamed.get(name)
         shape = tuple(getattr(parameter, "ds_shape", parameter.shape))
         if tensor is not None and tuple(tensor.shape) != shape and name.endswith("pos_embed"):
-            old, new = (round((n - prefix_tokens) ** 0.5) for n in (tensor.shape[1], shape[1]))
-            tensor = resize_pos_embed(tensor, (new, new), (old, old), prefix_tokens)
-            log.info("%s: position embeddings resized from a %dx%d to a %dx%d grid", source, old, old, new, new)
+            tensor = _resized_positions(tensor, shape, prefix_tokens, source)
         if tensor is None or tuple(tensor.shape) != shape:
             not_loaded.append(name)
             if tensor is not None and not name.rsplit(".", 1)[0].endswith("head"):  # classifiers may differ
@@ -167,3 +166,14 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     if not_loaded:
         log.info("%s: kept the initial values of %s", source, ", ".join(not_loaded))
     return not_loaded
+
+
+def _resized_positions(table: torch.Tensor, shape: tuple[int, ...], prefix_tokens: int,
+                       source: str) -> torch.Tensor:
+    """A learned position table resized to the model's square grid; unchanged (so reported as another variant) when
+    the widths differ or either table is not a square grid after the class token."""
+    old, new = (math.isqrt(n - prefix_tokens) for n in (table.shape[1], shape[1]))
+    if table.shape[-1] != shape[-1] or old**2 != table.shape[1] - prefix_tokens or new**2 != shape[1] - prefix_tokens:
+        return table
+    log.info("%s: position embeddings resized from a %dx%d to a %dx%d grid", source, old, old, new, new)
+    return resize_pos_embed(table, (new, new), (old, old), prefix_tokens)

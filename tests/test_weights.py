@@ -71,3 +71,10 @@ def test_a_native_weights_folder_is_read_as_init_from_reads_it(tmp_path: Path):
     write_native(Weights({"width": 32}, state), tmp_path)
     loaded = read_state(str(tmp_path))
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_a_position_table_that_is_no_square_grid_for_the_model_is_reported_not_crashed_on():
+    pooled = create_model("Ti/4", num_classes=3, pool="gap", **SMALL).state_dict()  # 16 positions, no class token
+    pooled["cls_token"] = torch.zeros(1, 1, 32)
+    with pytest.raises(WeightsError, match=r"another variant than this run's model \(pos_embed is \(1, 16, 32\)"):
+        load_matching(create_model("Ti/4", num_classes=3, **SMALL), pooled, "pooled")
