@@ -41,6 +41,8 @@ class SlurmCluster:
 
     def __init__(self, folder: Path, cpus: int = 2):
         self.folder = folder
+        # cred_expire: Slurm holds a requeued job back until the old instance's credential expires (120 s by
+        # default); 10 s keeps the requeue test short without starting a job whose credential is still revoked.
         self.cpus = cpus
         self.processes: list[subprocess.Popen] = []
         self.env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
@@ -58,7 +60,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={folder / 'munge.sock'}
+AuthInfo=socket={folder / 'munge.sock'},cred_expire=10
 CredType=cred/munge
 StateSaveLocation={folder / 'state'}
 SlurmdSpoolDir={folder / 'spool'}
@@ -71,6 +73,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
