@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.convert import ConversionError, read_any
+from pretrain.convert import ConversionError, check_weights, read_any
 from pretrain.model import VisionTransformer, model_input
 from pretrain.weights import WeightsError
 
@@ -100,6 +100,7 @@ def filter_components(weight: torch.Tensor, count: int = NUM_COMPONENTS) -> tupl
 
 def load_model(source: str, storage_options: dict[str, Any]) -> VisionTransformer:
     weights = read_any(source, storage_options)
+    check_weights(weights, source)  # mismatched tensors: the converter's one-line error, not load_state_dict's dump
     model = VisionTransformer(**weights.kwargs)
     model.load_state_dict(weights.state)
     return model.eval()
