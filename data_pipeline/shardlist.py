@@ -42,7 +42,7 @@ class ShardList:
         return sum(self.num_samples)
 
 
-def _read_index(url: str, storage_options: dict[str, Any] | None) -> ShardIndex:
+def read_index(url: str, storage_options: dict[str, Any] | None) -> ShardIndex:
     fs, path = filesystem(url, storage_options)
     try:
         text = fs.cat_file(path).decode()
@@ -69,7 +69,7 @@ def _count_samples(url: str, storage_options: dict[str, Any] | None) -> int:
 def resolve(source: str, *, split: str = "train", storage_options: dict[str, Any] | None = None) -> ShardList:
     """The shards of `source` (an index.json URL or a brace pattern of shard URLs) and their sample counts."""
     if source.endswith(".json"):
-        index = _read_index(source, storage_options)
+        index = read_index(source, storage_options)
         shards = index.shards_of(split)
         if not shards:
             raise SourceError(f"{source}: no shards in split {split!r} (splits: {', '.join(index.splits) or 'none'})")
@@ -88,7 +88,7 @@ def resolve(source: str, *, split: str = "train", storage_options: dict[str, Any
     index_url = f"{_parent(urls[0])}/index.json"
     fs, index_path = filesystem(index_url, storage_options)
     if fs.exists(index_path):
-        index = _read_index(index_url, storage_options)
+        index = read_index(index_url, storage_options)
         known = {f"{_parent(index_url)}/{shard.name}": shard.num_samples for shard in index.shards}
         missing = [url for url in urls if url not in known]
         if not missing:

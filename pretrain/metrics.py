@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from pretrain.gpus import spec_for_device
+
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
     """TFLOP/s of a square matmul in `dtype` on this process's device: the CPU's peak for MFU, measured at start."""
@@ -25,6 +27,17 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1
         count += 1
     get_accelerator().synchronize()
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def device_peak_tflops(dtype: torch.dtype) -> float:
+    """Peak dense TFLOP/s of this process's device for MFU and the predicted step time: the datasheet's for a GPU in
+    the table (pretrain/gpus.py) training in bf16/fp16, else a matmul measured now (the CPU, fp32, other GPUs)."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" and dtype in (torch.bfloat16, torch.float16):
+        spec = spec_for_device(accelerator.get_device_name())
+        if spec is not None:
+            return spec.bf16_tflops
+    return measure_matmul_peak(dtype)
 
 
 def memory_bytes() -> int:
@@ -45,15 +58,19 @@ class StepTimer:
         self.start = time.perf_counter()
         self.waiting = 0.0
         self.images = 0
+        self.steps = 0
 
     def waited(self, seconds: float, images: int) -> None:
         self.waiting += seconds
         self.images += images
 
+    def stepped(self) -> None:
+        self.steps += 1
+
     def report(self) -> tuple[float, float, float]:
-        """(seconds, images per second on this rank, share of time waiting for data)."""
+        """(seconds per optimizer step, images per second on this rank, share of time waiting for data)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return elapsed, self.images / elapsed, self.waiting / elapsed
+        return elapsed / max(self.steps, 1), self.images / elapsed, self.waiting / elapsed
 
 
 class MetricsLog:
@@ -86,5 +103,6 @@ def train_line(record: dict[str, Any], total_steps: int) -> str:
     grad = f"{record['grad_norm']:.3g}" if record.get("grad_norm") is not None else "-"
     return (f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
             f"lr {record['lr']:.3g} | grad {grad} | {record['images_per_s']:.1f} img/s | "
-            f"data {record['data_wait']:.0%} | {record['tflops']:.3g} TFLOP/s | MFU {record['mfu']:.1%} | "
+            f"data {record['data_wait']:.0%} | step {record['step_s']:.3g} s (plan {record['predicted_step_s']:.3g} s)"
+            f" | {record['tflops']:.3g} TFLOP/s | MFU {record['mfu']:.1%} | "
             f"mem {record['memory_gb']:.2f} GB")

@@ -26,9 +26,10 @@ from pretrain.checkpoint import CheckpointStore
 from pretrain.config.schema import Config
 from pretrain.ds_config import batch_sizes, deepspeed_config, parameter_groups, total_steps
 from pretrain.fewshot import extract_features, fewshot_accuracy, probe_batches
-from pretrain.metrics import MetricsLog, StepTimer, measure_matmul_peak, memory_bytes, train_line
-from pretrain.model import create_model, flops_per_image, model_input
+from pretrain.metrics import MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
+from pretrain.model import model_input
 from pretrain.objectives import ObjectiveError, build_model, build_task
+from pretrain.planner import step_seconds, training_flops_per_image
 from pretrain.weights import WeightsError, load_matching, read_state
 
 log = logging.getLogger(__name__)
@@ -83,16 +84,18 @@ class Trainer:
         if config.deepspeed.activation_checkpointing:
             model.set_grad_checkpointing()
         optim = config.optimizer
+        # fused: one kernel over all tensors and no temporaries the size of the model (the foreach default on GPUs
+        # allocates a few), which the memory plan (pretrain/memory_model.py) relies on
         optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                                      eps=optim.eps)
+                                      eps=optim.eps, fused=True)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         torch.manual_seed(config.run.seed + 1 + placement.rank)  # dropout and stochastic depth differ per rank
 
-        with torch.device("meta"):
-            flops = flops_per_image(create_model(config.model.variant, **config.model.model_kwargs()),
-                                    config.model.image_size)
-        self.train_flops_per_image = flops * (4 if config.deepspeed.activation_checkpointing else 3)
-        self.peak_tflops = config.logging.peak_tflops or measure_matmul_peak(self.dtype)
+        self.train_flops_per_image = training_flops_per_image(config)
+        self.peak_tflops = config.logging.peak_tflops or device_peak_tflops(self.dtype)
+        # what vit-plan predicts for this run on this hardware, logged next to the measured step time
+        self.predicted_step_s = step_seconds(self.train_flops_per_image, config.data.batch_size,
+                                             placement.world_size, self.peak_tflops, config.logging.expected_mfu)
         self.metrics = MetricsLog(self.output_dir, self.engine, enabled=placement.is_main)
 
         self.samples_seen = 0
@@ -175,6 +178,7 @@ class Trainer:
             if engine.global_steps == steps_before:  # inside a gradient-accumulation cycle
                 continue
             step = engine.global_steps
+            timer.stepped()
             if step % config.logging.every_steps == 0 or step == self.steps:
                 self._log_train(step, timer, loss_sum, loss_count)
                 timer.reset()
@@ -210,8 +214,9 @@ class Trainer:
             log.error("%s; the ranks no longer train the same model: check for non-deterministic collectives", line)
 
     def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
-        _elapsed, rate, waiting = timer.report()
-        loss_total, count, rate_total, waiting_total = distributed.all_sum([loss_sum, loss_count, rate, waiting])
+        step_s, rate, waiting = timer.report()
+        loss_total, count, rate_total, waiting_total, step_total = distributed.all_sum(
+            [loss_sum, loss_count, rate, waiting, step_s])
         memory = distributed.all_max(memory_bytes())
         world = self.placement.world_size
         tflops = rate_total / world * self.train_flops_per_image / 1e12
@@ -221,7 +226,8 @@ class Trainer:
             "kind": "train", "step": step, "epoch": self.samples_seen / self.train_loader.samples_per_epoch,
             "loss": loss_total / max(count, 1), "lr": self.engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "images_per_s": rate_total, "data_wait": waiting_total / world, "tflops": tflops,
+            "images_per_s": rate_total, "data_wait": waiting_total / world, "step_s": step_total / world,
+            "predicted_step_s": self.predicted_step_s, "tflops": tflops,
             "mfu": tflops / self.peak_tflops, "memory_gb": memory / 1e9,
             "skipped_samples": sum(counters["skipped"].values()), "nonfinite_steps": self.nonfinite_steps,
             "retries": counters["retries"],

@@ -23,8 +23,10 @@ from conftest import free_port
 from faulty_proxy import FaultyProxy
 
 from data_pipeline.builder import BuildOptions, build
+from pretrain.config.load import load_config
 from pretrain.demo import write_digits
 from pretrain.model import create_model
+from pretrain.planner import step_seconds, training_flops_per_image
 from pretrain.weights import load_matching, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +113,11 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     assert [r["step"] for r in train] == [8, 16, 24, 32, 40, 48, 56, 64]
     assert train[-1]["loss"] < train[0]["loss"] - 0.2, [r["loss"] for r in train]
     assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["mfu"] > 0 for r in train)
+    # the planner's step time for this run (32 images on 2 ranks at logging.expected_mfu of a 1 TFLOP/s peak) is
+    # logged next to the measured one
+    planned = step_seconds(training_flops_per_image(load_config(str(config), [])), 32, 2, 1.0, 0.45)
+    assert all(r["predicted_step_s"] == pytest.approx(planned) and r["step_s"] > 0 for r in train)
+    assert f"(plan {planned:.3g} s)" in output
     evaluation = records(run_dir, "eval")[-1]
     assert evaluation["images"] == 361 and 0.1 < evaluation["top1"] <= evaluation["top5"]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000064"

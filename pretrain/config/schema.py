@@ -282,8 +282,11 @@ class LoggingConfig(Section):
     csv: bool = False
     """Also log through DeepSpeed's CSV monitor."""
     peak_tflops: Annotated[float, Field(gt=0)] | None = None
-    """Peak dense TFLOP/s per device for MFU; null to measure a matmul peak at start (CPU) or use the device's table
-    entry."""
+    """Peak dense TFLOP/s per device for MFU; null for the GPU's datasheet peak (pretrain/gpus.py) in bf16/fp16, or a
+    matmul peak measured at start (CPU, fp32, GPUs not in the table)."""
+    expected_mfu: Annotated[float, Field(gt=0, le=1)] = 0.45
+    """Share of the peak the run is expected to sustain, counting the FLOPs executed (recomputation included, like
+    the logged MFU): vit-plan's default --mfu; the trainer logs the step time it implies next to the measured one."""
 
 
 class RunConfig(Section):

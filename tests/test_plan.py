@@ -1,0 +1,303 @@
+"""The run planner (`python -m pretrain.plan`): FLOPs against hand arithmetic, the memory model against DeepSpeed's
+estimators, against saved-tensor hooks and against the peak memory of real runs on two CPU ranks, the fit / no-fit
+decision, and its command line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
+
+from data_pipeline.builder import BuildOptions, build
+from pretrain.config.load import load_config, validate
+from pretrain.demo import write_digits
+from pretrain.memory_model import activation_bytes
+from pretrain.objectives import build_model
+from pretrain.plan import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+JFT = str(ROOT / "configs" / "vit_h14_jft.json")
+IMAGENET = str(ROOT / "configs" / "vit_b16_imagenet.json")
+
+
+def plan(*args: str) -> tuple[int, dict, str]:
+    """Run the CLI in-process with --json; (exit code, the plan, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--json"])
+    return code, json.loads(out.getvalue()) if out.getvalue() else {}, err.getvalue()
+
+
+# -- compute -------------------------------------------------------------------------------------------------------
+
+
+def block_flops(tokens: int, width: int, mlp: int) -> int:
+    # qkv + out projection (4 D^2) and the MLP (2 D M) per token, 2 FLOPs per multiply-add; q @ k^T and attn @ v
+    return 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+
+
+def test_h14_on_jft_flops_days_and_cost_by_hand():
+    # ViT-H/14 at 224 px: 16 x 16 patches + class token, 32 blocks of width 1280, MLP 5120; a 14x14x3 patch
+    # projection, the 1280-wide representation layer and 18,291 sigmoid classes
+    forward = (32 * block_flops(257, 1280, 5120) + 2 * 256 * 1280 * (14 * 14 * 3) + 2 * 1280 * 1280
+               + 2 * 1280 * 18291)
+    assert forward == 334_637_760_000
+    code, result, _ = plan("--config", JFT, "--gpus", "256", "--gpu-type", "H100", "--mfu", "0.4",
+                           "--price-per-gpu-hour", "2.5", "--train-samples", "303000000",
+                           "--bytes-per-sample", "100000")
+    assert code == 0
+    steps = math.ceil(14 * 303_000_000 / 4096)  # the trainer's rounding of 14 epochs
+    images = steps * 4096
+    compute = result["compute"]
+    assert result["run"]["steps"] == steps == 1_035_645
+    assert compute["forward_flops_per_image"] == forward
+    assert compute["training_flops"] == pytest.approx(3 * forward * images, rel=1e-12)
+    assert compute["training_flops_with_recompute"] == pytest.approx(4 * forward * images, rel=1e-12)
+    # the config checkpoints activations, so the GPUs execute the 4x count
+    seconds = 4 * forward * images / (256 * 989.4e12 * 0.4)
+    assert result["time"]["days"] == pytest.approx(seconds / 86400, rel=1e-9)
+    assert result["time"]["gpu_hours"] == pytest.approx(seconds / 3600 * 256, rel=1e-9)
+    assert result["time"]["cost"] == pytest.approx(seconds / 3600 * 256 * 2.5, rel=1e-9)
+    assert result["time"]["step_seconds"] == pytest.approx(seconds / steps, rel=1e-9)
+    # 32 nodes must read what 256 GPUs consume
+    data = result["data"]
+    assert data["bytes_per_epoch"] == 303_000_000 * 100_000
+    assert data["read_gb_per_second_per_node"] == pytest.approx(images / seconds * 1e5 / 1e9 / 32, rel=1e-9)
+    # ZeRO-1 reduce-scatters 16-bit gradients and all-gathers 16-bit weights once per step, in 16 images' compute
+    # time per GPU: 387 Gb/s at 40% MFU, just under 400 Gb/s NICs (at 45% it is over: see the report test)
+    params = result["memory"]["params"]
+    moved = 2 * 2 * params * 255 / 256
+    assert result["communication"]["bytes_per_gpu_per_step"] == pytest.approx(moved)
+    assert result["communication"]["gb_per_second_per_gpu"] * 8 == pytest.approx(moved / (seconds / steps) * 8 / 1e9)
+    assert 380 < result["communication"]["gb_per_second_per_gpu"] * 8 < 400
+    assert not any(w.startswith("communication-bound") for w in result["warnings"])
+    # 4096 images over 256 GPUs leave 16 per GPU, not the configured 64: planned so, and said
+    assert result["run"]["micro_batch"] == 16
+    assert any("deepspeed.micro_batch_size=16" in warning for warning in result["warnings"])
+
+
+def test_b16_on_imagenet_flops_by_hand_without_checkpointing():
+    # ViT-B/16: 14 x 14 patches + class token, 12 blocks of 768, MLP 3072; representation layer, 1000 classes
+    forward = (12 * block_flops(197, 768, 3072) + 2 * 196 * 768 * (16 * 16 * 3) + 2 * 768 * 768 + 2 * 768 * 1000)
+    code, result, _ = plan("--config", IMAGENET, "--gpus", "16", "--gpu-type", "A100-80GB",
+                           "--train-samples", "1281167")
+    assert code == 0
+    steps = math.ceil(300 * 1_281_167 / 4096)
+    assert result["compute"]["forward_flops_per_image"] == forward == 35_128_836_096
+    assert result["compute"]["training_flops"] == pytest.approx(3 * forward * steps * 4096, rel=1e-12)
+    seconds = 3 * forward * steps * 4096 / (16 * 312e12 * 0.45)  # the config's logging.expected_mfu
+    assert result["time"]["days"] == pytest.approx(seconds / 86400, rel=1e-9)
+    assert result["run"]["gradient_accumulation"] == 1 and result["run"]["micro_batch"] == 256
+
+
+# -- memory --------------------------------------------------------------------------------------------------------
+
+
+def printed_gb(estimator, model: torch.nn.Module, options: str, **kwargs) -> float:
+    """The per-GPU number of DeepSpeed's printed estimate table, on the row of `options`."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        estimator(model, **kwargs)
+    for line in out.getvalue().splitlines():
+        if line.rstrip().endswith(options):
+            return float(re.findall(r"([\d.]+)GB", line)[1])
+    raise AssertionError(out.getvalue())
+
+
+def test_model_states_agree_with_deepspeeds_estimators():
+    config = load_config(IMAGENET, [])
+    model = build_model(config)  # a real B/16 with its 1000-class head: DeepSpeed counts its parameters itself
+    _, result, _ = plan("--config", IMAGENET, "--gpus", "2", "--gpus-per-node", "2", "--gpu-type", "A100-80GB",
+                        "--train-samples", "1281167", "--set", "data.batch_size=512")
+    stages = result["memory"]["stages"]
+    gib = 2**30 / 1e9
+    zero2 = printed_gb(estimate_zero2_model_states_mem_needs_all_live, model, "offload_optimizer=none",
+                       num_gpus_per_node=2, num_nodes=1)
+    zero3 = printed_gb(estimate_zero3_model_states_mem_needs_all_live, model,
+                       "offload_param=none, offload_optimizer=none, zero_init=1", num_gpus_per_node=2, num_nodes=1)
+    assert stages[2]["deepspeed_estimate_gb"] == pytest.approx(zero2 * gib, abs=0.006)
+    assert stages[3]["deepspeed_estimate_gb"] == pytest.approx(zero3 * gib, abs=0.006)
+    # stage 2 counts the same bytes (16-bit weights, then 18 bytes per parameter over the GPUs) ...
+    assert stages[2]["model_states_gb"] == pytest.approx(stages[2]["deepspeed_estimate_gb"], rel=1e-6)
+    # ... stage 3 two more per partitioned parameter (the 16-bit gradient partition), and not the largest layer,
+    # whose gathered copy is among the buffers
+    params = result["memory"]["params"]
+    assert params == sum(p.numel() for p in model.parameters())
+    assert stages[3]["model_states_gb"] == pytest.approx(20 * params / 2 / 1e9, rel=1e-6)
+    # and the stages DeepSpeed has no estimator for: 20 bytes per parameter at stage 0, 4 + 16 / N at stage 1
+    assert stages[0]["deepspeed_estimate_gb"] is None
+    assert stages[0]["model_states_gb"] == pytest.approx(20 * params / 1e9, rel=1e-6)
+    assert stages[1]["model_states_gb"] == pytest.approx((4 + 16 / 2) * params / 1e9, rel=1e-6)
+
+
+def saved_bytes_per_image(config, checkpointing: bool) -> float:
+    """What autograd keeps for the backward pass, per image: the growth of the saved tensors (not parameters, nor
+    the standardised conv kernels, which do not grow with the batch) from 2 to 4 images."""
+    torch.manual_seed(0)
+    model = build_model(config).to(torch.bfloat16).train()
+    model.set_grad_checkpointing(checkpointing)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        size = config.model.image_size
+        images = torch.randn(batch, 3, size, size).to(torch.bfloat16)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            logits = model(images)
+            torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), torch.zeros(logits.shape))
+        return sum(storages.values())
+
+    return (saved(4) - saved(2)) / 2
+
+
+@pytest.mark.parametrize("model", [
+    {"variant": "S/16", "image_size": 160, "num_classes": 10},
+    {"variant": "R50+Ti/16", "image_size": 128, "depth": 2, "num_classes": 10},  # the stem dominates
+])
+def test_activations_per_image_match_what_autograd_saves(model: dict):
+    config = validate({**json.loads((ROOT / "configs" / "tiny_cpu.json").read_text()), "model": model,
+                       "deepspeed": {"precision": "bf16"}})
+    counted = activation_bytes(config)
+    pixels = 3 * model["image_size"] ** 2  # the uint8 batch the trainer keeps for the loss, outside autograd
+    assert counted.stored - pixels == pytest.approx(saved_bytes_per_image(config, False), rel=0.03)
+    assert counted.stored_checkpointed - pixels == pytest.approx(saved_bytes_per_image(config, True), rel=0.03)
+
+
+TINY = {"variant": "Ti/16", "image_size": 32, "width": 64, "depth": 1, "mlp_dim": 128, "num_heads": 2,
+        "num_classes": 10}
+SMALL = {"variant": "S/16", "image_size": 224, "num_classes": 10}
+
+
+def run_config(path: Path, model: dict, stage: int, micro_batch: int) -> Path:
+    config = {
+        "run": {"name": path.stem, "output_dir": str(path.parent / path.stem), "seed": 0},
+        "model": model,
+        "data": {"train": "synthetic", "batch_size": 2 * micro_batch, "num_workers": 0},
+        "optimizer": {"lr": 1e-4},
+        "schedule": {"steps": 3, "warmup_steps": 1},
+        # small reduction buckets: a CPU process only holds the pages of a buffer it has written, a GPU the whole
+        "deepspeed": {"zero_stage": stage, "precision": "bf16", "micro_batch_size": micro_batch,
+                      "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000,
+                                                          "allgather_bucket_size": 2_000_000}}},
+        "checkpoint": {"every_steps": 1000},
+        "logging": {"every_steps": 3, "tensorboard": False, "peak_tflops": 1.0},
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def measured_peak_gb(config: Path) -> float:
+    """Peak resident memory of the larger of two CPU ranks (the trainer logs it), in GB."""
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/run.py",
+               "--config", str(config), "--resume", "none"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = (config.parent / config.stem / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"train"' in line][-1]["memory_gb"]
+
+
+def predicted_peak_gb(config: Path) -> float:
+    code, result, err = plan("--config", str(config), "--gpus", "2", "--gpus-per-node", "2",
+                             "--peak-tflops", "1", "--gpu-memory-gb", "1000", "--headroom", "0")
+    assert code == 0, err
+    return result["memory"]["stages"][json.loads(config.read_text())["deepspeed"]["zero_stage"]]["peak_gb"]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_predicted_peak_memory_matches_two_cpu_ranks_within_15_percent(stage: int, tmp_path: Path):
+    # A process's resident memory includes Python, torch, DeepSpeed and gloo: the growth from a one-block model to
+    # S/16 (22M parameters, 8 images of 224 px, half states and half activations) is what the plan predicts.
+    baseline = run_config(tmp_path / "baseline.json", TINY, stage, micro_batch=2)
+    small = run_config(tmp_path / "small.json", SMALL, stage, micro_batch=8)
+    measured = measured_peak_gb(small) - measured_peak_gb(baseline)
+    predicted = predicted_peak_gb(small) - predicted_peak_gb(baseline)
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+
+
+def test_fit_and_no_fit_on_either_side_of_an_a100s_memory():
+    # H/14 without activation checkpointing under ZeRO-1 on 8 A100-40GB, accumulating two micro-batches: the largest
+    # micro-batch the plan allows fits, one more image does not
+    common = ["--config", JFT, "--gpus", "8", "--gpu-type", "A100-40GB", "--train-samples", "303000000",
+              "--set", "deepspeed.activation_checkpointing=false"]
+
+    def with_micro_batch(micro: int) -> tuple[int, dict, str]:
+        return plan(*common, "--set", f"deepspeed.micro_batch_size={micro}", "--set", f"data.batch_size={16 * micro}")
+
+    largest = with_micro_batch(1)[1]["memory"]["stages"][1]["max_micro_batch"]
+    assert 20 < largest < 200
+    results = {micro: with_micro_batch(micro) for micro in (largest, largest + 1)}
+    code, inside, _ = results[largest]
+    assert code == 0 and inside["memory"]["stages"][1]["fits"]
+    assert inside["memory"]["stages"][1]["peak_gb"] <= inside["memory"]["usable_gb"] == pytest.approx(36.0)
+    assert not any("does not fit" in warning for warning in inside["warnings"])
+    code, outside, _ = results[largest + 1]
+    assert code == 1 and not outside["memory"]["stages"][1]["fits"]
+    assert outside["memory"]["stages"][1]["peak_gb"] > outside["memory"]["usable_gb"]
+    warning = next(w for w in outside["warnings"] if "does not fit" in w)
+    assert f"deepspeed.micro_batch_size to {largest} or less" in warning and "ZeRO-3" in warning
+    # with checkpointing the same micro-batch fits easily
+    assert outside["memory"]["stages"][1]["max_micro_batch_with_checkpointing"] > 4 * largest
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+
+
+def test_data_volume_comes_from_the_shard_index(tmp_path: Path):
+    write_digits(tmp_path / "images", size=16)
+    index = build(BuildOptions(input=str(tmp_path / "images"), output=str(tmp_path / "shards"), val_fraction=0.2,
+                               workers=0)).index
+    config = run_config(tmp_path / "digits.json", TINY, 1, micro_batch=16)
+    data = json.loads(config.read_text())
+    data["data"]["train"] = str(tmp_path / "shards" / "index.json")
+    data["schedule"] = {"epochs": 2, "warmup_steps": 1}
+    config.write_text(json.dumps(data))
+    code, result, _ = plan("--config", str(config), "--gpus", "2", "--gpu-type", "H100")
+    assert code == 0
+    train = index.splits["train"]
+    assert result["data"]["train_samples"] == train.num_samples
+    assert result["data"]["bytes_per_epoch"] == pytest.approx(train.bytes)
+    assert result["run"]["steps"] == math.ceil(2 * train.num_samples / 32)
+
+
+def test_report_and_one_line_errors(tmp_path: Path):
+    report = subprocess.run([sys.executable, "-m", "pretrain.plan", "--config", JFT, "--gpus", "256", "--gpu-type",
+                             "H100", "--train-samples", "303000000", "--bytes-per-sample", "110000",
+                             "--price-per-gpu-hour", "2.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    for expected in ("ViT-H/14 at 224 px", "256 x H100", "days", "GPU-hours", "$", "ZeRO", "GB/s",
+                     "warning: communication-bound: ZeRO-1"):
+        assert expected in report.stdout
+    assert report.stdout.strip() in (ROOT / "README.md").read_text()  # the README shows this very report
+    code, _, err = plan("--config", JFT, "--gpus", "8", "--gpu-type", "V100", "--train-samples", "1")
+    assert code == 2 and "unknown GPU type 'V100'" in err and "H100" in err and len(err.splitlines()) == 1
+    # an epoch schedule whose index cannot be read asks for the training-set size
+    missing = run_config(tmp_path / "missing.json", TINY, 1, micro_batch=16)
+    data = json.loads(missing.read_text())
+    data["data"]["train"] = str(tmp_path / "nowhere" / "index.json")
+    data["schedule"] = {"epochs": 2, "warmup_steps": 1}
+    missing.write_text(json.dumps(data))
+    code, _, err = plan("--config", str(missing), "--gpus", "2", "--gpu-type", "H100")
+    assert code == 2 and "--train-samples" in err and "nowhere/index.json" in err and len(err.splitlines()) == 1
+    code, _, err = plan("--config", JFT, "--gpus", "3", "--gpu-type", "H100", "--train-samples", "1000")
+    assert code == 2 and "data.batch_size 4096" in err
