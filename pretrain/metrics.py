@@ -32,9 +32,9 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1
 def device_peak_tflops(dtype: torch.dtype) -> float:
     """Peak dense TFLOP/s of this process's device for MFU and the predicted step time: the datasheet's for a GPU in
     the table (pretrain/gpus.py) training in bf16/fp16, else a matmul measured now (the CPU, fp32, other GPUs)."""
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu" and dtype in (torch.bfloat16, torch.float16):
-        spec = spec_for_device(accelerator.get_device_name())
+    # DeepSpeed's accelerators do not report the product name; torch.cuda does, for NVIDIA and ROCm builds alike
+    if get_accelerator().device_name() == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        spec = spec_for_device(torch.cuda.get_device_name())
         if spec is not None:
             return spec.bf16_tflops
     return measure_matmul_peak(dtype)

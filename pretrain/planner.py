@@ -196,7 +196,7 @@ def communication_plan(config: Config, hardware: Hardware, params: int, accumula
     nodes = math.ceil(gpus / hardware.gpus_per_node)
     if nodes > 1 and needed * 8 > hardware.network_gbps:
         warnings.append(
-            f"communication-bound: ZeRO-{stage} moves {per_gpu / GB:.2f} GB per GPU per step, {needed * 8:.0f} Gb/s "
+            f"communication-bound: ZeRO-{stage} moves {per_gpu / GB:.3g} GB per GPU per step, {needed * 8:.0f} Gb/s "
             f"per GPU to hide behind {step_s * 1000:.0f} ms of compute, above the {hardware.network_gbps:g} Gb/s "
             f"network: expect a lower MFU, or give each GPU more images per step (fewer GPUs or a larger batch)")
     return {"bytes_per_gpu_per_step": per_gpu, "gb_per_second_per_gpu": needed,

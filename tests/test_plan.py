@@ -23,6 +23,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from data_pipeline.builder import BuildOptions, build
 from pretrain.config.load import load_config, validate
 from pretrain.demo import write_digits
+from pretrain.gpus import gpu_spec, spec_for_device
 from pretrain.memory_model import activation_bytes
 from pretrain.objectives import build_model
 from pretrain.plan import main
@@ -186,15 +187,17 @@ def test_activations_per_image_match_what_autograd_saves(model: dict):
 TINY = {"variant": "Ti/16", "image_size": 32, "width": 64, "depth": 1, "mlp_dim": 128, "num_heads": 2,
         "num_classes": 10}
 SMALL = {"variant": "S/16", "image_size": 224, "num_classes": 10}
+TWO_EPOCHS = {"epochs": 2, "warmup_steps": 1}
 
 
-def run_config(path: Path, model: dict, stage: int, micro_batch: int) -> Path:
+def run_config(path: Path, model: dict, stage: int, micro_batch: int, train: str = "synthetic",
+               schedule: dict | None = None) -> Path:
     config = {
         "run": {"name": path.stem, "output_dir": str(path.parent / path.stem), "seed": 0},
         "model": model,
-        "data": {"train": "synthetic", "batch_size": 2 * micro_batch, "num_workers": 0},
+        "data": {"train": train, "batch_size": 2 * micro_batch, "num_workers": 0},
         "optimizer": {"lr": 1e-4},
-        "schedule": {"steps": 3, "warmup_steps": 1},
+        "schedule": schedule or {"steps": 3, "warmup_steps": 1},
         # small reduction buckets: a CPU process only holds the pages of a buffer it has written, a GPU the whole
         "deepspeed": {"zero_stage": stage, "precision": "bf16", "micro_batch_size": micro_batch,
                       "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000,
@@ -260,6 +263,16 @@ def test_fit_and_no_fit_on_either_side_of_an_a100s_memory():
     assert outside["memory"]["stages"][1]["max_micro_batch_with_checkpointing"] > 4 * largest
 
 
+def test_device_names_map_to_datasheet_entries():
+    names = {"NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100-PCIe", "NVIDIA H100 NVL": "H100-NVL",
+             "NVIDIA A100-SXM4-40GB": "A100-40GB", "NVIDIA A100-SXM4-80GB": "A100-80GB",
+             "NVIDIA A100 80GB PCIe": "A100-80GB", "NVIDIA H200": "H200", "NVIDIA B200": "B200",
+             "AMD Instinct MI300X": "MI300X"}
+    for device, entry in names.items():
+        assert spec_for_device(device) == gpu_spec(entry), device
+    assert spec_for_device("NVIDIA GeForce RTX 4090") is None  # not in the table: the trainer measures a matmul
+
+
 # -- command line --------------------------------------------------------------------------------------------------
 
 
@@ -267,11 +280,8 @@ def test_data_volume_comes_from_the_shard_index(tmp_path: Path):
     write_digits(tmp_path / "images", size=16)
     index = build(BuildOptions(input=str(tmp_path / "images"), output=str(tmp_path / "shards"), val_fraction=0.2,
                                workers=0)).index
-    config = run_config(tmp_path / "digits.json", TINY, 1, micro_batch=16)
-    data = json.loads(config.read_text())
-    data["data"]["train"] = str(tmp_path / "shards" / "index.json")
-    data["schedule"] = {"epochs": 2, "warmup_steps": 1}
-    config.write_text(json.dumps(data))
+    config = run_config(tmp_path / "digits.json", TINY, 1, micro_batch=16, train=str(tmp_path / "shards/index.json"),
+                        schedule=TWO_EPOCHS)
     code, result, _ = plan("--config", str(config), "--gpus", "2", "--gpu-type", "H100")
     assert code == 0
     train = index.splits["train"]
@@ -292,11 +302,8 @@ def test_report_and_one_line_errors(tmp_path: Path):
     code, _, err = plan("--config", JFT, "--gpus", "8", "--gpu-type", "V100", "--train-samples", "1")
     assert code == 2 and "unknown GPU type 'V100'" in err and "H100" in err and len(err.splitlines()) == 1
     # an epoch schedule whose index cannot be read asks for the training-set size
-    missing = run_config(tmp_path / "missing.json", TINY, 1, micro_batch=16)
-    data = json.loads(missing.read_text())
-    data["data"]["train"] = str(tmp_path / "nowhere" / "index.json")
-    data["schedule"] = {"epochs": 2, "warmup_steps": 1}
-    missing.write_text(json.dumps(data))
+    missing = run_config(tmp_path / "missing.json", TINY, 1, micro_batch=16, train=str(tmp_path / "nowhere/index.json"),
+                         schedule=TWO_EPOCHS)
     code, _, err = plan("--config", str(missing), "--gpus", "2", "--gpu-type", "H100")
     assert code == 2 and "--train-samples" in err and "nowhere/index.json" in err and len(err.splitlines()) == 1
     code, _, err = plan("--config", JFT, "--gpus", "3", "--gpu-type", "H100", "--train-samples", "1000")
