@@ -108,6 +108,13 @@ def deepspeed_estimate(size: ModelSize, stage: int, precision: str, gpus: int, g
                                                  cpu_offload=False, cpu_offload_params=False)[1]
 
 
+def offloads(ds_config: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config moves optimizer states or parameters to CPU or NVMe, which this model does not
+    count (its numbers are then an upper bound)."""
+    zero = DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+    return zero.offload_optimizer is not None or zero.offload_param is not None
+
+
 def buffer_bytes(ds_config: dict[str, Any], params: int, precision: str) -> int:
     """DeepSpeed's communication buffers per GPU, sized by the run's DeepSpeed config (and DeepSpeed's defaults)."""
     zero = DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))

@@ -35,6 +35,7 @@ from pretrain.memory_model import (
     gradients_held,
     model_size,
     model_states,
+    offloads,
 )
 from pretrain.model import create_model, flops_per_image
 
@@ -233,6 +234,9 @@ def memory_plan(config: Config, hardware: Hardware, steps: int, accumulation: in
         })
     usable_gb = hardware.memory_gb * (1 - headroom)
     configured = stages[config.deepspeed.zero_stage]
+    if offloads(deepspeed_config(config, hardware.gpus, steps, "plan")):
+        warnings.append("deepspeed.overrides offload optimizer states or parameters, which the memory plan does not "
+                        "model: its GPU numbers are upper bounds")
     if not configured["fits"]:
         others = [f"ZeRO-{s['stage']}" for s in stages if s["fits"]]
         advice = f"; or use {' / '.join(others)}" if others else ""

@@ -308,3 +308,7 @@ def test_report_and_one_line_errors(tmp_path: Path):
     assert code == 2 and "--train-samples" in err and "nowhere/index.json" in err and len(err.splitlines()) == 1
     code, _, err = plan("--config", JFT, "--gpus", "3", "--gpu-type", "H100", "--train-samples", "1000")
     assert code == 2 and "data.batch_size 4096" in err
+    # offloading is not modelled, and the plan says so
+    _, offloaded, _ = plan("--config", JFT, "--gpus", "8", "--gpu-type", "H100", "--train-samples", "1000", "--set",
+                           'deepspeed.overrides={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
+    assert any("upper bounds" in warning for warning in offloaded["warnings"])
