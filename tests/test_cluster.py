@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,18 +99,26 @@ def test_sbatch_job_checkpoints_on_the_preemption_signal_requeues_and_resumes_to
 
 
 def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> list[str]:
-    """Start one process per "node", wait for all; their outputs (each must exit 0)."""
-    processes = [subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for command, env in commands_and_envs]
-    outputs = []
-    for process in processes:
+    """Start one process per "node", wait for all; their outputs (each must exit 0).
+
+    Each node writes to its own file, not to a pipe: a pipe that is not read while another node is waited for fills
+    up (64 KiB of warnings suffice), blocks that node's writes and so, through the collectives, every node."""
+    with tempfile.TemporaryDirectory() as logs:
+        paths = [Path(logs) / f"node{n}.log" for n in range(len(commands_and_envs))]
+        processes = []
+        for path, (command, env) in zip(paths, commands_and_envs, strict=True):
+            with path.open("w") as log:
+                processes.append(subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log,
+                                                  stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + timeout
         try:
-            outputs.append(process.communicate(timeout=timeout)[0])
+            codes = [process.wait(timeout=max(0.0, deadline - time.monotonic())) for process in processes]
         except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise
-    codes = [process.returncode for process in processes]
+            for process in processes:
+                process.kill()
+                process.wait()
+            codes = [process.returncode for process in processes]
+        outputs = [path.read_text() for path in paths]
     report = [f"== node {n} exited {code}:\n{output[-3000:]}" for n, (code, output) in enumerate(zip(codes, outputs,
                                                                                                   strict=True))]
     assert codes == [0] * len(processes), "\n".join(report)
@@ -216,7 +225,9 @@ def test_two_pods_run_the_rendered_container_command_and_train_together(target: 
         declared = {variable["name"]: variable["value"] for variable in container["env"]}
         pods = [{**declared, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "JOB_COMPLETION_INDEX": str(pod)}
                 for pod in (0, 1)]
-    outputs = run_nodes([(container["command"], {**env, "PYTHON": sys.executable}) for env in pods])
+    # one core per "pod", as a pod's CPU limit would give it: two pods with a thread per core each would share 2 cores
+    pod_share = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    outputs = run_nodes([(container["command"], {**env, **pod_share}) for env in pods])
     assert "node 1 of 2: 1 process(es), rendezvous 127.0.0.1:" in outputs[1]
     assert "step 30/30" in outputs[0]
     record = replicas(run_dir)
