@@ -37,6 +37,7 @@ from data_pipeline.images import ImageOptions
 from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
 
 IMAGE_SIZE = 224
+DECODE_ROUNDS = 3
 
 
 def rss_bytes() -> int:
@@ -184,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         mib = sum(path.stat().st_size for path in shards.glob("*.tar")) / 2**20
         print(f"\nloader: {args.images} JPEGs (shorter side 512) in {mib:.0f} MiB of shards, crops {IMAGE_SIZE} px")
 
-        baseline = baseline_decode(shards, args.images)
-        ours = loader_decode(shards, args.images)
-        print(f"  decode+augment, 1 process: webdataset+PIL+torchvision {baseline:7.1f} images/s")
+        # best of interleaved rounds: on a shared 2-core machine a single pass of each varies by 15%
+        rounds = [(baseline_decode(shards, args.images), loader_decode(shards, args.images))
+                  for _ in range(DECODE_ROUNDS)]
+        baseline, ours = max(b for b, _ in rounds), max(o for _, o in rounds)
+        print(f"  decode+augment, 1 process, best of {DECODE_ROUNDS} rounds:")
+        print(f"                             webdataset+PIL+torchvision {baseline:7.1f} images/s")
         print(f"                             make_loader                  {ours:7.1f} images/s  {ours / baseline:5.2f}x"
               f" (target >= 2.00x): {'met' if ours >= 2 * baseline else 'MISSED'}")
         met &= ours >= 2 * baseline

@@ -6,7 +6,8 @@ decoded at 1/2, 1/4 or 1/8 scale inside the IDCT (PIL's `draft`) for much less w
 undecoded image's size first, then decode at the smallest scale that still leaves at least `image_size` pixels
 across the crop in both directions, so the output has the same resolution as a full decode would give. The crop and
 the resize run in torch (antialiased bilinear, like torchvision's). Crops that need the full scale are decoded by
-torchvision's libjpeg-turbo binding instead of PIL, which is faster at full size.
+torchvision's libjpeg-turbo binding instead of PIL, which is faster at full size. Either way only the band of rows
+the crop covers is decoded, where the JPEG's restart markers allow it (data_pipeline/jpeg_band.py).
 
 The randomness of a sample comes from its own generator, seeded by (seed, epoch, key), so a sample gets the same
 crop whichever worker decodes it and whenever: a resumed run sees the same pixels.
@@ -25,7 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from data_pipeline.jpeg_band import row_band
+
 Box = tuple[float, float, float, float]  # left, top, width, height in pixels of the stored image
+DCT_SCALES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,9 @@ def _pixels(data: bytes, image: Image.Image, reduction: int) -> torch.Tensor:
         # libjpeg-turbo straight into a tensor: about half of PIL's time at full size (no RGBX layout, no copies)
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     if image.format == "JPEG" and reduction > 1:
-        # draft picks the largest DCT scale that keeps the image at least this big
-        image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+        # draft picks the largest power-of-two scale s with size // requested >= s on both axes; asking for
+        # ceil(size / reduction) would give s = 1 for every odd width (683 // 342 == 1)
+        image.draft("RGB", (image.width // reduction, image.height // reduction))
     if image.mode != "RGB":
         image = image.convert("RGB")
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # np.array: torch wants a writable buffer
@@ -97,9 +102,17 @@ def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Ten
         left, top, w, h = centre_box(width, height, augment.eval_crop_fraction)
         flip = False
     size = augment.image_size
+    band = row_band(data, math.floor(top), math.ceil(top + h)) if image.format == "JPEG" else None
+    band_top = 0
+    if band is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
+        data, image, band_top = band.jpeg, Image.open(io.BytesIO(band.jpeg)), band.top
     pixels = _pixels(data, image, reduction=max(1, min(8, int(min(w, h) // size))))
-    sy, sx = height / pixels.shape[1], width / pixels.shape[2]
-    rows = slice(round(top / sy), max(round(top / sy) + 1, round((top + h) / sy)))
+    # rows and columns in the (DCT-scaled) whole image's coordinates, then shifted into the band
+    scale = next(k for k in DCT_SCALES if math.ceil(width / k) == pixels.shape[2])
+    sy, sx = height / math.ceil(height / scale), width / pixels.shape[2]
+    first_row = round(top / sy)
+    rows = slice(first_row, max(first_row + 1, round((top + h) / sy)))
+    rows = slice(rows.start - band_top // scale, rows.stop - band_top // scale)
     cols = slice(round(left / sx), max(round(left / sx) + 1, round((left + w) / sx)))
     crop = pixels[None, :, rows, cols].contiguous(memory_format=torch.channels_last)
     # torch's antialiased bilinear has a fast uint8 path for channels-last images; PIL's resize is slower here

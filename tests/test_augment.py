@@ -10,8 +10,12 @@ import torch
 from imaging import jpeg_bytes, photo
 from PIL import Image
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from data_pipeline import augment as augment_module
 from data_pipeline.augment import Augment, centre_box, decode, random_resized_box
+from data_pipeline.images import ImageOptions, encode_image
+from data_pipeline.jpeg_band import row_band
 
 
 def test_evaluation_crop_matches_torchvision_resize_and_centre_crop():
@@ -34,6 +38,23 @@ def test_reduced_scale_decode_keeps_the_crop_sharp():
     assert (fast - torch.from_numpy(np.array(full)).permute(2, 0, 1).float()).abs().mean() < 2.5
 
 
+@pytest.mark.parametrize(("size", "crop", "decoded_width"), [((683, 512), 448, 342), ((1001, 750), 900, 251)])
+def test_crops_of_odd_sized_images_decode_at_reduced_scale(size: tuple[int, int], crop: int, decoded_width: int,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    # 683 x 512 with a 448 px crop to 224: half scale; 1001 x 750 with a 900 px crop to 224: quarter scale
+    data = encode_image(jpeg_bytes(*size, seed=4, quality=95), ImageOptions(max_side=1024, quality=90)).jpeg
+    decoded = []
+    real_pixels = augment_module._pixels
+
+    def recorded_pixels(*args, **kwargs) -> torch.Tensor:
+        decoded.append(real_pixels(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(augment_module, "_pixels", recorded_pixels)
+    out = decode(data, Augment(224, train=False, eval_crop_fraction=crop / size[1]), np.random.default_rng(0))
+    assert out.shape == (3, 224, 224) and decoded[0].shape[2] == decoded_width
+
+
 def test_random_crops_cover_the_configured_area_and_ratio_ranges():
     rng = np.random.default_rng(0)
     boxes = [random_resized_box(640, 480, rng, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)]
@@ -54,3 +75,64 @@ def test_same_key_same_crop_and_png_input():
     png = io.BytesIO()
     photo(200, 150, seed=3).convert("RGBA").save(png, format="PNG")
     assert decode(png.getvalue(), augment, np.random.default_rng(0)).shape == (3, 64, 64)
+
+
+def stored_jpeg(width: int, height: int, seed: int) -> bytes:
+    """An image as build-shards stores it (re-encoded, restart marker per MCU row)."""
+    source = jpeg_bytes(width + 8, height + 8, seed, quality=98)  # re-encoding needs a resize or conversion
+    return encode_image(source, ImageOptions(max_side=min(width, height))).jpeg
+
+
+def full_decode(data: bytes) -> torch.Tensor:
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+@pytest.mark.parametrize("size", [(683, 512), (512, 683), (300, 221)])
+def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[int, int]):
+    data = stored_jpeg(*size, seed=3)
+    width, height = Image.open(io.BytesIO(data)).size
+    whole = full_decode(data)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        top = int(rng.integers(0, height - 1))
+        bottom = int(rng.integers(top + 1, height + 1))
+        band = row_band(data, top, bottom)
+        if band is None:  # only when the band would be the whole image
+            assert top < 32 and bottom > height - 32  # within a strip and its margin of both ends
+            continue
+        assert band.top <= top and band.top + band.height >= bottom and band.height < height
+        pixels = full_decode(band.jpeg)
+        assert pixels.shape == (3, band.height, width)
+        # the rows asked for are exact (the band's first and last strip only give chroma upsampling its context)
+        assert torch.equal(pixels[:, top - band.top:bottom - band.top], whole[:, top:bottom])
+        half = Image.open(io.BytesIO(band.jpeg))
+        half.draft("RGB", (width // 2, band.height // 2))  # the reduced DCT scale the loader also uses
+        whole_half = Image.open(io.BytesIO(data))
+        whole_half.draft("RGB", (width // 2, height // 2))
+        assert half.size[0] == whole_half.size[0]
+        start, stop = top // 2, -(-bottom // 2)
+        assert np.array_equal(np.array(half.convert("RGB"))[start - band.top // 2:stop - band.top // 2],
+                              np.array(whole_half.convert("RGB"))[start:stop])
+
+
+def test_jpegs_without_the_layout_are_decoded_whole():
+    stored = stored_jpeg(320, 240, seed=4)
+    assert row_band(stored, 100, 140) is not None
+    out = io.BytesIO()
+    Image.open(io.BytesIO(stored)).save(out, format="JPEG", quality=90, progressive=True, restart_marker_rows=1)
+    png = io.BytesIO()
+    photo(64, 48, seed=0).save(png, format="PNG")
+    for data in (jpeg_bytes(320, 240, seed=4),  # no restart markers (a camera's file, or --no-reencode)
+                 out.getvalue(),  # progressive
+                 stored[:2000], stored[:300], stored[:3], b"", png.getvalue()):
+        assert row_band(data, 100, 140) is None
+
+
+def test_decoding_a_band_gives_the_crops_of_a_whole_decode(monkeypatch: pytest.MonkeyPatch):
+    # the same samples, keys and seeds with banding turned off: identical training crops and evaluation crops
+    data = stored_jpeg(683, 512, seed=5)
+    augments = [Augment(224, train=True), Augment(96, train=True), Augment(224, train=False)]
+    banded = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
+    monkeypatch.setattr("data_pipeline.augment.row_band", lambda *args: None)
+    whole = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
+    assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))

@@ -1,0 +1,120 @@
+"""Decode only the rows of a JPEG that a crop needs.
+
+build-shards writes every JPEG with a restart marker after each row of MCUs (the 8 or 16 pixel high strips the
+encoder codes in order). A restart resets the decoder's DC predictions, so the entropy-coded data between two
+markers decodes on its own: the strips a crop touches, with the frame header's height changed to theirs and the
+markers renumbered from 0, form a valid smaller JPEG. The decoder then works through a band of the image instead of
+all of it, and the rows asked for equal a full decode's: one extra strip above and below gives chroma upsampling the
+neighbours it reads (those strips' own edge rows differ). No library we depend on decodes a region (libjpeg-turbo's
+jpeg_crop_scanline is not exposed by PIL or torchvision), hence this.
+
+Only sequential JPEGs with one interleaved scan and a restart interval of one MCU row qualify; anything else
+(progressive, no markers, an original kept by --no-reencode, malformed bytes) gives None and is decoded whole.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SOI, EOI = b"\xff\xd8", 0xD9
+SEQUENTIAL_FRAMES = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
+OTHER_FRAMES = frozenset(range(0xC2, 0xD0)) - {0xC4, 0xC8, 0xCC}  # progressive, lossless, arithmetic
+SOS, DRI = 0xDA, 0xDD
+RST0 = 0xD0
+MARKER = re.compile(rb"\xff[^\x00]")  # inside entropy-coded data a 0xFF byte is stuffed with 0x00 unless a marker
+
+
+@dataclass(frozen=True)
+class Band:
+    jpeg: bytes
+    """A valid JPEG of full-image rows top .. top + height."""
+    top: int
+    height: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    frame: int
+    """Offset of the frame header's segment (its marker)."""
+    width: int
+    height: int
+    mcu_height: int
+    scan: int
+    """Offset of the first entropy-coded byte."""
+    strips: list[tuple[int, int]]
+    """(start, end) of each MCU row's entropy-coded bytes."""
+
+
+def _layout(data: bytes) -> _Layout | None:
+    if not data.startswith(SOI):
+        return None
+    pos, frame, restart_interval = 2, None, None
+    while True:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in OTHER_FRAMES:
+            return None
+        if marker in SEQUENTIAL_FRAMES:
+            frame = pos
+        elif marker == DRI:
+            restart_interval = int.from_bytes(data[pos + 4:pos + 6], "big")
+        elif marker == SOS:
+            break
+        pos += 2 + length
+    if frame is None or not restart_interval:
+        return None
+    height, width = int.from_bytes(data[frame + 5:frame + 7], "big"), int.from_bytes(data[frame + 7:frame + 9], "big")
+    components = data[frame + 9]
+    sampling = [data[frame + 11 + 3 * i] for i in range(components)]
+    mcu_width, mcu_height = 8 * max(s >> 4 for s in sampling), 8 * max(s & 15 for s in sampling)
+    if data[pos + 4] != components or height == 0:  # not one interleaved scan of every component
+        return None
+    if restart_interval != -(-width // mcu_width):  # a restart per MCU row, no more, no less
+        return None
+    scan = pos + 2 + length
+    strips, start = [], scan
+    for match in MARKER.finditer(data, scan):
+        code = match.group()[1]
+        if code == EOI:
+            strips.append((start, match.start()))
+            break
+        if code & 0xF8 != RST0:  # another scan or table: not the single-scan layout we cut
+            return None
+        strips.append((start, match.start()))
+        start = match.end()
+    else:
+        return None
+    if len(strips) != -(-height // mcu_height):
+        return None
+    return _Layout(frame, width, height, mcu_height, scan, strips)
+
+
+def row_band(data: bytes, top: int, bottom: int) -> Band | None:
+    """The smallest JPEG holding full-image rows [top, bottom) decoded exactly as in the whole image; None when
+    `data` does not have the layout this needs."""
+    try:
+        layout = _layout(data)
+    except IndexError:  # truncated or malformed headers
+        return None
+    if layout is None:
+        return None
+    step = layout.mcu_height
+    first = max(0, top // step - 1)
+    last = min(len(layout.strips), -(-bottom // step) + 1)
+    if first == 0 and last == len(layout.strips):
+        return None  # the whole image: nothing to cut
+    band_top = first * step
+    band_height = min(layout.height, last * step) - band_top
+    header = data[:layout.frame + 5] + band_height.to_bytes(2, "big") + data[layout.frame + 7:layout.scan]
+    parts = []
+    for n, (start, end) in enumerate(layout.strips[first:last]):
+        if n:
+            parts.append(bytes((0xFF, RST0 + (n - 1) % 8)))
+        parts.append(data[start:end])
+    return Band(header + b"".join(parts) + bytes((0xFF, EOI)), band_top, band_height)
