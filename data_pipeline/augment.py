@@ -77,11 +77,13 @@ def centre_box(width: int, height: int, fraction: float) -> Box:
     return (width - side) / 2, (height - side) / 2, side, side
 
 
-def _pixels(data: bytes, image: Image.Image, reduction: int) -> torch.Tensor:
-    """The decoded image as uint8 3 x H' x W', at 1/reduction scale or more (JPEG only)."""
-    if image.format == "JPEG" and reduction == 1 and image.mode == "RGB":
+def _pixels(data: bytes, header: Image.Image, reduction: int) -> torch.Tensor:
+    """`data` decoded as uint8 3 x H' x W', at 1/reduction scale or more (JPEG only). `header` is the opened image
+    `data` is or was cut from (a band keeps the format and mode), so the fast path opens nothing."""
+    if header.format == "JPEG" and reduction == 1 and header.mode == "RGB":
         # libjpeg-turbo straight into a tensor: about half of PIL's time at full size (no RGBX layout, no copies)
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    image = Image.open(io.BytesIO(data))
     if image.format == "JPEG" and reduction > 1:
         # draft picks the largest power-of-two scale s with size // requested >= s on both axes; asking for
         # ceil(size / reduction) would give s = 1 for every odd width (683 // 342 == 1)
@@ -105,14 +107,13 @@ def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Ten
     band = row_band(data, math.floor(top), math.ceil(top + h)) if image.format == "JPEG" else None
     band_top = 0
     if band is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
-        data, image, band_top = band.jpeg, Image.open(io.BytesIO(band.jpeg)), band.top
+        data, band_top = band.jpeg, band.top
     pixels = _pixels(data, image, reduction=max(1, min(8, int(min(w, h) // size))))
-    # rows and columns in the (DCT-scaled) whole image's coordinates, then shifted into the band
+    # rows and columns in the (DCT-scaled) whole image's coordinates; rows then shifted into the band
     scale = next(k for k in DCT_SCALES if math.ceil(width / k) == pixels.shape[2])
     sy, sx = height / math.ceil(height / scale), width / pixels.shape[2]
-    first_row = round(top / sy)
-    rows = slice(first_row, max(first_row + 1, round((top + h) / sy)))
-    rows = slice(rows.start - band_top // scale, rows.stop - band_top // scale)
+    first_row, shift = round(top / sy), band_top // scale
+    rows = slice(first_row - shift, max(first_row + 1, round((top + h) / sy)) - shift)
     cols = slice(round(left / sx), max(round(left / sx) + 1, round((left + w) / sx)))
     crop = pixels[None, :, rows, cols].contiguous(memory_format=torch.channels_last)
     # torch's antialiased bilinear has a fast uint8 path for channels-last images; PIL's resize is slower here

@@ -111,9 +111,11 @@ def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout
                 processes.append(subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log,
                                                   stderr=subprocess.STDOUT, text=True))
         deadline = time.monotonic() + timeout
+        timed_out = ""
         try:
             codes = [process.wait(timeout=max(0.0, deadline - time.monotonic())) for process in processes]
         except subprocess.TimeoutExpired:
+            timed_out = f"timed out after {timeout:.0f} s, every node killed\n"
             for process in processes:
                 process.kill()
                 process.wait()
@@ -121,7 +123,7 @@ def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout
         outputs = [path.read_text() for path in paths]
     report = [f"== node {n} exited {code}:\n{output[-3000:]}" for n, (code, output) in enumerate(zip(codes, outputs,
                                                                                                   strict=True))]
-    assert codes == [0] * len(processes), "\n".join(report)
+    assert codes == [0] * len(processes), timed_out + "\n".join(report)
     return outputs
 
 
