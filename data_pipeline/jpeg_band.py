@@ -37,7 +37,6 @@ class Band:
 class _Layout:
     frame: int
     """Offset of the frame header's segment (its marker)."""
-    width: int
     height: int
     mcu_height: int
     scan: int
@@ -92,7 +91,7 @@ def _layout(data: bytes) -> _Layout | None:
         return None
     if len(strips) != -(-height // mcu_height):
         return None
-    return _Layout(frame, width, height, mcu_height, scan, strips)
+    return _Layout(frame, height, mcu_height, scan, strips)
 
 
 def row_band(data: bytes, top: int, bottom: int) -> Band | None:
