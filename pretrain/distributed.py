@@ -80,6 +80,18 @@ def init() -> Placement:
     return Placement(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size())
 
 
+def shutdown() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    Left to interpreter finalization, gloo's worker threads are still running while the interpreter is torn down, and
+    the process aborts after its work is done ("terminate called without an active exception", SIGABRT, exit -6),
+    which the launcher reports as a failed job: 9 of 30 two-rank torchrun runs of a small gloo script here, 0 of 30
+    with this call.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def unlink_shm_allreduce_buffer(rank: int) -> None:
     """Remove the name of this rank's /dev/shm all-reduce buffer once every rank has mapped it.
 

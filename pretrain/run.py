@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    # Not on an unexpected exception: another rank may still be inside a collective with this one.
+    distributed.shutdown()
     return code
 
 
