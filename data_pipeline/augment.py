@@ -104,11 +104,14 @@ def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Ten
         left, top, w, h = centre_box(width, height, augment.eval_crop_fraction)
         flip = False
     size = augment.image_size
-    band = row_band(data, math.floor(top), math.ceil(top + h)) if image.format == "JPEG" else None
+    reduction = max(1, min(8, int(min(w, h) // size)))
+    band = None
+    if image.format == "JPEG":
+        band = row_band(data, math.floor(top), math.ceil(top + h), edge_rows=2 * reduction)
     band_top = 0
     if band is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
         data, band_top = band.jpeg, band.top
-    pixels = _pixels(data, image, reduction=max(1, min(8, int(min(w, h) // size))))
+    pixels = _pixels(data, image, reduction)
     # rows and columns in the (DCT-scaled) whole image's coordinates; rows then shifted into the band
     scale = next(k for k in DCT_SCALES if math.ceil(width / k) == pixels.shape[2])
     sy, sx = height / math.ceil(height / scale), width / pixels.shape[2]

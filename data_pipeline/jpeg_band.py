@@ -4,9 +4,11 @@ build-shards writes every JPEG with a restart marker after each row of MCUs (the
 encoder codes in order). A restart resets the decoder's DC predictions, so the entropy-coded data between two
 markers decodes on its own: the strips a crop touches, with the frame header's height changed to theirs and the
 markers renumbered from 0, form a valid smaller JPEG. The decoder then works through a band of the image instead of
-all of it, and the rows asked for equal a full decode's: one extra strip above and below gives chroma upsampling the
-neighbours it reads (those strips' own edge rows differ). No library we depend on decodes a region (libjpeg-turbo's
-jpeg_crop_scanline is not exposed by PIL or torchvision), hence this.
+all of it, and the rows asked for equal a full decode's. Only a band's outermost rows can differ: fancy chroma
+upsampling blends each edge row with a chroma row from across the cut, which the band does not hold. So when the rows
+asked for come that close to a strip's edge, the neighbouring strip is added as context; otherwise it is not decoded
+(adding it always cost about a tenth of an average band's work). No library we depend on decodes a region
+(libjpeg-turbo's jpeg_crop_scanline is not exposed by PIL or torchvision), hence this.
 
 Only sequential JPEGs with one interleaved scan and a restart interval of one MCU row qualify; anything else
 (progressive, no markers, an original kept by --no-reencode, malformed bytes) gives None and is decoded whole.
@@ -94,9 +96,13 @@ def _layout(data: bytes) -> _Layout | None:
     return _Layout(frame, height, mcu_height, scan, strips)
 
 
-def row_band(data: bytes, top: int, bottom: int) -> Band | None:
+def row_band(data: bytes, top: int, bottom: int, edge_rows: int) -> Band | None:
     """The smallest JPEG holding full-image rows [top, bottom) decoded exactly as in the whole image; None when
-    `data` does not have the layout this needs."""
+    `data` does not have the layout this needs.
+
+    `edge_rows`: how close (in full-image rows) the rows asked for may come to a cut before the strip beyond it is
+    added. One row is enough at full scale; rows taken from a decode at 1/r scale are rounded, which 2r covers.
+    """
     try:
         layout = _layout(data)
     except IndexError:  # truncated or malformed headers
@@ -104,8 +110,11 @@ def row_band(data: bytes, top: int, bottom: int) -> Band | None:
     if layout is None:
         return None
     step = layout.mcu_height
-    first = max(0, top // step - 1)
-    last = min(len(layout.strips), -(-bottom // step) + 1)
+    first, last = top // step, -(-bottom // step)
+    if top - first * step < edge_rows:
+        first = max(0, first - 1)
+    if last * step - bottom < edge_rows:
+        last = min(len(layout.strips), last + 1)
     if first == 0 and last == len(layout.strips):
         return None  # the whole image: nothing to cut
     band_top = first * step

@@ -25,13 +25,14 @@ from typing import Any
 import fsspec
 import torch
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from data_pipeline.augment import Augment, decode
 from data_pipeline.epoch_plan import Cursor, EpochPlan, Piece, shuffled
 from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardReadError
 from data_pipeline.shardlist import ShardList
 from data_pipeline.storage import filesystem
+from data_pipeline.tar_members import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class WorkerCounters:
 
 def tar_samples(stream: PrefetchedShard, url: str) -> Iterator[dict[str, Any]]:
     """The samples of one tar stream in stored order, as {"__key__": ..., extension: bytes}."""
-    members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+    members = ({**member, "__url__": url} for member in tar_members(stream))
     yield from group_by_keys(members)
 
 

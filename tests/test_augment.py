@@ -87,37 +87,47 @@ def full_decode(data: bytes) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+def scaled_decode(data: bytes, reduction: int) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (image.width // reduction, image.height // reduction))  # as the loader asks PIL
+    return np.array(image.convert("RGB"))
+
+
 @pytest.mark.parametrize("size", [(683, 512), (512, 683), (300, 221)])
 def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[int, int]):
     data = stored_jpeg(*size, seed=3)
     width, height = Image.open(io.BytesIO(data)).size
     whole = full_decode(data)
+    whole_half = scaled_decode(data, 2)
     rng = np.random.default_rng(0)
-    for _ in range(40):
-        top = int(rng.integers(0, height - 1))
-        bottom = int(rng.integers(top + 1, height + 1))
-        band = row_band(data, top, bottom)
+    # random bands, and bands whose ends sit on and next to the 16-row strip edges, where a band is cut
+    near = (-2, -1, 0, 1, 2)
+    edges = [(16 * k + d, 16 * (k + 3) + e) for k in (1, 4, 7) for d in near for e in near]
+    spans = [(int(top), int(rng.integers(top + 1, height + 1))) for top in rng.integers(0, height - 1, size=40)]
+    for top, bottom in spans + edges:
+        band = row_band(data, top, bottom, edge_rows=1)
         if band is None:  # only when the band would be the whole image
             assert top < 32 and bottom > height - 32  # within a strip and its margin of both ends
             continue
         assert band.top <= top and band.top + band.height >= bottom and band.height < height
         pixels = full_decode(band.jpeg)
         assert pixels.shape == (3, band.height, width)
-        # the rows asked for are exact (the band's first and last strip only give chroma upsampling its context)
-        assert torch.equal(pixels[:, top - band.top:bottom - band.top], whole[:, top:bottom])
-        half = Image.open(io.BytesIO(band.jpeg))
-        half.draft("RGB", (width // 2, band.height // 2))  # the reduced DCT scale the loader also uses
-        whole_half = Image.open(io.BytesIO(data))
-        whole_half.draft("RGB", (width // 2, height // 2))
-        assert half.size[0] == whole_half.size[0]
-        start, stop = top // 2, -(-bottom // 2)
-        assert np.array_equal(np.array(half.convert("RGB"))[start - band.top // 2:stop - band.top // 2],
-                              np.array(whole_half.convert("RGB"))[start:stop])
+        # the rows asked for are exact; a neighbouring strip is there only when they reach a cut's edge row
+        assert torch.equal(pixels[:, top - band.top:bottom - band.top], whole[:, top:bottom]), (top, bottom)
+        assert band.top > top - 17 and band.top + band.height < bottom + 17
+        # at half scale (the loader's rounding of rows included) with the margin the loader asks for
+        band = row_band(data, top, bottom, edge_rows=4)
+        if band is None:
+            continue
+        start, stop = round(top / 2), max(round(top / 2) + 1, round(bottom / 2))
+        half = scaled_decode(band.jpeg, 2)
+        assert half.shape[1] == whole_half.shape[1]
+        assert np.array_equal(half[start - band.top // 2:stop - band.top // 2], whole_half[start:stop]), (top, bottom)
 
 
 def test_jpegs_without_the_layout_are_decoded_whole():
     stored = stored_jpeg(320, 240, seed=4)
-    assert row_band(stored, 100, 140) is not None
+    assert row_band(stored, 100, 140, edge_rows=1) is not None
     out = io.BytesIO()
     Image.open(io.BytesIO(stored)).save(out, format="JPEG", quality=90, progressive=True, restart_marker_rows=1)
     png = io.BytesIO()
@@ -125,7 +135,7 @@ def test_jpegs_without_the_layout_are_decoded_whole():
     for data in (jpeg_bytes(320, 240, seed=4),  # no restart markers (a camera's file, or --no-reencode)
                  out.getvalue(),  # progressive
                  stored[:2000], stored[:300], stored[:3], b"", png.getvalue()):
-        assert row_band(data, 100, 140) is None
+        assert row_band(data, 100, 140, edge_rows=1) is None
 
 
 def test_decoding_a_band_gives_the_crops_of_a_whole_decode(monkeypatch: pytest.MonkeyPatch):
@@ -133,6 +143,6 @@ def test_decoding_a_band_gives_the_crops_of_a_whole_decode(monkeypatch: pytest.M
     data = stored_jpeg(683, 512, seed=5)
     augments = [Augment(224, train=True), Augment(96, train=True), Augment(224, train=False)]
     banded = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
-    monkeypatch.setattr("data_pipeline.augment.row_band", lambda *args: None)
+    monkeypatch.setattr("data_pipeline.augment.row_band", lambda *args, **kwargs: None)
     whole = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
     assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))
