@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipeline.jpeg_band import row_band
+from data_pipeline.jpeg_band import row_band, strip_layout
 
 Box = tuple[float, float, float, float]  # left, top, width, height in pixels of the stored image
 DCT_SCALES = (1, 2, 4, 8)
@@ -77,10 +77,9 @@ def centre_box(width: int, height: int, fraction: float) -> Box:
     return (width - side) / 2, (height - side) / 2, side, side
 
 
-def _pixels(data: bytes, header: Image.Image, reduction: int) -> torch.Tensor:
-    """`data` decoded as uint8 3 x H' x W', at 1/reduction scale or more (JPEG only). `header` is the opened image
-    `data` is or was cut from (a band keeps the format and mode), so the fast path opens nothing."""
-    if header.format == "JPEG" and reduction == 1 and header.mode == "RGB":
+def _pixels(data: bytes, rgb_jpeg: bool, reduction: int) -> torch.Tensor:
+    """`data` decoded as uint8 3 x H' x W', at 1/reduction scale or more (JPEG only)."""
+    if rgb_jpeg and reduction == 1:
         # libjpeg-turbo straight into a tensor: about half of PIL's time at full size (no RGBX layout, no copies)
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     image = Image.open(io.BytesIO(data))
@@ -93,10 +92,23 @@ def _pixels(data: bytes, header: Image.Image, reduction: int) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # np.array: torch wants a writable buffer
 
 
+def _check_pixel_count(width: int, height: int) -> None:
+    """PIL's decompression-bomb limit, for JPEGs whose size is read without PIL."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > 2 * limit:
+        raise Image.DecompressionBombError(f"{width} x {height} pixels is more than twice PIL's MAX_IMAGE_PIXELS")
+
+
 def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Tensor:
     """The augmented crop of one encoded image as uint8 3 x H x W. Raises PIL/OSError exceptions on corrupt data."""
-    image = Image.open(io.BytesIO(data))  # reads the header only
-    width, height = image.size
+    layout = strip_layout(data)  # JPEGs as build-shards writes them: the size is in the frame header PIL would read
+    if layout is not None:
+        width, height, rgb_jpeg = layout.width, layout.height, layout.components == 3
+        _check_pixel_count(width, height)
+    else:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = image.size
+        rgb_jpeg = image.format == "JPEG" and image.mode == "RGB"
     if augment.train:
         left, top, w, h = random_resized_box(width, height, rng, augment.crop_scale, augment.crop_ratio)
         flip = augment.hflip and rng.random() < 0.5
@@ -106,12 +118,12 @@ def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Ten
     size = augment.image_size
     reduction = max(1, min(8, int(min(w, h) // size)))
     band = None
-    if image.format == "JPEG":
-        band = row_band(data, math.floor(top), math.ceil(top + h), edge_rows=2 * reduction)
+    if layout is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
+        band = row_band(data, layout, math.floor(top), math.ceil(top + h), edge_rows=2 * reduction)
     band_top = 0
-    if band is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
+    if band is not None:
         data, band_top = band.jpeg, band.top
-    pixels = _pixels(data, image, reduction)
+    pixels = _pixels(data, rgb_jpeg, reduction)
     # rows and columns in the (DCT-scaled) whole image's coordinates; rows then shifted into the band
     scale = next(k for k in DCT_SCALES if math.ceil(width / k) == pixels.shape[2])
     sy, sx = height / math.ceil(height / scale), width / pixels.shape[2]

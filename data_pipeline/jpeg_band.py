@@ -10,8 +10,9 @@ asked for come that close to a strip's edge, the neighbouring strip is added as 
 (adding it always cost about a tenth of an average band's work). No library we depend on decodes a region
 (libjpeg-turbo's jpeg_crop_scanline is not exposed by PIL or torchvision), hence this.
 
-Only sequential JPEGs with one interleaved scan and a restart interval of one MCU row qualify; anything else
-(progressive, no markers, an original kept by --no-reencode, malformed bytes) gives None and is decoded whole.
+Only sequential JPEGs with one interleaved scan and a restart interval of one MCU row qualify (`strip_layout` says
+which); anything else (progressive, no markers, an original kept by --no-reencode, malformed bytes) gives None and is
+decoded whole.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ class Band:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class StripLayout:
+    width: int
+    height: int
+    components: int
     frame: int
     """Offset of the frame header's segment (its marker)."""
-    height: int
     mcu_height: int
     scan: int
     """Offset of the first entropy-coded byte."""
@@ -47,7 +50,15 @@ class _Layout:
     """(start, end) of each MCU row's entropy-coded bytes."""
 
 
-def _layout(data: bytes) -> _Layout | None:
+def strip_layout(data: bytes) -> StripLayout | None:
+    """Where each MCU row's entropy-coded data lies, for JPEGs with the layout bands are cut from; else None."""
+    try:
+        return _strip_layout(data)
+    except IndexError:  # truncated or malformed headers
+        return None
+
+
+def _strip_layout(data: bytes) -> StripLayout | None:
     if not data.startswith(SOI):
         return None
     pos, frame, restart_interval = 2, None, None
@@ -93,22 +104,16 @@ def _layout(data: bytes) -> _Layout | None:
         return None
     if len(strips) != -(-height // mcu_height):
         return None
-    return _Layout(frame, height, mcu_height, scan, strips)
+    return StripLayout(width, height, components, frame, mcu_height, scan, strips)
 
 
-def row_band(data: bytes, top: int, bottom: int, edge_rows: int) -> Band | None:
-    """The smallest JPEG holding full-image rows [top, bottom) decoded exactly as in the whole image; None when
-    `data` does not have the layout this needs.
+def row_band(data: bytes, layout: StripLayout, top: int, bottom: int, edge_rows: int) -> Band | None:
+    """The smallest JPEG holding full-image rows [top, bottom) decoded exactly as in the whole image, cut from `data`
+    with its `layout`; None when that is the whole image.
 
     `edge_rows`: how close (in full-image rows) the rows asked for may come to a cut before the strip beyond it is
     added. One row is enough at full scale; rows taken from a decode at 1/r scale are rounded, which 2r covers.
     """
-    try:
-        layout = _layout(data)
-    except IndexError:  # truncated or malformed headers
-        return None
-    if layout is None:
-        return None
     step = layout.mcu_height
     first, last = top // step, -(-bottom // step)
     if top - first * step < edge_rows:

@@ -221,7 +221,7 @@ def make_loader(
     prefetch_shards: int = 1,
 ) -> StreamingLoader:
     """Batches {"image": uint8 N x 3 x H x W, "label", "key", "valid"} from `source`, an index.json URL written by
-    build-shards or a brace pattern of shard URLs.
+    build-shards or a brace pattern of shard URLs. Images are channels-last in memory (torch.channels_last).
 
     `batch_size` is per rank. `train` selects random-resized crops, flips and shuffling; otherwise a centre crop in
     stored order and, unless `epochs` says otherwise, one padded epoch. `open_shards` pieces of shards are read and

@@ -285,7 +285,9 @@ class WorkerStream:
 
     def _batch(self) -> dict[str, Any] | None:
         size = self.config.augment.image_size
-        images = torch.zeros(self.config.batch_size, 3, size, size, dtype=torch.uint8)
+        # N x 3 x H x W, channels-last in memory like the decoded crops: copying a crop in is then a plain copy, not
+        # a transpose (0.01 instead of 0.1 ms per image), and convolutional stems on GPUs prefer this layout
+        images = torch.zeros(self.config.batch_size, size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
         labels: list[torch.Tensor] = []
         keys: list[str] = []
         epochs: list[int] = []

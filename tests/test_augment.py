@@ -15,7 +15,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from data_pipeline import augment as augment_module
 from data_pipeline.augment import Augment, centre_box, decode, random_resized_box
 from data_pipeline.images import ImageOptions, encode_image
-from data_pipeline.jpeg_band import row_band
+from data_pipeline.jpeg_band import row_band, strip_layout
 
 
 def test_evaluation_crop_matches_torchvision_resize_and_centre_crop():
@@ -99,13 +99,15 @@ def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[in
     width, height = Image.open(io.BytesIO(data)).size
     whole = full_decode(data)
     whole_half = scaled_decode(data, 2)
+    layout = strip_layout(data)
+    assert layout is not None and (layout.width, layout.height, layout.components) == (width, height, 3)
     rng = np.random.default_rng(0)
     # random bands, and bands whose ends sit on and next to the 16-row strip edges, where a band is cut
     near = (-2, -1, 0, 1, 2)
     edges = [(16 * k + d, 16 * (k + 3) + e) for k in (1, 4, 7) for d in near for e in near]
     spans = [(int(top), int(rng.integers(top + 1, height + 1))) for top in rng.integers(0, height - 1, size=40)]
     for top, bottom in spans + edges:
-        band = row_band(data, top, bottom, edge_rows=1)
+        band = row_band(data, layout, top, bottom, edge_rows=1)
         if band is None:  # only when the band would be the whole image
             assert top < 32 and bottom > height - 32  # within a strip and its margin of both ends
             continue
@@ -116,7 +118,7 @@ def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[in
         assert torch.equal(pixels[:, top - band.top:bottom - band.top], whole[:, top:bottom]), (top, bottom)
         assert band.top > top - 17 and band.top + band.height < bottom + 17
         # at half scale (the loader's rounding of rows included) with the margin the loader asks for
-        band = row_band(data, top, bottom, edge_rows=4)
+        band = row_band(data, layout, top, bottom, edge_rows=4)
         if band is None:
             continue
         start, stop = round(top / 2), max(round(top / 2) + 1, round(bottom / 2))
@@ -127,7 +129,7 @@ def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[in
 
 def test_jpegs_without_the_layout_are_decoded_whole():
     stored = stored_jpeg(320, 240, seed=4)
-    assert row_band(stored, 100, 140, edge_rows=1) is not None
+    assert strip_layout(stored) is not None
     out = io.BytesIO()
     Image.open(io.BytesIO(stored)).save(out, format="JPEG", quality=90, progressive=True, restart_marker_rows=1)
     png = io.BytesIO()
@@ -135,7 +137,7 @@ def test_jpegs_without_the_layout_are_decoded_whole():
     for data in (jpeg_bytes(320, 240, seed=4),  # no restart markers (a camera's file, or --no-reencode)
                  out.getvalue(),  # progressive
                  stored[:2000], stored[:300], stored[:3], b"", png.getvalue()):
-        assert row_band(data, 100, 140, edge_rows=1) is None
+        assert strip_layout(data) is None
 
 
 def test_decoding_a_band_gives_the_crops_of_a_whole_decode(monkeypatch: pytest.MonkeyPatch):
@@ -146,3 +148,13 @@ def test_decoding_a_band_gives_the_crops_of_a_whole_decode(monkeypatch: pytest.M
     monkeypatch.setattr("data_pipeline.augment.row_band", lambda *args, **kwargs: None)
     whole = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
     assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))
+
+
+def test_the_decompression_bomb_limit_holds_without_pil_reading_the_header(monkeypatch: pytest.MonkeyPatch):
+    data = stored_jpeg(683, 512, seed=6)
+    layout = strip_layout(data)  # the size comes from the frame header, not from PIL
+    assert layout is not None
+    decode(data, Augment(224, train=True), np.random.default_rng(0))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", layout.width * layout.height // 2 - 1)
+    with pytest.raises(Image.DecompressionBombError, match=f"{layout.width} x {layout.height}"):
+        decode(data, Augment(224, train=True), np.random.default_rng(0))
