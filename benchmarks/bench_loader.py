@@ -38,6 +38,7 @@ from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, 
 
 IMAGE_SIZE = 224
 DECODE_ROUNDS = 3
+S3_ROUNDS = 6
 
 
 def rss_bytes() -> int:
@@ -133,10 +134,17 @@ def s3_bandwidth(shards: Path) -> dict[str, float]:
         fs.mkdir("bench")
         fs.put(str(shards) + "/", "bench/shards/", recursive=True)
         paths = sorted(fs.glob("bench/shards/train-*.tar"))
-        rates = {"raw s3fs, sequential": raw_s3fs_read(fs, paths)}
-        rates["loader reader, 1 stream"] = loader_read(fs, paths, 1)
-        rates["loader reader, 4 streams"] = loader_read(fs, paths, 4)
-        return rates
+        readers = {"raw s3fs, sequential": lambda: raw_s3fs_read(fs, paths),
+                   "loader reader, 1 stream": lambda: loader_read(fs, paths, 1),
+                   "loader reader, 4 streams": lambda: loader_read(fs, paths, 4)}
+        # best of interleaved rounds, as for decoding (one pass of the raw read alone varies by 25% here), each
+        # round in another order, so that no reader always runs right after the same one
+        rates: dict[str, list[float]] = {name: [] for name in readers}
+        names = list(readers)
+        for round_ in range(S3_ROUNDS):
+            for name in names[round_ % 3:] + names[:round_ % 3]:
+                rates[name].append(readers[name]())
+        return {name: max(values) for name, values in rates.items()}
 
 
 def free_port() -> int:
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = s3_bandwidth(shards)
         raw = rates["raw s3fs, sequential"]
         for name, rate in rates.items():
-            print(f"  S3 via moto, {name:26s} {rate / 2**20:7.1f} MiB/s  {rate / raw:5.2f}x")
+            print(f"  S3 via moto, best of {S3_ROUNDS}, {name:26s} {rate / 2**20:7.1f} MiB/s  {rate / raw:5.2f}x")
         one = rates["loader reader, 1 stream"] / raw
         print(f"  one stream / raw s3fs: {one:.2f}x (target >= 0.90x): {'met' if one >= 0.9 else 'MISSED'}")
         met &= one >= 0.9
