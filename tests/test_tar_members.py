@@ -68,6 +68,11 @@ def test_damaged_tars_raise_what_the_loader_counts():
         members(tar_members, b"<html>not a tar</html>".ljust(2048))
     with pytest.raises(tarfile.ReadError, match="empty"):
         members(tar_members, b"")
+    pax = tarfile.TarInfo("bad")
+    pax.type, pax.size = tarfile.XHDTYPE, 512
+    looping = pax.tobuf(tarfile.USTAR_FORMAT) + b"0 path=x\n".ljust(512, b"\0")  # a record length of 0
+    with pytest.raises(tarfile.ReadError, match="pax record"):
+        members(tar_members, looping)
 
 
 BLOCK_OF_FIRST_DATA = 3 * 512  # the directory's header, the link's header, the first file's header
