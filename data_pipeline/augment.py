@@ -117,12 +117,11 @@ def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Ten
         flip = False
     size = augment.image_size
     reduction = max(1, min(8, int(min(w, h) // size)))
-    band = None
+    band_top = 0
     if layout is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
         band = row_band(data, layout, math.floor(top), math.ceil(top + h), edge_rows=2 * reduction)
-    band_top = 0
-    if band is not None:
-        data, band_top = band.jpeg, band.top
+        if band is not None:
+            data, band_top = band.jpeg, band.top
     pixels = _pixels(data, rgb_jpeg, reduction)
     # rows and columns in the (DCT-scaled) whole image's coordinates; rows then shifted into the band
     scale = next(k for k in DCT_SCALES if math.ceil(width / k) == pixels.shape[2])
