@@ -144,7 +144,7 @@ class PrefetchedShard(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, target: Any) -> int:
+    def _fill_buffer(self) -> None:
         while not self.buffer and not self.finished:
             item = self.chunks.get()
             if isinstance(item, BaseException):
@@ -153,6 +153,21 @@ class PrefetchedShard(io.RawIOBase):
             if not item:
                 self.finished = True
             self.buffer = memoryview(item)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes. A whole chunk that fits is handed over as it came: RawIOBase.read would copy it twice
+        (into a bytearray, then into bytes), which cost about a tenth of one stream's throughput from moto here."""
+        if size < 0:
+            return self.readall()
+        self._fill_buffer()
+        chunk = self.buffer.obj
+        if isinstance(chunk, bytes) and len(self.buffer) == len(chunk) <= size:
+            self.buffer = memoryview(b"")
+            return chunk
+        return super().read(size)
+
+    def readinto(self, target: Any) -> int:
+        self._fill_buffer()
         count = min(len(target), len(self.buffer))
         target[:count] = self.buffer[:count]
         self.buffer = self.buffer[count:]

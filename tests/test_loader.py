@@ -14,6 +14,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fsspec
 import pytest
 import s3fs
 import torch
@@ -24,7 +25,7 @@ from data_pipeline import make_loader
 from data_pipeline.builder import BuildOptions, build
 from data_pipeline.epoch_plan import Cursor, EpochPlan, Piece, reshard, split
 from data_pipeline.loader import LoaderStateError
-from data_pipeline.remote import RetryPolicy
+from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
 from data_pipeline.shard_writer import ShardWriter
 from data_pipeline.shardlist import SourceError
 from data_pipeline.stream import LoaderError
@@ -300,3 +301,26 @@ def test_http_reads_resume_at_the_byte_offset_after_faults(shards: Path, http_se
         faulty = loader(f"{proxy.url}/index.json", epochs=1, storage_options=options)
         assert valid_keys(faulty) == reference
         assert faulty.counters()["retries"] >= sum(proxy.injected.values()) > 0
+
+
+def test_a_prefetched_shard_reads_back_the_object_whatever_the_read_sizes(tmp_path: Path):
+    # whole chunks are handed over without copying; partial reads, readinto and read-to-the-end still see every byte
+    data = os.urandom(10_000)
+    (tmp_path / "object").write_bytes(data)
+    fs = fsspec.filesystem("file")
+
+    def shard() -> PrefetchedShard:
+        policy = RetryPolicy(chunk_size=1000)
+        return PrefetchedShard(RetryingReader(fs, str(tmp_path / "object"), "object", policy, ReadCounters()))
+
+    for sizes in ([1000] * 10, [4096] * 3, [300, 1000, 1000, 700, 5000, 2000], [999, 1, 1000]):
+        stream, parts = shard(), []
+        for size in sizes:
+            parts.append(stream.read(size))
+        parts.append(stream.read())
+        assert b"".join(parts) == data and stream.read(1000) == b"", sizes
+        stream.close()
+    stream, buffer = shard(), bytearray(600)
+    assert stream.readinto(buffer) == 600 and stream.read(1000) == data[600:1000]
+    assert stream.read(1000) == data[1000:2000]
+    stream.close()
