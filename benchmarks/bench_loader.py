@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, 
 
 IMAGE_SIZE = 224
 DECODE_ROUNDS = 3
-S3_ROUNDS = 6
+S3_ROUNDS = 9
 
 
 def rss_bytes() -> int:
@@ -126,7 +127,9 @@ def moto_server() -> Iterator[str]:
         server.wait()
 
 
-def s3_bandwidth(shards: Path) -> dict[str, float]:
+def s3_bandwidth(shards: Path) -> dict[str, list[float]]:
+    """Bytes/s of each reader in every round. Rounds interleave the readers, each round in another order, so that no
+    reader always runs right after the same one."""
     import s3fs
 
     with moto_server() as endpoint:
@@ -137,14 +140,12 @@ def s3_bandwidth(shards: Path) -> dict[str, float]:
         readers = {"raw s3fs, sequential": lambda: raw_s3fs_read(fs, paths),
                    "loader reader, 1 stream": lambda: loader_read(fs, paths, 1),
                    "loader reader, 4 streams": lambda: loader_read(fs, paths, 4)}
-        # best of interleaved rounds, as for decoding (one pass of the raw read alone varies by 25% here), each
-        # round in another order, so that no reader always runs right after the same one
         rates: dict[str, list[float]] = {name: [] for name in readers}
         names = list(readers)
         for round_ in range(S3_ROUNDS):
             for name in names[round_ % 3:] + names[:round_ % 3]:
                 rates[name].append(readers[name]())
-        return {name: max(values) for name, values in rates.items()}
+        return rates
 
 
 def free_port() -> int:
@@ -203,11 +204,16 @@ def main(argv: list[str] | None = None) -> int:
               f" (target >= 2.00x): {'met' if ours >= 2 * baseline else 'MISSED'}")
         met &= ours >= 2 * baseline
 
+        # Moto and the reader share the two cores, so one pass of the raw read alone varies by 25% here: each ratio
+        # is the median over the rounds of the ratio within a round (whose passes run back to back)
         rates = s3_bandwidth(shards)
         raw = rates["raw s3fs, sequential"]
-        for name, rate in rates.items():
-            print(f"  S3 via moto, best of {S3_ROUNDS}, {name:26s} {rate / 2**20:7.1f} MiB/s  {rate / raw:5.2f}x")
-        one = rates["loader reader, 1 stream"] / raw
+        ratios = {name: statistics.median(ours / theirs for ours, theirs in zip(values, raw, strict=True))
+                  for name, values in rates.items()}
+        for name, values in rates.items():
+            print(f"  S3 via moto, {name:26s} median {statistics.median(values) / 2**20:7.1f} MiB/s, "
+                  f"ratio within rounds {ratios[name]:5.2f}x (median of {S3_ROUNDS} rounds)")
+        one = ratios["loader reader, 1 stream"]
         print(f"  one stream / raw s3fs: {one:.2f}x (target >= 0.90x): {'met' if one >= 0.9 else 'MISSED'}")
         met &= one >= 0.9
 
