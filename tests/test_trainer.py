@@ -313,8 +313,15 @@ def test_run_leaves_no_process_group_behind(digit_shards: Path, tmp_path: Path, 
     local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
     config = write_config(tmp_path / "config.json", {}, tmp_path / "run", data=local,
                           schedule={"steps": 4, "warmup_steps": 1}, checkpoint={"every_steps": 1000})
-    assert run.main(["--config", str(config)]) == 0
-    assert not dist.is_initialized()
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    assert run.main(["--config", str(config), "--set", f"data.train={tmp_path / 'nowhere.json'}"]) == 2
-    assert not dist.is_initialized()
+    # the trainer installs preemption handlers; in pytest's own process they must not outlive this test (they would
+    # swallow a SIGTERM and keep the finished trainer alive)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert run.main(["--config", str(config)]) == 0
+        assert not dist.is_initialized()
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        assert run.main(["--config", str(config), "--set", f"data.train={tmp_path / 'nowhere.json'}"]) == 2
+        assert not dist.is_initialized()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
