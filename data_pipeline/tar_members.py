@@ -31,16 +31,15 @@ def tar_members(stream: BinaryIO) -> Iterator[dict[str, Any]]:
     """The regular files of the tar in `stream`. Raises tarfile.ReadError for a damaged header and EOFError when
     the stream ends inside a member, like `tarfile`."""
     reader = stream if hasattr(stream, "peek") else io.BufferedReader(stream, buffer_size=1 << 16)  # type: ignore
-    if reader.peek(6).startswith(COMPRESSED):
+    start = reader.peek(6)
+    if not start:
+        raise tarfile.ReadError("empty file")
+    if start.startswith(COMPRESSED):
         yield from tar_file_iterator(reader)
         return
     long_name: str | None = None
-    first = True
     while True:
         header = reader.read(BLOCK)
-        if not header and first:
-            raise tarfile.ReadError("empty file")
-        first = False
         if not header or header == EMPTY_BLOCK:  # the end (tarfile also accepts a missing end-of-archive block)
             return
         if len(header) < BLOCK:
