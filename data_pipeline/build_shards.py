@@ -1,7 +1,6 @@
 """build-shards: turn an image folder or a manifest into WebDataset tar shards, locally or on s3://.
 
-Exit codes: 0 done; 1 done, but more samples were skipped than --max-error-fraction allows; 2 bad arguments,
-missing input or unwritable output (found before any work starts).
+Exit codes are listed in EPILOG (the end of --help).
 """
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.builder import BuildOptions, BuildResult, OutputError, build
+from data_pipeline.builder import BuildOptions, BuildResult, BuildStopped, OutputError, build
 from data_pipeline.images import ImageOptions
 from data_pipeline.sources import InputError
 from data_pipeline.storage import parse_storage_options
@@ -29,6 +28,11 @@ output:
 
 Re-running the same command after an interruption (even SIGKILL) keeps the committed shards and finishes the
 job; the result is byte-identical to an uninterrupted run.
+
+exit codes:
+  0 done; 1 done, but more samples were skipped than --max-error-fraction allows; 2 bad arguments, missing input
+  or unwritable output (found before any work starts); 3 stopped part-way (a worker process died, or a shard could
+  not be committed): the committed shards are kept and the same command continues.
 """
 
 
@@ -162,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, OutputError, ValueError) as error:
         print(f"build-shards: {error}", file=sys.stderr)
         return 2
+    except BuildStopped as error:
+        print(f"build-shards: {error}", file=sys.stderr)
+        return 3
     print(summary(result))
     if result.skipped_fraction > args.max_error_fraction:
         print(

@@ -1,9 +1,10 @@
 """Build WebDataset shards from a corpus: plan, resume, encode in parallel, write shards in order, index.
 
 The plan is a pure function of the inputs and options: rows sorted, shuffled with the seed, each assigned to a
-split by a hash of its key. Worker processes encode images; results come back in plan order and this process
-appends them to one open shard per split, so shard boundaries (by sample count and bytes) are deterministic.
-Each committed shard gets a record under `_build/`; a re-run skips the rows those records account for.
+split by a hash of its key. Worker processes encode images and lay each sample out as tar blocks; results come
+back in plan order and this process appends them to one open shard per split, so shard boundaries (by sample count
+and bytes) are deterministic. A background thread commits finished shards in order, each followed by its record
+under `_build/`; a re-run skips the rows those records account for.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import random
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +36,7 @@ from data_pipeline.index import (
     ShardRecord,
     SplitTotals,
 )
-from data_pipeline.process import Outcome, Task, init_worker, process
+from data_pipeline.process import Outcome, Task, init_worker, process, process_chunk
 from data_pipeline.shard_writer import ShardWriter
 from data_pipeline.sources import (
     MANIFEST_SUFFIXES,
@@ -47,10 +50,18 @@ from data_pipeline.sources import (
 from data_pipeline.storage import commit_file, filesystem, is_local, join, write_bytes_atomic
 
 SPLITS = ("train", "val")
+CHUNK = 16
+"""Rows per message to a worker process."""
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+"""Bounds the encoded samples held in memory when the shard writer falls behind."""
 
 
 class OutputError(Exception):
     """The output cannot be written or holds another build: a one-line message, exit 2."""
+
+
+class BuildStopped(Exception):
+    """The build stopped part-way (a worker died, a commit failed); committed shards are kept. One line, exit 3."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +202,11 @@ class Output:
     def write(self, name: str, data: bytes) -> None:
         write_bytes_atomic(self.fs, self.path(name), data)
 
-    def commit_shard(self, writer: ShardWriter, record: ShardRecord) -> None:
-        commit_file(writer.path, self.fs, self.path(record.name))
+    def commit(self, writer: ShardWriter | None, record: ShardRecord) -> None:
+        """Move a finished shard into place, then write its record (a record alone for failures past the last
+        shard): a record never points at a shard that is not all there."""
+        if writer is not None:
+            commit_file(writer.path, self.fs, self.path(record.name))
         self.write_record(record)
 
     def write_record(self, record: ShardRecord) -> None:
@@ -217,6 +231,45 @@ class Output:
                     continue
             records.append(record)
         return records
+
+
+class BackgroundCommitter:
+    """Commits finished shards and their records in order on one thread, so encoding goes on while a shard uploads
+    (a 1 GiB shard takes seconds to reach S3).
+
+    At most `max_pending` commits wait; then the caller waits too, which bounds the local disk that finished but not
+    yet uploaded shards take.
+    """
+
+    def __init__(self, output: Output, max_pending: int = 2):
+        self.output, self.max_pending = output, max_pending
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._pending: deque[tuple[str, Future]] = deque()
+
+    def commit(self, writer: ShardWriter | None, record: ShardRecord) -> None:
+        while len(self._pending) >= self.max_pending:
+            self._wait_oldest()
+        what = record.name or f"{BUILD_DIR}/{record_name(record.split, None)}"
+        self._pending.append((what, self._thread.submit(self.output.commit, writer, record)))
+
+    def _wait_oldest(self) -> None:
+        what, future = self._pending.popleft()
+        try:
+            future.result()
+        except Exception as error:  # storage errors come in many types
+            message = str(error).splitlines()[0] if str(error) else ""
+            raise BuildStopped(
+                f"{self.output.url}/{what}: commit failed ({type(error).__name__}: {message}); the shards committed "
+                f"before it are kept: run the same command again to continue"
+            ) from None
+
+    def drain(self) -> None:
+        while self._pending:
+            self._wait_oldest()
+
+    def close(self) -> None:
+        """Wait for a commit under way and drop the queued ones (their shards are redone by a re-run)."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
 
 
 def committed_prefix(records: list[ShardRecord], split: str) -> list[ShardRecord]:
@@ -244,6 +297,7 @@ class ShardAssembler:
 
     def __init__(self, output: Output, corpus: Corpus, options: BuildOptions, fingerprint: str, retried: bool):
         self.output, self.corpus, self.options = output, corpus, options
+        self.committer = BackgroundCommitter(output)
         self.fingerprint, self.retried = fingerprint, retried
         self.open: dict[str, OpenShard] = {}
         self.written = 0
@@ -251,26 +305,9 @@ class ShardAssembler:
     def start(self, split: str, number: int, first_row: int) -> None:
         self.open[split] = OpenShard(split, number, first_row)
 
-    def members(self, row: Row, outcome: Outcome) -> dict[str, bytes]:
-        image = outcome.image
-        meta: dict[str, Any] = {
-            "source": row.source,
-            "width": image.original_size[0],
-            "height": image.original_size[1],
-            **row.metadata,
-        }
-        members = {"jpg": image.jpeg}
-        if self.corpus.labelled:
-            meta["labels"] = row.label_indices
-            meta["label_names"] = [str(value) for value in row.labels]
-            if not self.corpus.multi_label:
-                members["cls"] = str(row.label_indices[0]).encode()
-        members["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
-        return members
-
     def add(self, row: Row, split: str, outcome: Outcome) -> None:
         shard = self.open[split]
-        if outcome.image is None:
+        if outcome.sample is None:
             shard.failures.append(
                 SampleFailure(
                     row=outcome.position,
@@ -282,13 +319,12 @@ class ShardAssembler:
                 )
             )
             return
-        members = self.members(row, outcome)
-        if shard.writer is not None and shard.writer.size_with(members) > self.options.max_bytes_per_shard:
+        if shard.writer is not None and shard.writer.size_with(outcome.sample) > self.options.max_bytes_per_shard:
             self.commit(split, end_row=outcome.position)
             shard = self.open[split]
         if shard.writer is None:
             shard.writer = ShardWriter(self.output.tmp_path(shard_name(split, shard.number)))
-        shard.writer.add(row.key, members)
+        shard.writer.add(outcome.sample)
         shard.class_counts.update(str(index) for index in row.label_indices)
         if self.retried:
             shard.recovered.append(row.key)
@@ -315,17 +351,34 @@ class ShardAssembler:
             retried=self.retried,
             recovered_keys=shard.recovered,
         )
-        if shard.writer:
-            self.output.commit_shard(shard.writer, record)
-        elif shard.failures:
-            self.output.write_record(record)  # failures after the split's last shard
+        if shard.writer or shard.failures:  # a record alone: failures after the split's last shard
+            self.committer.commit(shard.writer, record)
         self.start(split, shard.number + 1, end_row)
 
     def finish(self, end_row: int) -> None:
+        """Commit the last shard of each split and wait until every commit is done."""
         for split in list(self.open):
             shard = self.open[split]
             if shard.writer or shard.failures:
                 self.commit(split, end_row)
+        self.committer.drain()
+
+    def close(self) -> None:
+        self.committer.close()
+
+
+def task(position: int, row: Row, corpus: Corpus, failure: str | None) -> Task:
+    """What a worker needs to make the row's sample: its source, key and everything for .cls and .json."""
+    if failure is not None:
+        return Task(position, row.source, failure)
+    metadata: dict[str, Any] = {"source": row.source, **row.metadata}
+    cls = None
+    if corpus.labelled:
+        metadata["labels"] = row.label_indices
+        metadata["label_names"] = [str(value) for value in row.labels]
+        if not corpus.multi_label:
+            cls = row.label_indices[0]
+    return Task(position, row.source, None, row.key, metadata, cls)
 
 
 def _outcomes(tasks: list[Task], options: BuildOptions) -> Iterator[Outcome]:
@@ -334,12 +387,32 @@ def _outcomes(tasks: list[Task], options: BuildOptions) -> Iterator[Outcome]:
         init_worker(options.storage_options, options.image)
         yield from map(process, tasks)
         return
+    # concurrent.futures, not multiprocessing.Pool: Pool's worker-handler thread also waits on the result pipe and
+    # spins while a result sits in it (0.2 ms of this process's CPU per image, a third of it, plus the GIL it takes
+    # from the writer), Pool.imap buffers results without bound when the writer falls behind, and a worker that
+    # dies leaves Pool waiting forever where this raises BrokenProcessPool.
     # spawn, not fork: s3fs and aiohttp keep event loops and sockets that must not be shared with a child.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(
-        options.workers, initializer=init_worker, initargs=(options.storage_options, options.image)
-    ) as pool:
-        yield from pool.imap(process, tasks, chunksize=8)
+    pool = ProcessPoolExecutor(
+        options.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(options.storage_options, options.image),
+    )
+    in_flight: deque[Future] = deque()
+    try:
+        for start in range(0, len(tasks), CHUNK):
+            in_flight.append(pool.submit(process_chunk, tasks[start : start + CHUNK]))
+            if len(in_flight) == CHUNKS_IN_FLIGHT_PER_WORKER * options.workers:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+    except BrokenProcessPool:
+        raise BuildStopped(
+            f"{options.output}: a worker process died (killed, or out of memory); the shards committed so far are "
+            f"kept: run the same command again to continue"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run(assembler: ShardAssembler, planned: list[Row], tasks: list[Task], options: BuildOptions) -> None:
@@ -432,7 +505,7 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
         for split in SPLITS:
             taken = [r.number for r in records if r.split == split and r.name]
             assembler.start(split, max(taken, default=-1) + 1, first_row=0)
-        tasks = [Task(p, planned[p].source, None) for p in wanted]
+        tasks = [task(p, planned[p], corpus, None) for p in wanted]
     else:
         if existing is not None and existing.get("options") == options.recorded() and records:
             index = ShardIndex.model_validate(existing)
@@ -444,7 +517,7 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
             next_row[split] = prefix[-1].end_row if prefix else 0
             assembler.start(split, len(prefix), next_row[split])
         tasks = [
-            Task(p, row.source, row.failure)
+            task(p, row, corpus, row.failure)
             for p, row in enumerate(planned)
             if p >= next_row[split_of(row.key, options.val_fraction)]
         ]
@@ -452,6 +525,7 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
         _run(assembler, planned, tasks, options)
         assembler.finish(end_row=len(planned))
     finally:
+        assembler.close()
         output.cleanup()
     index = _write_final(output, corpus, output.records(), options)
     return BuildResult(index, assembler.written, time.perf_counter() - start)

@@ -1,17 +1,22 @@
-"""The work one builder process does per input row: read the bytes, check and re-encode the image.
+"""The work one builder process does per input row: read the bytes, check and re-encode the image, lay the sample
+out as tar blocks.
 
-Runs in worker processes; the options arrive once through `init_worker`, the rows as small tuples.
+Runs in worker processes; the options arrive once through `init_worker`, the rows as small `Task`s. Everything
+per sample that can be done apart from the shard it goes into is done here, because the process that writes the
+shards is shared by all workers.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
-from data_pipeline.images import EncodedImage, ImageOptions, SampleError, encode_image
+from data_pipeline.images import ImageOptions, SampleError, encode_image
+from data_pipeline.shard_writer import sample_blocks
 
 READ_ATTEMPTS = 3
 
@@ -26,12 +31,18 @@ class Task:
     source: str
     failure: str | None
     """Set when the row was rejected while planning; then nothing is read."""
+    key: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The sample's .json without the image's original width and height, which only the worker learns."""
+    cls: int | None = None
+    """The .cls member: the class index of a single-label sample."""
 
 
 @dataclass(frozen=True)
 class Outcome:
     position: int
-    image: EncodedImage | None
+    sample: bytes | None
+    """The sample's tar blocks, ready to append to a shard; None when it was skipped for `reason`."""
     reason: str = ""
     detail: str = ""
 
@@ -59,6 +70,11 @@ def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
     raise AssertionError("unreachable")
 
 
+def process_chunk(tasks: list[Task]) -> list[Outcome]:
+    """Several rows per message to a worker and back: the pipes' per-message cost is then small."""
+    return [process(task) for task in tasks]
+
+
 def process(task: Task) -> Outcome:
     if task.failure is not None:
         return Outcome(task.position, None, task.failure)
@@ -66,4 +82,11 @@ def process(task: Task) -> Outcome:
         image = encode_image(read_source(task.source, _storage_options), _image_options)
     except SampleError as error:
         return Outcome(task.position, None, error.reason, error.detail)
-    return Outcome(task.position, image)
+    width, height = image.original_size
+    members = {"jpg": image.jpeg}
+    if task.cls is not None:
+        members["cls"] = str(task.cls).encode()
+    # the task's metadata wins over the measured size: a manifest column named width is the user's to keep
+    meta = {"width": width, "height": height, **task.metadata}
+    members["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
+    return Outcome(task.position, sample_blocks(task.key, members))

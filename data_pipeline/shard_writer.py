@@ -17,22 +17,37 @@ def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def _member_blocks(sizes: list[int]) -> int:
-    """Bytes the members take in a tar: a header block each, data padded to blocks."""
-    return sum(BLOCK + _padded(size) for size in sizes)
-
-
 def _finished(body: int) -> int:
     """Tar size for members taking `body` bytes: plus the end marker, padded to a whole record."""
     return -(-(body + 2 * BLOCK) // RECORD) * RECORD
 
 
+def sample_blocks(key: str, members: dict[str, bytes]) -> bytes:
+    """A sample's members as they appear in a shard: for each, its USTAR header (`TarInfo.tobuf`, the bytes
+    tarfile writes) and its data padded to whole blocks.
+
+    The builder's worker processes call this, so the one process that writes the shards only appends and hashes:
+    tarfile's headers cost about 35 us each, 0.1 ms per sample, which that process would otherwise spend for
+    every worker.
+    """
+    parts = []
+    for extension, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        parts += [header, data, bytes(_padded(len(data)) - len(data))]
+    return b"".join(parts)
+
+
 class ShardWriter:
-    """Writes tar blocks itself and hashes them on the way out.
+    """Appends samples' tar blocks to a file and hashes them on the way out.
 
     tarfile's `addfile` costs about 0.1 ms per member (a file object per member, copyfileobj) and the finished file
-    had to be read back to hash it; the builder's single coordinating process does this for every sample, so here
-    each member is one header from `TarInfo.tobuf` (the bytes tarfile writes for USTAR), the data and its padding.
+    had to be read back to hash it; here each sample arrives as its blocks (`sample_blocks`) and is written once.
     """
 
     def __init__(self, path: str):
@@ -43,25 +58,18 @@ class ShardWriter:
         self.body_bytes = 0
         self.num_samples = 0
 
-    def size_with(self, members: dict[str, bytes]) -> int:
+    def size_with(self, blocks: bytes) -> int:
         """Size of the finished shard if this sample were added."""
-        return _finished(self.body_bytes + _member_blocks([len(data) for data in members.values()]))
+        return _finished(self.body_bytes + len(blocks))
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
         self._digest.update(data)
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        for extension, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
-            self._write(data + bytes(_padded(len(data)) - len(data)))
-        self.body_bytes += _member_blocks([len(data) for data in members.values()])
+    def add(self, blocks: bytes) -> None:
+        """Append one sample, as `sample_blocks` made it."""
+        self._write(blocks)
+        self.body_bytes += len(blocks)
         self.num_samples += 1
 
     def close(self) -> tuple[int, str]:

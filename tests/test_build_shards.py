@@ -13,10 +13,12 @@ import tarfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from faulty_proxy import FaultyProxy
 from imaging import image_folder, jpeg_bytes
 
 from data_pipeline.build_shards import main
@@ -236,9 +238,9 @@ def test_retry_failed_adds_what_now_works(tmp_path: Path) -> None:
     assert len(webdataset_samples(out)) == 7
 
 
-def test_killed_build_resumes_to_identical_output(tmp_path: Path) -> None:
+def _builder_command(tmp_path: Path) -> list[str]:
     image_folder(tmp_path / "in", {f"class{c}": 40 for c in range(4)}, size=(320, 240))
-    command = [
+    return [
         sys.executable,
         "-m",
         "data_pipeline.build_shards",
@@ -250,8 +252,19 @@ def test_killed_build_resumes_to_identical_output(tmp_path: Path) -> None:
         "--max-side",
         "200",
         "--workers",
-        "1",
+        "2",
     ]
+
+
+def _wait_for_records(output: Path, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(list((output / "_build").glob("train-*.json"))) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("killed", ["builder and workers", "one worker"])
+def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -> None:
+    command = _builder_command(tmp_path)
     clean = tmp_path / "clean"
     subprocess.run([*command, "--output", str(clean)], check=True, capture_output=True, cwd=ROOT)
 
@@ -261,19 +274,62 @@ def test_killed_build_resumes_to_identical_output(tmp_path: Path) -> None:
         cwd=ROOT,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 60
-    while len(list((resumed / "_build").glob("train-*.json"))) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # the builder and its worker, mid-run
-    process.wait()
+    _wait_for_records(resumed, 3)
+    if killed == "builder and workers":
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    else:
+        workers = [p for p in psutil.Process(process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[0].kill()
+        # A pool that lost a worker must not wait for it forever: one line, exit 3, the other worker gone too.
+        _, err = process.communicate(timeout=60)
+        last_line = err.replace("\r", "\n").strip().splitlines()[-1]
+        assert process.returncode == 3, err
+        assert last_line.startswith(f"build-shards: {resumed}: a worker process died"), err
+        assert "run the same command again" in last_line and "Traceback" not in err
+        assert not psutil.wait_procs(workers, timeout=10)[1]
     assert not (resumed / "index.json").exists(), "the build finished before it could be killed"
     done_before = {p.name for p in resumed.glob("*.tar")}
     assert 3 <= len(done_before) < len(list(clean.glob("*.tar")))
 
     subprocess.run([*command, "--output", str(resumed)], check=True, capture_output=True, cwd=ROOT)
     assert output_files(resumed) == output_files(clean)
+
+
+def test_failed_shard_upload_stops_with_one_line_and_a_rerun_finishes(
+    tmp_path: Path, s3: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import s3fs
+
+    command = _builder_command(tmp_path)[3:]
+    direct = ("--storage-option", f"endpoint_url={s3['endpoint_url']}")
+    assert build(*command, "--output", "s3://bucket/clean", *direct) == 0
+    with FaultyProxy(s3["endpoint_url"], every=0, fail_writes_to="resumed/train-000002.tar") as proxy:
+        code = build(
+            *command,
+            "--output",
+            "s3://bucket/resumed",
+            "--storage-option",
+            f"endpoint_url={proxy.url}",
+            "--storage-option",
+            'config_kwargs={"retries": {"max_attempts": 2}}',
+        )
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert code == 3
+    assert err.startswith("build-shards: s3://bucket/resumed/train-000002.tar: commit failed"), err
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    assert fs.exists("bucket/resumed/train-000001.tar") and not fs.exists("bucket/resumed/train-000002.tar")
+    assert not fs.exists("bucket/resumed/index.json")
+
+    assert build(*command, "--output", "s3://bucket/resumed", *direct) == 0
+    fs.invalidate_cache()
+    clean = {path.removeprefix("bucket/clean/"): fs.cat_file(path) for path in fs.find("bucket/clean")}
+    resumed = {path.removeprefix("bucket/resumed/"): fs.cat_file(path) for path in fs.find("bucket/resumed")}
+    assert resumed == clean
 
 
 def test_s3_manifest_to_s3_shards(tmp_path: Path, s3: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ from data_pipeline.builder import BuildOptions, build
 from data_pipeline.epoch_plan import Cursor, EpochPlan, Piece, reshard, split
 from data_pipeline.loader import LoaderStateError
 from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
-from data_pipeline.shard_writer import ShardWriter
+from data_pipeline.shard_writer import ShardWriter, sample_blocks
 from data_pipeline.shardlist import SourceError
 from data_pipeline.stream import LoaderError
 
@@ -227,7 +227,7 @@ def _corrupt(shards: Path, target: Path) -> dict[str, int]:
             sample["jpg"] = b"\xff\xd8 not really a jpeg"
         if n == 1:
             sample["cls"] = b"99"
-        rewritten.add(sample.pop("__key__"), sample)
+        rewritten.add(sample_blocks(sample.pop("__key__"), sample))
     rewritten.close()
     os.replace(target / "train-000000.tar.new", target / "train-000000.tar")
     # shard 1: cut inside the first member of its third sample, so only the first sample is known to be whole
