@@ -47,7 +47,14 @@ from data_pipeline.sources import (
     read_image_folder,
     read_manifest,
 )
-from data_pipeline.storage import commit_file, filesystem, is_local, join, write_bytes_atomic
+from data_pipeline.storage import (
+    commit_file,
+    filesystem,
+    is_local,
+    join,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+)
 
 SPLITS = ("train", "val")
 CHUNK = 16
@@ -215,6 +222,11 @@ class Output:
             record.model_dump_json().encode(),
         )
 
+    def remove_stale_temporaries(self) -> None:
+        """Half-written files of a killed run go, so that a finished re-run equals an uninterrupted run."""
+        for folder in (self.root, self.build_dir):
+            remove_stale_temporaries(self.fs, folder)
+
     def records(self) -> list[ShardRecord]:
         """Every readable build record; a record whose shard is missing or short is dropped (it is redone)."""
         records = []
@@ -367,10 +379,10 @@ class ShardAssembler:
         self.committer.close()
 
 
-def task(position: int, row: Row, corpus: Corpus, failure: str | None) -> Task:
+def task(position: int, row: Row, corpus: Corpus) -> Task:
     """What a worker needs to make the row's sample: its source, key and everything for .cls and .json."""
-    if failure is not None:
-        return Task(position, row.source, failure)
+    if row.failure is not None:
+        return Task(position, row.source, row.failure)
     metadata: dict[str, Any] = {"source": row.source, **row.metadata}
     cls = None
     if corpus.labelled:
@@ -388,7 +400,7 @@ def _outcomes(tasks: list[Task], options: BuildOptions) -> Iterator[Outcome]:
         yield from map(process, tasks)
         return
     # concurrent.futures, not multiprocessing.Pool: Pool's worker-handler thread also waits on the result pipe and
-    # spins while a result sits in it (0.2 ms of this process's CPU per image, a third of it, plus the GIL it takes
+    # spins while a result sits in it (0.2 ms of this process's CPU per image, half of it, plus the GIL it takes
     # from the writer), Pool.imap buffers results without bound when the writer falls behind, and a worker that
     # dies leaves Pool waiting forever where this raises BrokenProcessPool.
     # spawn, not fork: s3fs and aiohttp keep event loops and sockets that must not be shared with a child.
@@ -483,6 +495,7 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
     start = time.perf_counter()
     output = Output(options)
     output.check_writable()
+    output.remove_stale_temporaries()
     corpus = load_corpus(options)
     planned = plan(corpus, options.seed)
     build_id = fingerprint(options, planned)
@@ -505,7 +518,7 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
         for split in SPLITS:
             taken = [r.number for r in records if r.split == split and r.name]
             assembler.start(split, max(taken, default=-1) + 1, first_row=0)
-        tasks = [task(p, planned[p], corpus, None) for p in wanted]
+        tasks = [task(p, planned[p], corpus) for p in wanted]
     else:
         if existing is not None and existing.get("options") == options.recorded() and records:
             index = ShardIndex.model_validate(existing)
@@ -517,7 +530,7 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
             next_row[split] = prefix[-1].end_row if prefix else 0
             assembler.start(split, len(prefix), next_row[split])
         tasks = [
-            task(p, row, corpus, row.failure)
+            task(p, row, corpus)
             for p, row in enumerate(planned)
             if p >= next_row[split_of(row.key, options.val_fraction)]
         ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from typing import Any
 
@@ -48,6 +49,9 @@ def join(fs: fsspec.AbstractFileSystem, *parts: str) -> str:
     return fs.sep.join(part.rstrip(fs.sep) for part in parts)
 
 
+_TEMPORARY = re.compile(r".+\.tmp-[0-9a-f]{32}")
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole small file so that readers see the old content or the new, never a mix."""
     if is_local(fs):
@@ -59,6 +63,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Delete the temporary files a killed writer left in a local folder (object stores never have any)."""
+    if is_local(fs) and os.path.isdir(folder):
+        for entry in os.scandir(folder):
+            if entry.is_file() and _TEMPORARY.fullmatch(entry.name):
+                os.remove(entry.path)
 
 
 def commit_file(local_tmp: str, fs: fsspec.AbstractFileSystem, path: str) -> None:

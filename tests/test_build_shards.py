@@ -295,6 +295,9 @@ def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -
     assert not (resumed / "index.json").exists(), "the build finished before it could be killed"
     done_before = {p.name for p in resumed.glob("*.tar")}
     assert 3 <= len(done_before) < len(list(clean.glob("*.tar")))
+    # what a kill inside an atomic write leaves (the kill above lands there only now and then)
+    for stale in ("index.json", "_build/train-000000.json"):
+        (resumed / f"{stale}.tmp-{'0' * 32}").write_bytes(b'{"half')
 
     subprocess.run([*command, "--output", str(resumed)], check=True, capture_output=True, cwd=ROOT)
     assert output_files(resumed) == output_files(clean)

@@ -7,6 +7,7 @@ test here launches as few runs as it can.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -111,7 +112,11 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     assert list((run_dir / "monitor").rglob("*loss*.csv"))  # and its CSV monitor
     train = records(run_dir, "train")
     assert [r["step"] for r in train] == [8, 16, 24, 32, 40, 48, 56, 64]
-    assert train[-1]["loss"] < train[0]["loss"] - 0.2, [r["loss"] for r in train]
+    # Trained: below ln(10), the loss of the zero-initialised head, by a margin a run that does not learn never
+    # reaches. Not a fixed drop from the first logged loss: under zero.Init ZeRO-3 draws the same initial
+    # distributions in another order, so its run is another seed's, and seed 0's draw learns slowly here (2.13 at
+    # step 64; ZeRO-3 with seed 1 reached 1.79, ZeRO-2 1.86-1.93 with seeds 0-2).
+    assert train[-1]["loss"] < math.log(10) - 0.1, [r["loss"] for r in train]
     assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["mfu"] > 0 for r in train)
     # the planner's step time for this run (32 images on 2 ranks at logging.expected_mfu of a 1 TFLOP/s peak) is
     # logged next to the measured one
@@ -119,7 +124,7 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     assert all(r["predicted_step_s"] == pytest.approx(planned) and r["step_s"] > 0 for r in train)
     assert f"(plan {planned:.3g} s)" in output
     evaluation = records(run_dir, "eval")[-1]
-    assert evaluation["images"] == 361 and 0.1 < evaluation["top1"] <= evaluation["top5"]
+    assert evaluation["images"] == 361 and 0.2 < evaluation["top1"] <= evaluation["top5"]  # chance is 0.1
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000064"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000048", "step-00000064"]
     assert "step 64/64 | epoch" in output and "eval step 64 | top1" in output
