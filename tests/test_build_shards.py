@@ -238,12 +238,10 @@ def test_retry_failed_adds_what_now_works(tmp_path: Path) -> None:
     assert len(webdataset_samples(out)) == 7
 
 
-def _builder_command(tmp_path: Path) -> list[str]:
+def _corpus_and_options(tmp_path: Path) -> list[str]:
+    """Write a 160-image folder under tmp_path; return build-shards arguments for it, all but --output."""
     image_folder(tmp_path / "in", {f"class{c}": 40 for c in range(4)}, size=(320, 240))
     return [
-        sys.executable,
-        "-m",
-        "data_pipeline.build_shards",
         str(tmp_path / "in"),
         "--max-samples-per-shard",
         "8",
@@ -264,7 +262,7 @@ def _wait_for_records(output: Path, count: int) -> None:
 
 @pytest.mark.parametrize("killed", ["builder and workers", "one worker"])
 def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -> None:
-    command = _builder_command(tmp_path)
+    command = [sys.executable, "-m", "data_pipeline.build_shards", *_corpus_and_options(tmp_path)]
     clean = tmp_path / "clean"
     subprocess.run([*command, "--output", str(clean)], check=True, capture_output=True, cwd=ROOT)
 
@@ -308,12 +306,12 @@ def test_failed_shard_upload_stops_with_one_line_and_a_rerun_finishes(
 ) -> None:
     import s3fs
 
-    command = _builder_command(tmp_path)[3:]
+    arguments = _corpus_and_options(tmp_path)
     direct = ("--storage-option", f"endpoint_url={s3['endpoint_url']}")
-    assert build(*command, "--output", "s3://bucket/clean", *direct) == 0
+    assert build(*arguments, "--output", "s3://bucket/clean", *direct) == 0
     with FaultyProxy(s3["endpoint_url"], every=0, fail_writes_to="resumed/train-000002.tar") as proxy:
         code = build(
-            *command,
+            *arguments,
             "--output",
             "s3://bucket/resumed",
             "--storage-option",
@@ -321,14 +319,14 @@ def test_failed_shard_upload_stops_with_one_line_and_a_rerun_finishes(
             "--storage-option",
             'config_kwargs={"retries": {"max_attempts": 2}}',
         )
-    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    last_line = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert code == 3
-    assert err.startswith("build-shards: s3://bucket/resumed/train-000002.tar: commit failed"), err
+    assert last_line.startswith("build-shards: s3://bucket/resumed/train-000002.tar: commit failed"), last_line
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
     assert fs.exists("bucket/resumed/train-000001.tar") and not fs.exists("bucket/resumed/train-000002.tar")
     assert not fs.exists("bucket/resumed/index.json")
 
-    assert build(*command, "--output", "s3://bucket/resumed", *direct) == 0
+    assert build(*arguments, "--output", "s3://bucket/resumed", *direct) == 0
     fs.invalidate_cache()
     clean = {path.removeprefix("bucket/clean/"): fs.cat_file(path) for path in fs.find("bucket/clean")}
     resumed = {path.removeprefix("bucket/resumed/"): fs.cat_file(path) for path in fs.find("bucket/resumed")}
