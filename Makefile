@@ -18,14 +18,15 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m pretrain.demo --config configs/demo_digits.json
+	$(BIN)/python -m pretrain.demos.digits --config configs/demo_digits.json
 
 # Masked patch prediction without labels, few-shot probes, fine-tuning on 10% of the labels vs from scratch.
 demo-mpp: $(VENV)/.installed
-	$(BIN)/python -m pretrain.demo_mpp
+	$(BIN)/python -m pretrain.demos.digits_mpp
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -m "not bench"
 
 # Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.

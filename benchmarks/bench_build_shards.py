@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from data_pipeline.builder import BuildOptions, build
-from data_pipeline.images import ImageOptions
+from data_pipeline.build.builder import BuildOptions, build
+from data_pipeline.build.images import ImageOptions
 
 MAX_SIDE = 384
 QUALITY = 95
@@ -52,8 +52,13 @@ def baseline(files: list[Path]) -> float:
 
 
 def builder(corpus: Path, output: Path, workers: int) -> float:
-    options = BuildOptions(input=str(corpus), output=str(output), max_samples_per_shard=100, workers=workers,
-                           image=ImageOptions(max_side=MAX_SIDE, quality=QUALITY))
+    options = BuildOptions(
+        input=str(corpus),
+        output=str(output),
+        max_samples_per_shard=100,
+        workers=workers,
+        image=ImageOptions(max_side=MAX_SIDE, quality=QUALITY),
+    )
     start = time.perf_counter()
     result = build(options)
     elapsed = time.perf_counter() - start
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     scaling = statistics.median(scalings)
     ok = scaling >= 1.7
     print(
-        f"  2 workers / 1 worker: {scaling:.2f}x, median of the rounds' " + ", ".join(f"{r:.2f}" for r in scalings)
+        f"  2 workers / 1 worker: {scaling:.2f}x, median of the rounds' "
+        + ", ".join(f"{r:.2f}" for r in scalings)
         + f" (target >= 1.70x): {'met' if ok else 'MISSED'}"
     )
     return 0 if ok else 1

@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with torch.device("meta"):
         fp32_gb = sum(p.numel() for p in create_model("H/14", num_classes=1000).parameters()) * 4 / 1e9
-    imports, _ = peak_resident_gb([sys.executable, "-c", "import deepspeed, transformers, pretrain.convert"])
-    print(f"\ncheckpoint conversion, H/14: fp32 size {fp32_gb:.2f} GB; importing the converter alone peaks at "
-          f"{imports:.2f} GB; target <= {TARGET:.0f}x the fp32 size")
+    imports, _ = peak_resident_gb([sys.executable, "-c", "import deepspeed, transformers, pretrain.weights.convert"])
+    print(
+        f"\ncheckpoint conversion, H/14: fp32 size {fp32_gb:.2f} GB; importing the converter alone peaks at "
+        f"{imports:.2f} GB; target <= {TARGET:.0f}x the fp32 size"
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-convert-"))
     met = True
     try:
@@ -56,13 +58,24 @@ def main(argv: list[str] | None = None) -> int:
             train(run_dir, config(run_dir, "H/14", stage, steps=2, batch=2, overrides=overrides, checkpoint_every=2))
             for target in ("hf", "timm", "native"):
                 out = work / f"{target}-zero{stage}"
-                command = [sys.executable, "-m", "pretrain.convert", str(run_dir / "checkpoints"), "--to", target,
-                           "--keep-head", "--out", str(out)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "pretrain.weights.convert",
+                    str(run_dir / "checkpoints"),
+                    "--to",
+                    target,
+                    "--keep-head",
+                    "--out",
+                    str(out),
+                ]
                 peak, seconds = peak_resident_gb(command)
                 ratio = peak / fp32_gb
                 met &= ratio <= TARGET
-                print(f"  ZeRO-{stage}, 2 ranks -> {target:6s}: peak {peak:5.2f} GB = {ratio:.2f}x fp32 in "
-                      f"{seconds:.0f} s: {'met' if ratio <= TARGET else 'MISSED'}")
+                print(
+                    f"  ZeRO-{stage}, 2 ranks -> {target:6s}: peak {peak:5.2f} GB = {ratio:.2f}x fp32 in "
+                    f"{seconds:.0f} s: {'met' if ratio <= TARGET else 'MISSED'}"
+                )
                 shutil.rmtree(out)
             shutil.rmtree(run_dir)
     finally:

@@ -33,9 +33,9 @@ import torch
 
 from benchmarks.bench_build_shards import make_corpus
 from data_pipeline import make_loader
-from data_pipeline.builder import BuildOptions, build
-from data_pipeline.images import ImageOptions
-from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
+from data_pipeline.build.builder import BuildOptions, build
+from data_pipeline.build.images import ImageOptions
+from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
 
 IMAGE_SIZE = 224
 DECODE_ROUNDS = 3
@@ -49,8 +49,15 @@ def rss_bytes() -> int:
 
 def build_shards(root: Path, images: int) -> Path:
     make_corpus(root / "images", images, (1024, 768))
-    build(BuildOptions(input=str(root / "images"), output=str(root / "shards"), max_samples_per_shard=100,
-                       workers=2, image=ImageOptions(max_side=512, quality=90)))
+    build(
+        BuildOptions(
+            input=str(root / "images"),
+            output=str(root / "shards"),
+            max_samples_per_shard=100,
+            workers=2,
+            image=ImageOptions(max_side=512, quality=90),
+        )
+    )
     shutil.rmtree(root / "images")
     return root / "shards"
 
@@ -59,8 +66,9 @@ def baseline_decode(shards: Path, limit: int) -> float:
     import webdataset as wds
     from torchvision import transforms
 
-    transform = transforms.Compose([transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip(),
-                                    transforms.PILToTensor()])
+    transform = transforms.Compose(
+        [transforms.RandomResizedCrop(IMAGE_SIZE), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
+    )
     urls = [str(path) for path in sorted(shards.glob("train-*.tar"))]
     dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "cls")
     start = time.perf_counter()
@@ -113,13 +121,19 @@ def moto_server() -> Iterator[str]:
     """An S3 endpoint on loopback, served by moto in its own process (in this one its request threads would
     compete for the GIL with what is measured); credentials for it in the environment."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         endpoint = f"http://127.0.0.1:{port}"
         wait_for(endpoint)
-        for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             os.environ.setdefault(name, value)
         yield endpoint
     finally:
@@ -137,13 +151,15 @@ def s3_bandwidth(shards: Path) -> dict[str, list[float]]:
         fs.mkdir("bench")
         fs.put(str(shards) + "/", "bench/shards/", recursive=True)
         paths = sorted(fs.glob("bench/shards/train-*.tar"))
-        readers = {"raw s3fs, sequential": lambda: raw_s3fs_read(fs, paths),
-                   "loader reader, 1 stream": lambda: loader_read(fs, paths, 1),
-                   "loader reader, 4 streams": lambda: loader_read(fs, paths, 4)}
+        readers = {
+            "raw s3fs, sequential": lambda: raw_s3fs_read(fs, paths),
+            "loader reader, 1 stream": lambda: loader_read(fs, paths, 1),
+            "loader reader, 4 streams": lambda: loader_read(fs, paths, 4),
+        }
         rates: dict[str, list[float]] = {name: [] for name in readers}
         names = list(readers)
         for round_ in range(S3_ROUNDS):
-            for name in names[round_ % 3:] + names[:round_ % 3]:
+            for name in names[round_ % 3 :] + names[: round_ % 3]:
                 rates[name].append(readers[name]())
         return rates
 
@@ -195,32 +211,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nloader: {args.images} JPEGs (shorter side 512) in {mib:.0f} MiB of shards, crops {IMAGE_SIZE} px")
 
         # best of interleaved rounds: on a shared 2-core machine a single pass of each varies by 15%
-        rounds = [(baseline_decode(shards, args.images), loader_decode(shards, args.images))
-                  for _ in range(DECODE_ROUNDS)]
+        rounds = [
+            (baseline_decode(shards, args.images), loader_decode(shards, args.images)) for _ in range(DECODE_ROUNDS)
+        ]
         baseline, ours = max(b for b, _ in rounds), max(o for _, o in rounds)
         print(f"  decode+augment, 1 process, best of {DECODE_ROUNDS} rounds:")
         print(f"                             webdataset+PIL+torchvision {baseline:7.1f} images/s")
-        print(f"                             make_loader                  {ours:7.1f} images/s  {ours / baseline:5.2f}x"
-              f" (target >= 2.00x): {'met' if ours >= 2 * baseline else 'MISSED'}")
+        print(
+            f"                             make_loader                  {ours:7.1f} images/s  {ours / baseline:5.2f}x"
+            f" (target >= 2.00x): {'met' if ours >= 2 * baseline else 'MISSED'}"
+        )
         met &= ours >= 2 * baseline
 
         # Moto and the reader share the two cores, so one pass of the raw read alone varies by 25% here: each ratio
         # is the median over the rounds of the ratio within a round (whose passes run back to back)
         rates = s3_bandwidth(shards)
         raw = rates["raw s3fs, sequential"]
-        ratios = {name: statistics.median(ours / theirs for ours, theirs in zip(values, raw, strict=True))
-                  for name, values in rates.items()}
+        ratios = {
+            name: statistics.median(ours / theirs for ours, theirs in zip(values, raw, strict=True))
+            for name, values in rates.items()
+        }
         for name, values in rates.items():
-            print(f"  S3 via moto, {name:26s} median {statistics.median(values) / 2**20:7.1f} MiB/s, "
-                  f"ratio within rounds {ratios[name]:5.2f}x (median of {S3_ROUNDS} rounds)")
+            print(
+                f"  S3 via moto, {name:26s} median {statistics.median(values) / 2**20:7.1f} MiB/s, "
+                f"ratio within rounds {ratios[name]:5.2f}x (median of {S3_ROUNDS} rounds)"
+            )
         one = ratios["loader reader, 1 stream"]
         print(f"  one stream / raw s3fs: {one:.2f}x (target >= 0.90x): {'met' if one >= 0.9 else 'MISSED'}")
         met &= one >= 0.9
 
         readings = memory_over_epochs(shards, args.epochs)
         growth = readings[-1] / readings[0] - 1
-        print(f"  resident memory after epochs 1..{len(readings)}: "
-              + " ".join(f"{reading / 2**20:.0f}" for reading in readings) + " MiB")
+        print(
+            f"  resident memory after epochs 1..{len(readings)}: "
+            + " ".join(f"{reading / 2**20:.0f}" for reading in readings)
+            + " MiB"
+        )
         print(f"  growth after the first epoch: {growth:+.1%} (target < 5%): {'met' if growth < 0.05 else 'MISSED'}")
         met &= growth < 0.05
     finally:

@@ -18,24 +18,33 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.config import ConfigError, load_config
+from data_pipeline.commands import UserError, reports_user_errors
+from pretrain.config import load_config
 
 ROOT = Path(__file__).resolve().parent
-TEMPLATES = {"slurm": ROOT / "slurm" / "pretrain.sbatch", "pytorchjob": ROOT / "k8s" / "pytorchjob.yaml",
-             "jobset": ROOT / "k8s" / "jobset.yaml"}
+TEMPLATES = {
+    "slurm": ROOT / "slurm" / "pretrain.sbatch",
+    "pytorchjob": ROOT / "k8s" / "pytorchjob.yaml",
+    "jobset": ROOT / "k8s" / "jobset.yaml",
+}
 
 
 def kubernetes_name(name: str) -> str:
     """A run name as a DNS-1123 label (lower case, digits and '-'), as Kubernetes object names must be."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50]
     if not label:
-        raise ValueError(f"--name {name!r}: no letters or digits to make a Kubernetes name from")
+        raise UserError(f"--name {name!r}: no letters or digits to make a Kubernetes name from")
     return label
 
 
 def render_slurm(args: argparse.Namespace, name: str) -> str:
-    settings = {"job-name": name, "nodes": str(args.nodes), "ntasks-per-node": str(args.gpus_per_node),
-                "time": args.time, "signal": f"USR1@{args.grace_seconds}"}
+    settings = {
+        "job-name": name,
+        "nodes": str(args.nodes),
+        "ntasks-per-node": str(args.gpus_per_node),
+        "time": args.time,
+        "signal": f"USR1@{args.grace_seconds}",
+    }
     extra = [f"gpus-per-node={args.gpus_per_node}", f"cpus-per-task={args.cpus_per_gpu}"]
     if args.partition:
         extra.append(f"partition={args.partition}")
@@ -57,11 +66,21 @@ def render_slurm(args: argparse.Namespace, name: str) -> str:
 def render_kubernetes(args: argparse.Namespace, name: str) -> str:
     template = TEMPLATES[args.target].read_text()
     command = ["bash", "cluster/k8s/launch.sh", args.config, *(f"--set={o}" for o in args.overrides)]
-    values = {"name": name, "image": args.image, "command": json.dumps(command), "workdir": args.workdir,
-              "nodes": args.nodes, "workers": args.nodes - 1, "gpus_per_node": args.gpus_per_node,
-              "cpus_per_node": args.cpus_per_gpu * args.gpus_per_node, "memory_per_node": args.memory_per_node,
-              "shm_size": args.shm_size, "s3_secret": args.s3_secret, "grace_seconds": args.grace_seconds,
-              "backoff_limit": args.backoff_limit}
+    values = {
+        "name": name,
+        "image": args.image,
+        "command": json.dumps(command),
+        "workdir": args.workdir,
+        "nodes": args.nodes,
+        "workers": args.nodes - 1,
+        "gpus_per_node": args.gpus_per_node,
+        "cpus_per_node": args.cpus_per_gpu * args.gpus_per_node,
+        "memory_per_node": args.memory_per_node,
+        "shm_size": args.shm_size,
+        "s3_secret": args.s3_secret,
+        "grace_seconds": args.grace_seconds,
+        "backoff_limit": args.backoff_limit,
+    }
     manifest = yaml.safe_load(string.Template(template).substitute(values))
     if args.target == "pytorchjob" and args.nodes == 1:
         del manifest["spec"]["pytorchReplicaSpecs"]["Worker"]  # the operator refuses zero replicas
@@ -71,24 +90,43 @@ def render_kubernetes(args: argparse.Namespace, name: str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cluster.render", description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=list(TEMPLATES), help="slurm (sbatch script), pytorchjob (Kubeflow "
-                        "training operator), jobset (JobSet)")
+    parser.add_argument(
+        "target",
+        choices=list(TEMPLATES),
+        help="slurm (sbatch script), pytorchjob (Kubeflow training operator), jobset (JobSet)",
+    )
     parser.add_argument("--nodes", type=int, required=True, help="nodes (one pod per node on Kubernetes)")
     parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node; one rank each")
-    parser.add_argument("--config", required=True, help="run config, a path relative to the repository root "
-                        "(the job runs from there, in the image on Kubernetes)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, validated here and passed on to the job")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="run config, a path relative to the repository root (the job runs from there, in the image on Kubernetes)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, validated here and passed on to the job",
+    )
     parser.add_argument("--name", help="job name (default: the config's run.name)")
     parser.add_argument("--image", help="container image holding this repository (Kubernetes; required there)")
     parser.add_argument("--workdir", default="/workspace", help="the repository's folder inside the image")
-    parser.add_argument("--s3-secret", default="s3-credentials",
-                        help="Kubernetes Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pods' environment")
+    parser.add_argument(
+        "--s3-secret",
+        default="s3-credentials",
+        help="Kubernetes Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the pods' environment",
+    )
     parser.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU cores per GPU, for data-loader workers")
     parser.add_argument("--memory-per-node", default="512Gi", help="memory request per pod (Kubernetes)")
     parser.add_argument("--shm-size", default="64Gi", help="/dev/shm size per pod (Kubernetes)")
-    parser.add_argument("--grace-seconds", type=int, default=300,
-                        help="seconds between the preemption signal and the kill, for the checkpoint")
+    parser.add_argument(
+        "--grace-seconds",
+        type=int,
+        default=300,
+        help="seconds between the preemption signal and the kill, for the checkpoint",
+    )
     parser.add_argument("--backoff-limit", type=int, default=10, help="restarts before the job is failed")
     parser.add_argument("--time", default="48:00:00", help="Slurm time limit per start of the job")
     parser.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
@@ -101,15 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        name = args.name or config.run.name
-        job_name = name if args.target == "slurm" else kubernetes_name(name)
-    except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    name = args.name or config.run.name
+    job_name = name if args.target == "slurm" else kubernetes_name(name)
     if args.target == "slurm":
         text, out = render_slurm(args, job_name), args.out or f"{job_name}.sbatch"
         submit = f"sbatch {out}" + "".join(f" --set {o}" for o in args.overrides)
@@ -118,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         submit = f"kubectl apply -f {out}"
     Path(out).write_text(text)
     world = args.nodes * args.gpus_per_node
-    print(f"{out}: {args.target} job {job_name}, {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} "
-          f"ranks; submit with: {submit}")
+    print(
+        f"{out}: {args.target} job {job_name}, {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} "
+        f"ranks; submit with: {submit}"
+    )
     return 0
 
 

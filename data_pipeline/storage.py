@@ -6,7 +6,6 @@ rename; on object stores a single PUT (or a completed multipart upload) is alrea
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import uuid
@@ -14,23 +13,6 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-
-
-def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
-    """`["endpoint_url=http://127.0.0.1:9000", "anon=false"]` -> {"endpoint_url": ..., "anon": False}.
-
-    Values are JSON where they parse (numbers, true/false), otherwise strings.
-    """
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--storage-option {pair}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return options
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

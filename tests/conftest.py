@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Iterator
@@ -30,17 +31,27 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Storage options for s3fs with credentials in the environment, as users set them; a fresh bucket per test."""
+@contextlib.contextmanager
+def s3_bucket(endpoint_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Storage options for s3fs with credentials in the environment, as users set them, and an empty bucket `bucket`
+    that is removed on leaving (a module-scoped fixture passes `pytest.MonkeyPatch.context()`)."""
     import s3fs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    options = {"endpoint_url": s3_server}
+    options = {"endpoint_url": endpoint_url}
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
     fs.mkdir("bucket")
-    yield options
-    fs.rm("bucket", recursive=True)
-    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield options
+    finally:
+        fs.rm("bucket", recursive=True)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Storage options for s3fs with credentials in the environment, as users set them; a fresh bucket per test."""
+    with s3_bucket(s3_server, monkeypatch) as options:
+        yield options

@@ -20,8 +20,14 @@ import kubeflow_trainer_api.models as trainer_models
 import kubernetes.client.models as core_models
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-PRIMITIVES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float),
-                                           "object": (object,), "datetime": (str,)}
+PRIMITIVES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "float": (int, float),
+    "object": (object,),
+    "datetime": (str,),
+}
 
 
 def _classic(value: Any, type_name: str, path: str, problems: list[str]) -> None:
@@ -80,8 +86,11 @@ def _pydantic(value: Any, annotation: Any, path: str, problems: list[str]) -> No
             problems.append(f"{path}: expected a {name} mapping")
             return
         problems += [f"{path}.{key}: unknown field of {name}" for key in value if key not in fields]
-        problems += [f"{path}.{key}: required by {name}" for key, field in fields.items()
-                     if field.is_required() and key not in value]
+        problems += [
+            f"{path}.{key}: required by {name}"
+            for key, field in fields.items()
+            if field.is_required() and key not in value
+        ]
         for key, item in value.items():
             if key in fields:
                 _pydantic(item, fields[key].annotation, f"{path}.{key}", problems)

@@ -60,14 +60,14 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={folder / 'munge.sock'},cred_expire=10
+AuthInfo=socket={folder / "munge.sock"},cred_expire=10
 CredType=cred/munge
-StateSaveLocation={folder / 'state'}
-SlurmdSpoolDir={folder / 'spool'}
-SlurmctldPidFile={folder / 'slurmctld.pid'}
-SlurmdPidFile={folder / 'slurmd.pid'}
-SlurmctldLogFile={folder / 'log' / 'slurmctld.log'}
-SlurmdLogFile={folder / 'log' / 'slurmd.log'}
+StateSaveLocation={folder / "state"}
+SlurmdSpoolDir={folder / "spool"}
+SlurmctldPidFile={folder / "slurmctld.pid"}
+SlurmdPidFile={folder / "slurmd.pid"}
+SlurmctldLogFile={folder / "log" / "slurmctld.log"}
+SlurmdLogFile={folder / "log" / "slurmd.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -87,9 +87,19 @@ PartitionName=debug Nodes=node0 Default=YES MaxTime=INFINITE State=UP
         key = self.folder / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={self.folder / 'munge.sock'}",
-                        f"--pid-file={self.folder / 'munged.pid'}", f"--log-file={self.folder / 'log' / 'munged.log'}",
-                        f"--seed-file={self.folder / 'munge.seed'}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "munged",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.folder / 'munge.sock'}",
+                f"--pid-file={self.folder / 'munged.pid'}",
+                f"--log-file={self.folder / 'log' / 'munged.log'}",
+                f"--seed-file={self.folder / 'munge.seed'}",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> SlurmCluster:
         self._write_config()

@@ -7,9 +7,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
-from pretrain.analyze import (
+from pretrain.demos.digits import write_digits
+from pretrain.evaluate.analyze import (
     attention_maps,
     attention_rollout,
     filter_components,
@@ -17,9 +19,9 @@ from pretrain.analyze import (
     mean_attention_distance,
     position_similarity,
 )
-from pretrain.convert import Weights, write_native
-from pretrain.demo import write_digits
-from pretrain.model import create_model, sincos_2d
+from pretrain.model import ModelDescription, create_model, sincos_2d
+from pretrain.weights.model_weights import Weights
+from pretrain.weights.native import write_native
 
 GRID, PATCH = (3, 4), 8
 TOKENS = 1 + GRID[0] * GRID[1]
@@ -32,8 +34,9 @@ def test_identity_attention_has_distance_zero_and_uniform_the_mean_pairwise_dist
     centres = [(r * PATCH, c * PATCH) for r in range(GRID[0]) for c in range(GRID[1])]
     pairs = list(itertools.product(centres, centres))  # every query with every key, itself included
     expected = sum(math.dist(a, b) for a, b in pairs) / len(pairs)
-    assert torch.allclose(mean_attention_distance(uniform, GRID, PATCH, 1), torch.full((3,), expected,
-                                                                                         dtype=torch.float64))
+    assert torch.allclose(
+        mean_attention_distance(uniform, GRID, PATCH, 1), torch.full((3,), expected, dtype=torch.float64)
+    )
 
 
 def test_rollout_through_identity_attention_is_the_identity():
@@ -75,25 +78,56 @@ def test_recomputed_attention_reproduces_the_models_own_blocks():
         assert torch.allclose(block.attn.proj(mixed), block.attn(block.norm1(x)), atol=1e-5)
 
 
+@pytest.mark.slow  # writes 1,797 digits and renders five figures
 def test_cli_writes_every_figure_and_the_summary(tmp_path: Path, capsys):
     torch.manual_seed(0)
-    kwargs = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "patch_size": 4, "image_size": 32,
-              "num_classes": 10, "pool": "token", "pos_embed": "learned", "representation_size": None,
-              "stem_stages": None}
-    write_native(Weights(kwargs, create_model("Ti/4", **kwargs).state_dict()), tmp_path / "weights")
+    model = ModelDescription(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, image_size=32, num_classes=10)
+    write_native(Weights(model, model.build().state_dict()), tmp_path / "weights")
     write_digits(tmp_path / "digits", size=32)
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in (
-        {"kind": "train", "step": 10, "loss": 2.0, "lr": 1e-3, "images_per_s": 100.0},
-        {"kind": "train", "step": 20, "loss": 1.5, "lr": 5e-4, "images_per_s": 110.0},
-        {"kind": "eval", "step": 20, "top1": 0.5})))
-    assert main(["--checkpoint", str(tmp_path / "weights"), "--images", str(tmp_path / "digits"),
-                 "--out", str(tmp_path / "out"), "--num-images", "8", "--metrics", str(metrics)]) == 0
+    metrics.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in (
+                {"kind": "train", "step": 10, "loss": 2.0, "lr": 1e-3, "images_per_s": 100.0},
+                {"kind": "train", "step": 20, "loss": 1.5, "lr": 5e-4, "images_per_s": 110.0},
+                {"kind": "eval", "step": 20, "top1": 0.5},
+            )
+        )
+    )
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "weights"),
+                "--images",
+                str(tmp_path / "digits"),
+                "--out",
+                str(tmp_path / "out"),
+                "--num-images",
+                "8",
+                "--metrics",
+                str(metrics),
+            ]
+        )
+        == 0
+    )
     assert "figures and summary.json from 8 images" in capsys.readouterr().out
     for name in ("embedding_filters", "position_similarity", "attention_distance", "attention_rollout", "curves"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000, name
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(summary["mean_attention_distance_px"]) == 2 and len(summary["mean_attention_distance_px"][0]) == 2
     assert len(summary["filter_variance_explained"]) == 28
-    assert main(["--checkpoint", str(tmp_path / "nothing"), "--images", str(tmp_path / "digits"),
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "nothing"),
+                "--images",
+                str(tmp_path / "digits"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )

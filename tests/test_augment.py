@@ -12,10 +12,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipeline import augment as augment_module
-from data_pipeline.augment import Augment, centre_box, decode, random_resized_box
-from data_pipeline.images import ImageOptions, encode_image
-from data_pipeline.jpeg_band import row_band, strip_layout
+from data_pipeline.build.images import ImageOptions, encode_image
+from data_pipeline.load import augment as augment_module
+from data_pipeline.load.augment import Augment, centre_box, decode, random_resized_box
+from data_pipeline.load.jpeg_band import row_band, strip_layout
 
 
 def test_evaluation_crop_matches_torchvision_resize_and_centre_crop():
@@ -33,14 +33,18 @@ def test_reduced_scale_decode_keeps_the_crop_sharp():
     augment = Augment(256, train=False, eval_crop_fraction=2 / 3)
     fast = decode(data, augment, np.random.default_rng(0)).float()
     left, top, w, h = centre_box(1200, 900, 2 / 3)
-    full = Image.open(io.BytesIO(data)).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR,
-                                                              box=(left, top, left + w, top + h))
+    full = (
+        Image.open(io.BytesIO(data))
+        .convert("RGB")
+        .resize((256, 256), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    )
     assert (fast - torch.from_numpy(np.array(full)).permute(2, 0, 1).float()).abs().mean() < 2.5
 
 
 @pytest.mark.parametrize(("size", "crop", "decoded_width"), [((683, 512), 448, 342), ((1001, 750), 900, 251)])
-def test_crops_of_odd_sized_images_decode_at_reduced_scale(size: tuple[int, int], crop: int, decoded_width: int,
-                                                          monkeypatch: pytest.MonkeyPatch):
+def test_crops_of_odd_sized_images_decode_at_reduced_scale(
+    size: tuple[int, int], crop: int, decoded_width: int, monkeypatch: pytest.MonkeyPatch
+):
     # 683 x 512 with a 448 px crop to 224: half scale; 1001 x 750 with a 900 px crop to 224: quarter scale
     data = encode_image(jpeg_bytes(*size, seed=4, quality=95), ImageOptions(max_side=1024, quality=90)).jpeg
     decoded = []
@@ -115,7 +119,7 @@ def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[in
         pixels = full_decode(band.jpeg)
         assert pixels.shape == (3, band.height, width)
         # the rows asked for are exact; a neighbouring strip is there only when they reach a cut's edge row
-        assert torch.equal(pixels[:, top - band.top:bottom - band.top], whole[:, top:bottom]), (top, bottom)
+        assert torch.equal(pixels[:, top - band.top : bottom - band.top], whole[:, top:bottom]), (top, bottom)
         assert band.top > top - 17 and band.top + band.height < bottom + 17
         # at half scale (the loader's rounding of rows included) with the margin the loader asks for
         band = row_band(data, layout, top, bottom, edge_rows=4)
@@ -124,7 +128,7 @@ def test_a_row_band_decodes_to_the_same_pixels_as_the_whole_image(size: tuple[in
         start, stop = round(top / 2), max(round(top / 2) + 1, round(bottom / 2))
         half = scaled_decode(band.jpeg, 2)
         assert half.shape[1] == whole_half.shape[1]
-        assert np.array_equal(half[start - band.top // 2:stop - band.top // 2], whole_half[start:stop]), (top, bottom)
+        assert np.array_equal(half[start - band.top // 2 : stop - band.top // 2], whole_half[start:stop]), (top, bottom)
 
 
 def test_jpegs_without_the_layout_are_decoded_whole():
@@ -134,9 +138,15 @@ def test_jpegs_without_the_layout_are_decoded_whole():
     Image.open(io.BytesIO(stored)).save(out, format="JPEG", quality=90, progressive=True, restart_marker_rows=1)
     png = io.BytesIO()
     photo(64, 48, seed=0).save(png, format="PNG")
-    for data in (jpeg_bytes(320, 240, seed=4),  # no restart markers (a camera's file, or --no-reencode)
-                 out.getvalue(),  # progressive
-                 stored[:2000], stored[:300], stored[:3], b"", png.getvalue()):
+    for data in (
+        jpeg_bytes(320, 240, seed=4),  # no restart markers (a camera's file, or --no-reencode)
+        out.getvalue(),  # progressive
+        stored[:2000],
+        stored[:300],
+        stored[:3],
+        b"",
+        png.getvalue(),
+    ):
         assert strip_layout(data) is None
 
 
@@ -145,7 +155,7 @@ def test_decoding_a_band_gives_the_crops_of_a_whole_decode(monkeypatch: pytest.M
     data = stored_jpeg(683, 512, seed=5)
     augments = [Augment(224, train=True), Augment(96, train=True), Augment(224, train=False)]
     banded = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
-    monkeypatch.setattr("data_pipeline.augment.row_band", lambda *args, **kwargs: None)
+    monkeypatch.setattr("data_pipeline.load.augment.row_band", lambda *args, **kwargs: None)
     whole = [decode(data, augment, np.random.default_rng(n)) for augment in augments for n in range(30)]
     assert all(torch.equal(a, b) for a, b in zip(banded, whole, strict=True))
 

@@ -21,8 +21,8 @@ import webdataset as wds
 from faulty_proxy import FaultyProxy
 from imaging import image_folder, jpeg_bytes
 
-from data_pipeline.build_shards import main
-from data_pipeline.index import ShardIndex
+from data_pipeline.build.cli import main
+from data_pipeline.format.index import ShardIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,12 +210,12 @@ def test_missing_input_and_unwritable_output_exit_2_before_work(
 ) -> None:
     assert build(str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"build-shards: {tmp_path / 'nowhere'}: no such folder; pass an image-folder tree or a manifest file"
+    assert err == f"error: {tmp_path / 'nowhere'}: no such folder; pass an image-folder tree or a manifest file"
     image_folder(tmp_path / "in", {"a": 1})
     (tmp_path / "file").write_text("x")
     assert build(str(tmp_path / "in"), "--output", str(tmp_path / "file" / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"build-shards: {tmp_path / 'file' / 'out'}: cannot write the output") and "\n" not in err
+    assert err.startswith(f"error: {tmp_path / 'file' / 'out'}: cannot write the output") and "\n" not in err
 
 
 def test_retry_failed_adds_what_now_works(tmp_path: Path) -> None:
@@ -260,9 +260,10 @@ def _wait_for_records(output: Path, count: int) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", ["builder and workers", "one worker"])
 def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -> None:
-    command = [sys.executable, "-m", "data_pipeline.build_shards", *_corpus_and_options(tmp_path)]
+    command = [sys.executable, "-m", "data_pipeline.build.cli", *_corpus_and_options(tmp_path)]
     clean = tmp_path / "clean"
     subprocess.run([*command, "--output", str(clean)], check=True, capture_output=True, cwd=ROOT)
 
@@ -287,7 +288,7 @@ def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -
         _, err = process.communicate(timeout=60)
         last_line = err.replace("\r", "\n").strip().splitlines()[-1]
         assert process.returncode == 3, err
-        assert last_line.startswith(f"build-shards: {resumed}: a worker process died"), err
+        assert last_line.startswith(f"error: {resumed}: a worker process died"), err
         assert "run the same command again" in last_line and "Traceback" not in err
         assert not psutil.wait_procs(workers, timeout=10)[1]
     assert not (resumed / "index.json").exists(), "the build finished before it could be killed"
@@ -301,6 +302,7 @@ def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -
     assert output_files(resumed) == output_files(clean)
 
 
+@pytest.mark.slow
 def test_failed_shard_upload_stops_with_one_line_and_a_rerun_finishes(
     tmp_path: Path, s3: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,7 +323,7 @@ def test_failed_shard_upload_stops_with_one_line_and_a_rerun_finishes(
         )
     last_line = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert code == 3
-    assert last_line.startswith("build-shards: s3://bucket/resumed/train-000002.tar: commit failed"), last_line
+    assert last_line.startswith("error: s3://bucket/resumed/train-000002.tar: commit failed"), last_line
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
     assert fs.exists("bucket/resumed/train-000001.tar") and not fs.exists("bucket/resumed/train-000002.tar")
     assert not fs.exists("bucket/resumed/index.json")
@@ -389,9 +391,5 @@ def test_s3_output_to_a_missing_bucket_exits_2(
         f"endpoint_url={s3['endpoint_url']}",
     )
     err = capsys.readouterr().err.strip()
-    assert (
-        code == 2
-        and err.startswith("build-shards: s3://no-such-bucket/x: cannot write the output")
-        and ("\n" not in err)
-    )
+    assert code == 2 and err.startswith("error: s3://no-such-bucket/x: cannot write the output") and ("\n" not in err)
     assert "testing" not in err  # credentials never appear in messages

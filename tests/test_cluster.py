@@ -19,6 +19,7 @@ from k8s_schema import problems_of
 from slurm_cluster import SlurmCluster, install_reason
 
 from cluster.render import main as render
+from pretrain.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "cluster" / "slurm" / "pretrain.sbatch"
@@ -28,8 +29,15 @@ def tiny_config(run_dir: Path, steps: int) -> Path:
     """A 2-block ViT on synthetic batches, fp32 ZeRO-1, checkpoints only when preempted and at the end."""
     config = {
         "run": {"name": run_dir.name, "output_dir": str(run_dir), "seed": 0},
-        "model": {"variant": "Ti/8", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 2,
-                  "num_classes": 10},
+        "model": {
+            "variant": "Ti/8",
+            "image_size": 32,
+            "width": 64,
+            "depth": 2,
+            "mlp_dim": 128,
+            "num_heads": 2,
+            "num_classes": 10,
+        },
         "data": {"train": "synthetic", "batch_size": 16, "num_workers": 0},
         "optimizer": {"lr": 1e-3},
         "schedule": {"steps": steps, "warmup_steps": 5, "decay": "cosine"},
@@ -61,13 +69,23 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     cluster.stop()
 
 
+@pytest.mark.slow
 def test_sbatch_job_checkpoints_on_the_preemption_signal_requeues_and_resumes_to_the_end(slurm, tmp_path: Path):
     run_dir = tmp_path / "run"
     steps = 400
     config = tiny_config(run_dir, steps)
     log = tmp_path / "job.log"
-    submitted = slurm.run("sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={log}",
-                          f"--chdir={ROOT}", f"--export=ALL,PYTHON={sys.executable}", str(SBATCH), str(config))
+    submitted = slurm.run(
+        "sbatch",
+        "--parsable",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        f"--output={log}",
+        f"--chdir={ROOT}",
+        f"--export=ALL,PYTHON={sys.executable}",
+        str(SBATCH),
+        str(config),
+    )
     job = submitted.strip().split(";")[0]
     try:
         deadline = time.monotonic() + 240
@@ -108,8 +126,11 @@ def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout
         processes = []
         for path, (command, env) in zip(paths, commands_and_envs, strict=True):
             with path.open("w") as log:
-                processes.append(subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log,
-                                                  stderr=subprocess.STDOUT, text=True))
+                processes.append(
+                    subprocess.Popen(
+                        command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, text=True
+                    )
+                )
         deadline = time.monotonic() + timeout
         timed_out = ""
         try:
@@ -121,28 +142,44 @@ def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout
                 process.wait()
             codes = [process.returncode for process in processes]
         outputs = [path.read_text() for path in paths]
-    report = [f"== node {n} exited {code}:\n{output[-3000:]}" for n, (code, output) in enumerate(zip(codes, outputs,
-                                                                                                  strict=True))]
+    report = [
+        f"== node {n} exited {code}:\n{output[-3000:]}"
+        for n, (code, output) in enumerate(zip(codes, outputs, strict=True))
+    ]
     assert codes == [0] * len(processes), timed_out + "\n".join(report)
     return outputs
 
 
 def replicas(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    (record,) = [r for r in records if r["kind"] == "replicas"]
+    (record,) = read_metrics(run_dir, "replicas")
     return record
 
 
+@pytest.mark.slow
 def test_two_slurm_nodes_on_loopback_train_together_to_identical_weights(tmp_path: Path):
     """What srun gives each task of a 2-node job with one task (one CPU) per node, plus what pretrain.sbatch
     exports."""
     run_dir = tmp_path / "run"
     config = tiny_config(run_dir, steps=30)
     port = str(free_port())
-    nodes = [([sys.executable, "pretrain/run.py", "--config", str(config), "--resume", "auto"],
-              {"SLURM_PROCID": str(node), "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
-               "SLURM_NNODES": "2", "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "node[0-1]",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    nodes = [
+        (
+            [sys.executable, "pretrain/run.py", "--config", str(config), "--resume", "auto"],
+            {
+                "SLURM_PROCID": str(node),
+                "SLURM_LOCALID": "0",
+                "SLURM_NTASKS": "2",
+                "SLURM_NTASKS_PER_NODE": "1",
+                "SLURM_NNODES": "2",
+                "SLURM_NODEID": str(node),
+                "SLURM_JOB_NODELIST": "node[0-1]",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1",
+            },
+        )
+        for node in (0, 1)
+    ]
     outputs = run_nodes(nodes)
     assert "step 30/30" in outputs[0]
     record = replicas(run_dir)
@@ -166,13 +203,27 @@ def containers(manifest: dict) -> list[dict]:
 @pytest.mark.parametrize("target", ["pytorchjob", "jobset"])
 def test_rendered_manifests_validate_against_the_published_api_models(target: str, tmp_path: Path):
     for nodes in (1, 3):
-        manifest = rendered(target, tmp_path, "--nodes", str(nodes), "--gpus-per-node", "8", "--config",
-                            "configs/vit_h14_jft.json", "--set", "optimizer.lr=1e-4")
+        manifest = rendered(
+            target,
+            tmp_path,
+            "--nodes",
+            str(nodes),
+            "--gpus-per-node",
+            "8",
+            "--config",
+            "configs/vit_h14_jft.json",
+            "--set",
+            "optimizer.lr=1e-4",
+        )
         assert problems_of(manifest) == [], manifest
         assert manifest["metadata"]["name"] == "vit-h14-jft"  # run.name as a DNS label
         for container in containers(manifest):
-            assert container["command"] == ["bash", "cluster/k8s/launch.sh", "configs/vit_h14_jft.json",
-                                            "--set=optimizer.lr=1e-4"]
+            assert container["command"] == [
+                "bash",
+                "cluster/k8s/launch.sh",
+                "configs/vit_h14_jft.json",
+                "--set=optimizer.lr=1e-4",
+            ]
             assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
             assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
             assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
@@ -188,8 +239,24 @@ def test_rendered_manifests_validate_against_the_published_api_models(target: st
 
 
 def test_render_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys):
-    assert render(["slurm", "--nodes", "1", "--gpus-per-node", "8", "--config", "configs/vit_h14_jft.json",
-                   "--set", "model.image_size=225", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        render(
+            [
+                "slurm",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "8",
+                "--config",
+                "configs/vit_h14_jft.json",
+                "--set",
+                "model.image_size=225",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: configs/vit_h14_jft.json: model.") and "\n" not in error
     assert not (tmp_path / "x").exists()
@@ -197,17 +264,43 @@ def test_render_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys):
 
 def test_rendered_sbatch_sets_the_allocation_and_the_default_config(tmp_path: Path):
     out = tmp_path / "job.sbatch"
-    assert render(["slurm", "--nodes", "4", "--gpus-per-node", "8", "--config", "configs/vit_h14_jft.json",
-                   "--partition", "gpu", "--grace-seconds", "600", "--out", str(out)]) == 0
+    assert (
+        render(
+            [
+                "slurm",
+                "--nodes",
+                "4",
+                "--gpus-per-node",
+                "8",
+                "--config",
+                "configs/vit_h14_jft.json",
+                "--partition",
+                "gpu",
+                "--grace-seconds",
+                "600",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu", "#SBATCH --signal=USR1@600",
-                 "#SBATCH --job-name=vit_h14_jft", 'default_config="configs/vit_h14_jft.json"'):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR1@600",
+        "#SBATCH --job-name=vit_h14_jft",
+        'default_config="configs/vit_h14_jft.json"',
+    ):
         assert line in text.splitlines(), line
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or "shellcheck"
     assert subprocess.run([shellcheck, str(out)], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["pytorchjob", "jobset"])
 def test_two_pods_run_the_rendered_container_command_and_train_together(target: str, tmp_path: Path):
     """The rendered container command, run as two local processes with the environment each pod gets: for a
@@ -220,13 +313,25 @@ def test_two_pods_run_the_rendered_container_command_and_train_together(target: 
     container = containers(manifest)[0]
     port = str(free_port())
     if target == "pytorchjob":
-        pods = [{"PYTHONUNBUFFERED": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-                 "RANK": str(pod), "PET_NPROC_PER_NODE": manifest["spec"]["nprocPerNode"],
-                 "PET_NODE_RANK": str(pod), "PET_NNODES": "2"} for pod in (0, 1)]
+        pods = [
+            {
+                "PYTHONUNBUFFERED": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "WORLD_SIZE": "2",
+                "RANK": str(pod),
+                "PET_NPROC_PER_NODE": manifest["spec"]["nprocPerNode"],
+                "PET_NODE_RANK": str(pod),
+                "PET_NNODES": "2",
+            }
+            for pod in (0, 1)
+        ]
     else:
         declared = {variable["name"]: variable["value"] for variable in container["env"]}
-        pods = [{**declared, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "JOB_COMPLETION_INDEX": str(pod)}
-                for pod in (0, 1)]
+        pods = [
+            {**declared, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "JOB_COMPLETION_INDEX": str(pod)}
+            for pod in (0, 1)
+        ]
     # one core per "pod", as a pod's CPU limit would give it: two pods with a thread per core each would share 2 cores
     pod_share = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     outputs = run_nodes([(container["command"], {**env, **pod_share}) for env in pods])

@@ -16,7 +16,6 @@ from pretrain.config import ConfigError, load_config
 from pretrain.config.__main__ import main as config_cli
 from pretrain.config.reference import render_reference
 from pretrain.config.schema import MaskedPatchObjective
-from pretrain.model import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.json"))
@@ -39,7 +38,7 @@ def test_configs_are_shipped() -> None:
 def test_shipped_config_validates_and_builds(path: Path) -> None:
     config = load_config(path)
     with torch.device("meta"):
-        model = create_model(config.model.variant, **config.model.model_kwargs())
+        model = config.model.build()
     assert model.grid_size == (config.model.image_size // model.patch_size,) * 2
 
 
@@ -126,7 +125,8 @@ def test_cli_process_exits_2_without_traceback(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert (
-        result.stderr == f"{path}: model.patch_size: 15 does not divide image_size 224; choose a patch size that "
+        result.stderr
+        == f"error: {path}: model.patch_size: 15 does not divide image_size 224; choose a patch size that "
         f"divides it or change model.image_size\n"
     )
 
@@ -173,7 +173,7 @@ def test_broken_config_gets_one_line_per_problem(
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"{path}: ")
+    assert lines[0].startswith(f"error: {path}: ")
     assert expected in lines[0]
 
 
@@ -202,7 +202,7 @@ def test_unreadable_files_get_one_line(run_cli: Callable[..., CliResult], tmp_pa
     result = run_cli(str(tmp_path / "nope.json"))
     assert (result.returncode, result.stderr.strip()) == (
         2,
-        f"{tmp_path / 'nope.json'}: no such config file; pass "
+        f"error: {tmp_path / 'nope.json'}: no such config file; pass "
         f"the path of a JSON file such as configs/"
         f"vit_b16_imagenet.json",
     )
@@ -210,7 +210,9 @@ def test_unreadable_files_get_one_line(run_cli: Callable[..., CliResult], tmp_pa
     bad.write_text('{"model": {"variant": "B/16",}}')
     result = run_cli(str(bad))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"{bad}:1:30: invalid JSON: Expecting property name enclosed in double quotes"
+    assert (
+        result.stderr.strip() == f"error: {bad}:1:30: invalid JSON: Expecting property name enclosed in double quotes"
+    )
 
 
 def test_bad_override_syntax_is_explained(run_cli: Callable[..., CliResult]) -> None:

@@ -11,27 +11,27 @@ import torch
 from PIL import Image
 
 from pretrain.config.load import validate
-from pretrain.convert import (
-    ConversionError,
-    Weights,
-    check_weights,
-    choose_head,
-    from_checkpoint,
-    from_hf,
-    main,
-    read_native,
-    write_hf,
-    write_native,
-    write_timm,
-)
-from pretrain.demo import write_digits
-from pretrain.model import create_model, model_input
+from pretrain.demos.digits import write_digits
+from pretrain.model import model_input
 from pretrain.objectives import build_model
+from pretrain.weights.convert import main
+from pretrain.weights.hf import from_hf, write_hf
+from pretrain.weights.model_weights import Weights, WeightsError, weights_of_run
+from pretrain.weights.native import read_native, write_native
+from pretrain.weights.surgery import check_weights, choose_head
+from pretrain.weights.timm import write_timm
 
 BASE = {
     "run": {"name": "t"},
-    "model": {"variant": "Ti/4", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4,
-              "num_classes": 10},
+    "model": {
+        "variant": "Ti/4",
+        "image_size": 32,
+        "width": 64,
+        "depth": 2,
+        "mlp_dim": 128,
+        "num_heads": 4,
+        "num_classes": 10,
+    },
     "data": {"train": "x/index.json", "batch_size": 8},
     "optimizer": {"lr": 1e-3},
     "schedule": {"steps": 10, "warmup_steps": 1},
@@ -46,7 +46,7 @@ def trained(**model: object) -> tuple[Weights, torch.nn.Module]:
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    return from_checkpoint(config, net.state_dict()), net
+    return weights_of_run(config, net.state_dict()), net
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -79,7 +79,7 @@ def test_image_classification_pipeline_agrees_with_our_top1(tmp_path: Path):
         ours.head.weight.copy_(10 * (features - features.mean(0))[:10])
         ours.head.bias.zero_()
         tops = ours(model_input(pixels)).argmax(-1).tolist()
-    write_hf(Weights(weights.kwargs, ours.state_dict()), tmp_path / "hf")
+    write_hf(Weights(weights.model, ours.state_dict()), tmp_path / "hf")
     classify = pipeline("image-classification", model=str(tmp_path / "hf"), device="cpu")
     for image, top in zip(images, tops, strict=True):
         assert classify(image, top_k=1)[0]["label"] == f"LABEL_{top}"
@@ -97,29 +97,30 @@ def test_timm_loads_the_export_strictly_and_gives_our_logits(pool: str, tmp_path
 
 
 def test_masked_patch_encoder_gets_a_new_zero_head_and_unsupported_models_are_refused(tmp_path: Path):
-    mpp = validate({**BASE, "model": {**BASE["model"], "num_classes": 0},
-                    "objective": {"type": "masked_patch_prediction"}})
+    mpp = validate(
+        {**BASE, "model": {**BASE["model"], "num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}
+    )
     torch.manual_seed(0)
-    encoder_weights = from_checkpoint(mpp, build_model(mpp).state_dict())
+    encoder_weights = weights_of_run(mpp, build_model(mpp).state_dict())
     assert not any(name.startswith(("encoder.", "mask_token")) for name in encoder_weights.state)
-    with pytest.raises(ConversionError, match=r"no classifier to keep.*add --num-classes K"):
+    with pytest.raises(WeightsError, match=r"no classifier to keep.*add --num-classes K"):
         choose_head(encoder_weights, keep_head=True)
     tuned = choose_head(encoder_weights, num_classes=7)
     assert tuned.state["head.weight"].shape == (7, 64) and not tuned.state["head.weight"].any()
     write_hf(tuned, tmp_path)
 
-    with pytest.raises(ConversionError, match="pools by averaging"):
+    with pytest.raises(WeightsError, match="pools by averaging"):
         write_hf(trained(pool="gap")[0], tmp_path / "gap")
-    with pytest.raises(ConversionError, match="sin-cos"):
+    with pytest.raises(WeightsError, match="sin-cos"):
         write_timm(trained(pos_embed="sincos")[0], tmp_path / "sincos")
     with_representation = trained(representation_size=32)[0]
-    with pytest.raises(ConversionError, match=r"no representation .* add --drop-representation"):
+    with pytest.raises(WeightsError, match=r"no representation .* add --drop-representation"):
         write_hf(with_representation, tmp_path / "representation")
-    with pytest.raises(ConversionError, match="cannot be kept without it"):
+    with pytest.raises(WeightsError, match="cannot be kept without it"):
         choose_head(with_representation, keep_head=True, drop_representation=True)
     dropped = choose_head(with_representation, num_classes=3, drop_representation=True)
     assert not any(name.startswith("pre_logits") for name in dropped.state)
-    assert create_model("Ti/4", **dropped.kwargs).load_state_dict(dropped.state) is not None
+    assert dropped.model.build().load_state_dict(dropped.state) is not None
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -149,8 +150,7 @@ def test_timm_to_native_to_timm_reproduces_every_tensor(tmp_path: Path):
     again = tensors(tmp_path / "again")
     assert original.keys() == again.keys()
     assert all(torch.equal(original[name], again[name]) for name in original)
-    ours = create_model("Ti/16", **{k: v for k, v in read_native(str(tmp_path / "native")).kwargs.items()
-                                    if k != "stem_stages"}).eval()
+    ours = read_native(str(tmp_path / "native")).model.build().eval()
     ours.load_state_dict(original)
     with torch.no_grad():
         images = torch.randn(1, 3, 224, 224)
@@ -162,8 +162,12 @@ def test_larger_resolution_export_matches_our_model_run_at_that_resolution(tmp_p
 
     weights, ours = trained()
     write_native(weights, tmp_path / "native")
-    assert main([str(tmp_path / "native"), "--to", "hf", "--keep-head", "--out", str(tmp_path / "hf"),
-                 "--image-size", "48"]) == 0
+    assert (
+        main(
+            [str(tmp_path / "native"), "--to", "hf", "--keep-head", "--out", str(tmp_path / "hf"), "--image-size", "48"]
+        )
+        == 0
+    )
     assert "48 px" in capsys.readouterr().out
     theirs = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     images = torch.randn(2, 3, 48, 48)
@@ -208,9 +212,12 @@ def test_by_default_the_export_has_no_classifier_and_a_new_head_loads_as_asked(t
 def test_tensors_of_another_variant_are_refused_before_anything_is_written(tmp_path: Path, capsys):
     weights, _ = trained()
     check_weights(weights, "good")
-    wider = Weights({**weights.kwargs, "mlp_dim": 256}, weights.state)
-    with pytest.raises(ConversionError, match=r"ckpt: the tensors do not fit the model it describes \(64 wide, 2 "
-                                              r"blocks.*blocks\.0\.mlp\.fc1\.weight is \(128, 64\), not \(256, 64\)"):
+    wider = Weights(weights.model.replace(mlp_dim=256), weights.state)
+    with pytest.raises(
+        WeightsError,
+        match=r"ckpt: the tensors do not fit the model it describes \(64 wide, 2 "
+        r"blocks.*blocks\.0\.mlp\.fc1\.weight is \(128, 64\), not \(256, 64\)",
+    ):
         check_weights(wider, "ckpt")
     write_native(wider, tmp_path / "native")
     assert main([str(tmp_path / "native"), "--to", "timm", "--out", str(tmp_path / "timm")]) == 2
@@ -218,18 +225,19 @@ def test_tensors_of_another_variant_are_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "timm").exists()
 
 
+@pytest.mark.slow  # a full-size ResNet-50 stem, built four times
 def test_hybrid_exports_to_timm_and_comes_back_unchanged(tmp_path: Path):
     weights, ours = trained(variant="R50+B/16", patch_size=None)
-    assert weights.kwargs["stem_stages"] == (3, 4, 9)
+    assert weights.model.stem_stages == (3, 4, 9)
     write_timm(weights, tmp_path / "timm")
     theirs = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()  # strict
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(theirs(images), ours(images)) <= 1e-5
     assert main([str(tmp_path / "timm"), "--to", "native", "--keep-head", "--out", str(tmp_path / "native")]) == 0
-    assert read_native(str(tmp_path / "native")).kwargs == weights.kwargs
+    assert read_native(str(tmp_path / "native")).model == weights.model
     assert main([str(tmp_path / "native"), "--to", "timm", "--keep-head", "--out", str(tmp_path / "again")]) == 0
     first, again = tensors(tmp_path / "timm"), tensors(tmp_path / "again")
     assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
-    with pytest.raises(ConversionError, match="no ResNet stem; export hybrid models with --to timm"):
+    with pytest.raises(WeightsError, match="no ResNet stem; export hybrid models with --to timm"):
         write_hf(weights, tmp_path / "hf")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pretrain.demo import main, write_digits
+from pretrain.demos.digits import main, write_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "demo_digits.json")
@@ -26,12 +26,29 @@ def test_digits_become_an_image_folder(tmp_path: Path) -> None:
     assert image.getpixel((0, 0)) == (255, 255, 255)  # white paper, dark ink
 
 
-def test_demo_runs_every_stage(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-                               tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_demo_runs_every_stage(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
-    code = main(["--config", CONFIG, "--set", "schedule.steps=12", "--set", "schedule.warmup_steps=2",
-                 "--set", "checkpoint.every_steps=6", "--set", "data.num_workers=0",
-                 "--finetune-config", str(ROOT / "configs" / "finetune" / "demo_digits.json"), "--finetune-steps", "3"])
+    code = main(
+        [
+            "--config",
+            CONFIG,
+            "--set",
+            "schedule.steps=12",
+            "--set",
+            "schedule.warmup_steps=2",
+            "--set",
+            "checkpoint.every_steps=6",
+            "--set",
+            "data.num_workers=0",
+            "--finetune-config",
+            str(ROOT / "configs" / "finetune" / "demo_digits.json"),
+            "--finetune-steps",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert code in (0, 1), out  # 1: below the target accuracy, expected after 12 steps
     match = re.search(r"held-out top-1 (\d\.\d+) on 361 images \(target 0.95\); checkpoint (\S+)", out)

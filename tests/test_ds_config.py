@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pretrain.config.load import validate
-from pretrain.distributed import first_host, map_slurm_environment
-from pretrain.ds_config import BatchError, batch_sizes, deepspeed_config, parameter_groups, total_steps
 from pretrain.model import create_model
+from pretrain.train.distributed import first_host, map_slurm_environment
+from pretrain.train.engine_config import BatchError, batch_sizes, deepspeed_config, parameter_groups
+from pretrain.train.schedule import total_steps
 
 BASE = {
     "run": {"name": "t"},
@@ -32,17 +33,40 @@ def test_batch_sizes_and_accumulation():
 
 
 def test_deepspeed_json_from_the_config():
-    built = deepspeed_config(config(deepspeed={"micro_batch_size": 8, "zero_stage": 3,
-                                               "overrides": {"zero_optimization": {"stage3_max_live_parameters": 5}}}),
-                             world_size=2, steps=100, monitor_dir="m")
-    assert (built["train_batch_size"], built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"]) \
-        == (64, 8, 4)
-    assert built["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 5,
-                                          "stage3_prefetch_bucket_size": 2e7, "sub_group_size": 1e8}
+    built = deepspeed_config(
+        config(
+            deepspeed={
+                "micro_batch_size": 8,
+                "zero_stage": 3,
+                "overrides": {"zero_optimization": {"stage3_max_live_parameters": 5}},
+            }
+        ),
+        world_size=2,
+        steps=100,
+        monitor_dir="m",
+    )
+    assert (
+        built["train_batch_size"],
+        built["train_micro_batch_size_per_gpu"],
+        built["gradient_accumulation_steps"],
+    ) == (64, 8, 4)
+    assert built["zero_optimization"] == {
+        "stage": 3,
+        "stage3_max_live_parameters": 5,
+        "stage3_prefetch_bucket_size": 2e7,
+        "sub_group_size": 1e8,
+    }
     assert built["bf16"]["enabled"] and not built["fp16"]["enabled"] and built["gradient_clipping"] == 1.0
-    assert built["scheduler"] == {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": 100, "warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.01,
-        "warmup_type": "linear"}}
+    assert built["scheduler"] == {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": 100,
+            "warmup_num_steps": 10,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": 0.01,
+            "warmup_type": "linear",
+        },
+    }
     linear = deepspeed_config(config(schedule={"decay": "linear"}), 1, 100, "m")["scheduler"]
     assert linear["type"] == "WarmupDecayLR" and linear["params"]["warmup_max_lr"] == 1e-3
 
@@ -63,11 +87,21 @@ def test_weight_decay_on_matrices_only():
 
 def test_slurm_variables_become_torch_distributed_ones():
     assert first_host("gpu[003-010,017],cpu1") == "gpu003" and first_host("node7") == "node7"
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n[12-13]",
-           "SLURM_NTASKS_PER_NODE": "4(x2)"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_NODELIST": "n[12-13]",
+        "SLURM_NTASKS_PER_NODE": "4(x2)",
+    }
     map_slurm_environment(env)
-    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["LOCAL_WORLD_SIZE"]) == \
-        ("5", "1", "8", "n12", "4")
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["LOCAL_WORLD_SIZE"]) == (
+        "5",
+        "1",
+        "8",
+        "n12",
+        "4",
+    )
     launched = {"RANK": "0", "SLURM_PROCID": "3"}
     map_slurm_environment(launched)
     assert launched["RANK"] == "0"

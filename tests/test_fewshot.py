@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.fewshot import Features, draw_shots, extract_features, fewshot_accuracy, fit_ridge
+from pretrain.evaluate.fewshot import Features, draw_shots, extract_features, fewshot_accuracy, fit_ridge
 
 
 def numpy_ridge_scores(x, y, test, num_classes, l2):
@@ -58,10 +58,18 @@ def test_fewshot_accuracy_separates_clusters_and_skips_impossible_shot_counts():
 
 def test_features_are_sorted_by_key_and_padding_is_dropped():
     batches = [
-        {"image": torch.full((2, 3, 4, 4), 7, dtype=torch.uint8), "label": torch.tensor([1, 0]),
-         "key": ["b", "pad"], "valid": torch.tensor([True, False])},
-        {"image": torch.full((1, 3, 4, 4), 3, dtype=torch.uint8), "label": torch.tensor([2]),
-         "key": ["a"], "valid": torch.tensor([True])},
+        {
+            "image": torch.full((2, 3, 4, 4), 7, dtype=torch.uint8),
+            "label": torch.tensor([1, 0]),
+            "key": ["b", "pad"],
+            "valid": torch.tensor([True, False]),
+        },
+        {
+            "image": torch.full((1, 3, 4, 4), 3, dtype=torch.uint8),
+            "label": torch.tensor([2]),
+            "key": ["a"],
+            "valid": torch.tensor([True]),
+        },
     ]
     features = extract_features(lambda images: images.float().mean(dim=(2, 3)), batches)
     assert features.keys == ["a", "b"]

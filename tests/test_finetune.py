@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from pretrain.config.load import validate
-from pretrain.convert import choose_head, from_checkpoint, resize_positions, write_hf
-from pretrain.demo import digit_shards
-from pretrain.finetune import FinetuneConfig, FinetuneError, batch_plan, build_model, learning_rate, main
+from pretrain.demos.digits import digit_shards
+from pretrain.finetune.loop import FinetuneConfig, FinetuneError, batch_plan, build_model, learning_rate, main
 from pretrain.objectives import build_model as build_ours
+from pretrain.weights.hf import write_hf
+from pretrain.weights.model_weights import weights_of_run
+from pretrain.weights.surgery import choose_head, resize_positions
 
-TINY = {"variant": "Ti/4", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4,
-        "num_classes": 10}
+TINY = {"variant": "Ti/4", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4, "num_classes": 10}
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,21 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A transformers folder of a randomly initialised tiny ViT with a (random) 10-class head to be replaced."""
-    config = validate({"run": {"name": "t"}, "model": TINY, "data": {"train": "x/index.json", "batch_size": 8},
-                       "optimizer": {"lr": 1e-3}, "schedule": {"steps": 10, "warmup_steps": 1}})
+    config = validate(
+        {
+            "run": {"name": "t"},
+            "model": TINY,
+            "data": {"train": "x/index.json", "batch_size": 8},
+            "optimizer": {"lr": 1e-3},
+            "schedule": {"steps": 10, "warmup_steps": 1},
+        }
+    )
     torch.manual_seed(0)
     model = build_ours(config)
     with torch.no_grad():
         model.head.weight.normal_()
     folder = tmp_path_factory.mktemp("hf")
-    write_hf(from_checkpoint(config, model.state_dict()), folder)
+    write_hf(weights_of_run(config, model.state_dict()), folder)
     return folder
 
 
@@ -59,7 +67,7 @@ def test_batch_splits_over_processes_and_accumulation_or_says_what_to_change():
 
 
 def test_the_model_gets_a_zero_head_for_the_classes_and_the_resized_position_table(pretrained: Path):
-    from pretrain.convert import from_hf
+    from pretrain.weights.hf import from_hf
 
     config = FinetuneConfig(model=str(pretrained), train="t", out="o", image_size=48)
     model = build_model(config, [f"digit {n}" for n in range(5)])
@@ -71,15 +79,47 @@ def test_the_model_gets_a_zero_head_for_the_classes_and_the_resized_position_tab
     assert table.shape == (1, 145, 64) and torch.equal(table, expected)
 
 
+@pytest.mark.slow
 def test_finetuning_at_a_higher_resolution_learns_the_digits_and_saves_a_working_model(
-        shards: Path, pretrained: Path, tmp_path: Path, capsys):
+    shards: Path, pretrained: Path, tmp_path: Path, capsys
+):
     from transformers import pipeline
 
     out = tmp_path / "tuned"
-    code = main(["--model", str(pretrained), "--train", str(shards), "--out", str(out), "--image-size", "48",
-                 "--batch-size", "64", "--micro-batch-size", "32", "--steps", "60", "--warmup-steps", "6",
-                 "--lr", "0.03", "--hflip", "false", "--crop-scale", "[0.6, 1.0]", "--num-workers", "0",
-                 "--log-every-steps", "20", "--eval-every-steps", "30", "--precision", "no"])
+    code = main(
+        [
+            "--model",
+            str(pretrained),
+            "--train",
+            str(shards),
+            "--out",
+            str(out),
+            "--image-size",
+            "48",
+            "--batch-size",
+            "64",
+            "--micro-batch-size",
+            "32",
+            "--steps",
+            "60",
+            "--warmup-steps",
+            "6",
+            "--lr",
+            "0.03",
+            "--hflip",
+            "false",
+            "--crop-scale",
+            "[0.6, 1.0]",
+            "--num-workers",
+            "0",
+            "--log-every-steps",
+            "20",
+            "--eval-every-steps",
+            "30",
+            "--precision",
+            "no",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "60 steps of 64 (1 processes x 2 passes x 32)" in printed and "step 60/60 | loss" in printed
@@ -98,16 +138,33 @@ def test_bad_inputs_get_one_line_errors(shards: Path, tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "m", "--train", "t", "--out", "o", "--lr", "-1"])
     assert "--lr: Input should be greater than 0 (got -1)" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path), "--train", str(shards), "--out", str(tmp_path / "o"),
-                 "--num-workers", "0", "--precision", "no"]) == 2  # accelerate keeps one precision per process
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path),
+                "--train",
+                str(shards),
+                "--out",
+                str(tmp_path / "o"),
+                "--num-workers",
+                "0",
+                "--precision",
+                "no",
+            ]
+        )
+        == 2
+    )  # accelerate keeps one precision per process
     assert "not a transformers model folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.json")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.json")), ids=lambda p: p.name
+)
 def test_shipped_finetune_configs_validate_and_flags_win_over_them(path: Path):
-    from pretrain.finetune import parse_args
+    from pretrain.finetune.loop import parse_args
 
     config = parse_args(["--config", str(path), "--steps", "7", "--crop-scale", "[0.5, 1.0]"])
-    assert config == FinetuneConfig.model_validate({**json.loads(path.read_text()), "steps": 7,
-                                                    "crop_scale": [0.5, 1.0]})
+    assert config == FinetuneConfig.model_validate(
+        {**json.loads(path.read_text()), "steps": 7, "crop_scale": [0.5, 1.0]}
+    )

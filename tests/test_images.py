@@ -9,7 +9,7 @@ import pytest
 from imaging import jpeg_bytes, photo
 from PIL import Image
 
-from data_pipeline.images import ImageOptions, SampleError, encode_image
+from data_pipeline.build.images import ImageOptions, SampleError, encode_image
 
 
 def decode(data: bytes) -> Image.Image:

@@ -22,13 +22,13 @@ from faulty_proxy import FaultyProxy
 from imaging import image_folder
 
 from data_pipeline import make_loader
-from data_pipeline.builder import BuildOptions, build
-from data_pipeline.epoch_plan import Cursor, EpochPlan, Piece, reshard, split
-from data_pipeline.loader import LoaderStateError
-from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
-from data_pipeline.shard_writer import ShardWriter, sample_blocks
-from data_pipeline.shardlist import SourceError
-from data_pipeline.stream import LoaderError
+from data_pipeline.build.builder import BuildOptions, build
+from data_pipeline.format.tar_writer import ShardWriter, sample_blocks
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, Piece, reshard, split
+from data_pipeline.load.loader import LoaderStateError
+from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
+from data_pipeline.load.shardlist import SourceError
+from data_pipeline.load.stream import LoaderError
 
 SAMPLES = 53  # over shards of at most 7: eight shards, the last one short
 FAST_RETRY = RetryPolicy(backoff=0.01, max_retries=6)
@@ -62,36 +62,38 @@ def all_keys(shards: Path) -> set[str]:
     return {key for batch in loader(shards, train=False) for key in batch["key"] if key}
 
 
-# -- the epoch plan ----------------------------------------------------------------------------------------------
+# -- the epoch order ----------------------------------------------------------------------------------------------
 
 
 def test_parts_cut_one_epoch_sequence_whatever_the_number_of_workers():
-    plan = EpochPlan((7, 7, 3, 0, 7, 1), seed=3, shuffle=True)
-    sequence = [(p.shard, i) for p in plan.pieces(0) for i in range(p.start, p.end)]
+    order = EpochOrder((7, 7, 3, 0, 7, 1), seed=3, shuffle=True)
+    sequence = [(p.shard, i) for p in order.pieces(0) for i in range(p.start, p.end)]
     assert len(sequence) == 25
     for workers in (1, 2, 3, 4, 6, 25):
-        parts = [[(p.shard, i) for p in part for i in range(p.start, p.end)] for part in split(plan.pieces(0), workers)]
+        parts = [
+            [(p.shard, i) for p in part for i in range(p.start, p.end)] for part in split(order.pieces(0), workers)
+        ]
         assert [sample for part in parts for sample in part] == sequence
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    assert plan.shard_order(0) != plan.shard_order(1)
+    assert order.shard_order(0) != order.shard_order(1)
 
 
 def test_reshard_leaves_exactly_what_the_old_workers_had_left():
-    plan = EpochPlan((5, 9, 4, 6), seed=0, shuffle=True)
+    order = EpochOrder((5, 9, 4, 6), seed=0, shuffle=True)
     old = [Cursor(slots=[None, None]) for _ in range(3)]
     # worker 0 is in the middle of its epoch-0 part, worker 1 already planned epoch 1, worker 2 has not started
-    part0 = plan.part(0, 0, 3)
+    part0 = order.part(0, 0, 3)
     old[0] = Cursor(slots=[part0[0]._replace(start=part0[0].start + 2), None], queue=part0[1:], next_epoch=1)
-    part1 = plan.part(1, 1, 3)
+    part1 = order.part(1, 1, 3)
     old[1] = Cursor(slots=[part1[0]._replace(start=part1[0].start + 1), None], queue=part1[1:], next_epoch=2)
 
     def samples(pieces: list[Piece]) -> Counter:
         return Counter((p.epoch, p.shard, i) for p in pieces for i in range(p.start, p.end))
 
     expected = samples(old[0].pending() + old[1].pending())
-    expected += samples(plan.part(0, 2, 3) + plan.part(1, 0, 3) + plan.part(1, 2, 3))
+    expected += samples(order.part(0, 2, 3) + order.part(1, 0, 3) + order.part(1, 2, 3))
     for workers in (1, 2, 5):
-        new = reshard(plan, old, workers, slots=2)
+        new = reshard(order, old, workers, slots=2)
         assert sum((samples(c.pending()) for c in new), Counter()) == expected
         assert all(c.next_epoch == 2 for c in new)
 
@@ -237,19 +239,24 @@ def _corrupt(shards: Path, target: Path) -> dict[str, int]:
     tar.write_bytes(tar.read_bytes()[: third.offset_data + third.size // 2])
     # shard 2: gone
     (target / "train-000002.tar").unlink()
-    return {"corrupt_image": 1, "bad_label": 1, "truncated_shard": counts["train-000001.tar"] - 1,
-            "missing_shard": counts["train-000002.tar"]}
+    return {
+        "corrupt_image": 1,
+        "bad_label": 1,
+        "truncated_shard": counts["train-000001.tar"] - 1,
+        "missing_shard": counts["train-000002.tar"],
+    }
 
 
 def _samples(tar: Path) -> list[dict]:
     import webdataset as wds
 
-    return [{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
-            for sample in wds.WebDataset(str(tar), shardshuffle=False)]
+    return [
+        {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+        for sample in wds.WebDataset(str(tar), shardshuffle=False)
+    ]
 
 
-def test_bad_samples_and_shards_are_skipped_and_counted(shards: Path, tmp_path: Path,
-                                                         caplog: pytest.LogCaptureFixture):
+def test_bad_samples_and_shards_are_skipped_and_counted(shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     expected = _corrupt(shards, tmp_path / "damaged")
     damaged = loader(tmp_path / "damaged", epochs=1, train=False, max_error_fraction=0.5)
     keys = valid_keys(damaged)
@@ -266,6 +273,7 @@ def test_bad_samples_and_shards_are_skipped_and_counted(shards: Path, tmp_path: 
 # -- object storage with faults -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_s3_through_resets_503s_and_stalls_delivers_the_fault_free_sequence(shards: Path, s3: dict):
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
     fs.put(str(shards) + "/", "bucket/ds/", recursive=True)

@@ -7,7 +7,6 @@ import torch
 
 from pretrain.config.load import validate
 from pretrain.config.schema import MaskedPatchObjective
-from pretrain.ds_config import parameter_groups
 from pretrain.model import create_model
 from pretrain.objectives import build_model
 from pretrain.objectives.masked_patch import (
@@ -22,6 +21,7 @@ from pretrain.objectives.masked_patch import (
     prediction_size,
     sample_corruption,
 )
+from pretrain.train.engine_config import parameter_groups
 
 
 def objective(**fields) -> MaskedPatchObjective:
@@ -30,16 +30,16 @@ def objective(**fields) -> MaskedPatchObjective:
 
 def tiny_model(target: str = "mean_color", pool: str = "token") -> MaskedPatchModel:
     torch.manual_seed(0)
-    encoder = create_model("Ti/4", image_size=16, width=32, depth=2, mlp_dim=64, num_heads=2, num_classes=0,
-                           pool=pool)
+    encoder = create_model("Ti/4", image_size=16, width=32, depth=2, mlp_dim=64, num_heads=2, num_classes=0, pool=pool)
     return MaskedPatchModel(encoder, objective(target=target))
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.15])
 def test_masking_statistics_over_many_draws(ratio):
     batch, patches = 4000, 196
-    corruption = sample_corruption(batch, patches, objective(mask_ratio=ratio),
-                                   generator=torch.Generator().manual_seed(0))
+    corruption = sample_corruption(
+        batch, patches, objective(mask_ratio=ratio), generator=torch.Generator().manual_seed(0)
+    )
     k = round(ratio * patches)
     assert corruption.positions.shape == (batch, k)
     # k distinct patches per image, every patch equally likely
@@ -84,15 +84,16 @@ def test_downsampled_colour_target_of_a_crafted_patch():
     for cell in range(16):  # each 2x2 cell of the 8x8 patch gets its own colour, row-major
         row, col = divmod(cell, 4)
         colour = torch.tensor([cell * 16, 255 - cell * 16, (cell % 4) * 64], dtype=torch.uint8)
-        image[0, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = colour[:, None, None]
+        image[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2] = colour[:, None, None]
         r, g, b = (int(v) * 8 // 256 for v in colour)
         expected.append(r * 64 + g * 8 + b)
     targets = patch_targets(image, 8, objective(target="downsampled_color"))
     assert targets.shape == (1, 1, 16)
     assert targets[0, 0].tolist() == expected
     # patch sizes 4 does not divide (H/14) still give 16 cells
-    assert patch_targets(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), 14,
-                         objective(target="downsampled_color")).shape == (2, 4, 16)
+    assert patch_targets(
+        torch.zeros(2, 3, 28, 28, dtype=torch.uint8), 14, objective(target="downsampled_color")
+    ).shape == (2, 4, 16)
 
 
 def test_pixel_target_is_the_patch_in_model_input_range():
@@ -165,12 +166,24 @@ def test_position_embeddings_are_added_after_corruption():
 
 
 def test_masked_patch_model_from_a_config_trains_its_token_and_head_without_decay_on_them():
-    config = validate({
-        "run": {"name": "t"}, "model": {"variant": "Ti/4", "image_size": 16, "width": 32, "depth": 1,
-                                         "mlp_dim": 64, "num_heads": 2, "num_classes": 0},
-        "data": {"train": "x/index.json", "batch_size": 8},
-        "objective": {"type": "masked_patch_prediction", "target": "downsampled_color"},
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.1}, "schedule": {"steps": 10, "warmup_steps": 1}})
+    config = validate(
+        {
+            "run": {"name": "t"},
+            "model": {
+                "variant": "Ti/4",
+                "image_size": 16,
+                "width": 32,
+                "depth": 1,
+                "mlp_dim": 64,
+                "num_heads": 2,
+                "num_classes": 0,
+            },
+            "data": {"train": "x/index.json", "batch_size": 8},
+            "objective": {"type": "masked_patch_prediction", "target": "downsampled_color"},
+            "optimizer": {"lr": 1e-3, "weight_decay": 0.1},
+            "schedule": {"steps": 10, "warmup_steps": 1},
+        }
+    )
     model = build_model(config)
     assert isinstance(model, MaskedPatchModel) and model.head.out_features == 16 * 512
     decay, no_decay = parameter_groups(model, 0.1)

@@ -41,13 +41,15 @@ def randomised(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize(
     ("variant", "overrides", "resolution"),
     [
-        ("B/16", {}, 224),
-        ("B/16", {}, 288),
+        # B/16's twelve blocks and the hybrid's ResNet stem take 10-20 s a case on two CPU cores; the quick loop
+        # (-m "not slow") keeps the H/14 cases
+        pytest.param("B/16", {}, 224, marks=pytest.mark.slow),
+        pytest.param("B/16", {}, 288, marks=pytest.mark.slow),
         # Full width, depth cut to keep the test quick on two CPU cores.
         ("H/14", {"depth": 2}, 224),
         ("H/14", {"depth": 2}, 280),
-        ("R50+B/16", {"depth": 2}, 224),
-        ("R50+B/16", {"depth": 2}, 288),
+        pytest.param("R50+B/16", {"depth": 2}, 224, marks=pytest.mark.slow),
+        pytest.param("R50+B/16", {"depth": 2}, 288, marks=pytest.mark.slow),
     ],
 )
 def test_logits_match_timm(variant: str, overrides: dict, resolution: int) -> None:

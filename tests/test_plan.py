@@ -1,4 +1,4 @@
-"""The run planner (`python -m pretrain.plan`): FLOPs against hand arithmetic, the memory model against DeepSpeed's
+"""The run planner (`python -m pretrain.plan.cli`): FLOPs against hand arithmetic, the memory model against DeepSpeed's
 estimators, against saved-tensor hooks and against the peak memory of real runs on two CPU ranks, the fit / no-fit
 decision, and its command line."""
 
@@ -20,13 +20,14 @@ from conftest import free_port
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
 
-from data_pipeline.builder import BuildOptions, build
+from data_pipeline.build.builder import BuildOptions, build
 from pretrain.config.load import load_config, validate
-from pretrain.demo import write_digits
-from pretrain.gpus import gpu_spec, spec_for_device
-from pretrain.memory_model import activation_bytes
+from pretrain.demos.digits import write_digits
 from pretrain.objectives import build_model
-from pretrain.plan import main
+from pretrain.plan.cli import main
+from pretrain.plan.gpus import gpu_spec, spec_for_device
+from pretrain.plan.memory_model import activation_bytes
+from pretrain.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -53,12 +54,24 @@ def block_flops(tokens: int, width: int, mlp: int) -> int:
 def test_h14_on_jft_flops_days_and_cost_by_hand():
     # ViT-H/14 at 224 px: 16 x 16 patches + class token, 32 blocks of width 1280, MLP 5120; a 14x14x3 patch
     # projection, the 1280-wide representation layer and 18,291 sigmoid classes
-    forward = (32 * block_flops(257, 1280, 5120) + 2 * 256 * 1280 * (14 * 14 * 3) + 2 * 1280 * 1280
-               + 2 * 1280 * 18291)
+    forward = 32 * block_flops(257, 1280, 5120) + 2 * 256 * 1280 * (14 * 14 * 3) + 2 * 1280 * 1280 + 2 * 1280 * 18291
     assert forward == 334_637_760_000
-    code, result, _ = plan("--config", JFT, "--gpus", "256", "--gpu-type", "H100", "--mfu", "0.4",
-                           "--price-per-gpu-hour", "2.5", "--train-samples", "303000000",
-                           "--bytes-per-sample", "100000")
+    code, result, _ = plan(
+        "--config",
+        JFT,
+        "--gpus",
+        "256",
+        "--gpu-type",
+        "H100",
+        "--mfu",
+        "0.4",
+        "--price-per-gpu-hour",
+        "2.5",
+        "--train-samples",
+        "303000000",
+        "--bytes-per-sample",
+        "100000",
+    )
     assert code == 0
     steps = math.ceil(14 * 303_000_000 / 4096)  # the trainer's rounding of 14 epochs
     images = steps * 4096
@@ -92,9 +105,10 @@ def test_h14_on_jft_flops_days_and_cost_by_hand():
 
 def test_b16_on_imagenet_flops_by_hand_without_checkpointing():
     # ViT-B/16: 14 x 14 patches + class token, 12 blocks of 768, MLP 3072; representation layer, 1000 classes
-    forward = (12 * block_flops(197, 768, 3072) + 2 * 196 * 768 * (16 * 16 * 3) + 2 * 768 * 768 + 2 * 768 * 1000)
-    code, result, _ = plan("--config", IMAGENET, "--gpus", "16", "--gpu-type", "A100-80GB",
-                           "--train-samples", "1281167")
+    forward = 12 * block_flops(197, 768, 3072) + 2 * 196 * 768 * (16 * 16 * 3) + 2 * 768 * 768 + 2 * 768 * 1000
+    code, result, _ = plan(
+        "--config", IMAGENET, "--gpus", "16", "--gpu-type", "A100-80GB", "--train-samples", "1281167"
+    )
     assert code == 0
     steps = math.ceil(300 * 1_281_167 / 4096)
     assert result["compute"]["forward_flops_per_image"] == forward == 35_128_836_096
@@ -121,14 +135,36 @@ def printed_gb(estimator, model: torch.nn.Module, options: str, **kwargs) -> flo
 def test_model_states_agree_with_deepspeeds_estimators():
     config = load_config(IMAGENET, [])
     model = build_model(config)  # a real B/16 with its 1000-class head: DeepSpeed counts its parameters itself
-    _, result, _ = plan("--config", IMAGENET, "--gpus", "2", "--gpus-per-node", "2", "--gpu-type", "A100-80GB",
-                        "--train-samples", "1281167", "--set", "data.batch_size=512")
+    _, result, _ = plan(
+        "--config",
+        IMAGENET,
+        "--gpus",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--gpu-type",
+        "A100-80GB",
+        "--train-samples",
+        "1281167",
+        "--set",
+        "data.batch_size=512",
+    )
     stages = result["memory"]["stages"]
     gib = 2**30 / 1e9
-    zero2 = printed_gb(estimate_zero2_model_states_mem_needs_all_live, model, "offload_optimizer=none",
-                       num_gpus_per_node=2, num_nodes=1)
-    zero3 = printed_gb(estimate_zero3_model_states_mem_needs_all_live, model,
-                       "offload_param=none, offload_optimizer=none, zero_init=1", num_gpus_per_node=2, num_nodes=1)
+    zero2 = printed_gb(
+        estimate_zero2_model_states_mem_needs_all_live,
+        model,
+        "offload_optimizer=none",
+        num_gpus_per_node=2,
+        num_nodes=1,
+    )
+    zero3 = printed_gb(
+        estimate_zero3_model_states_mem_needs_all_live,
+        model,
+        "offload_param=none, offload_optimizer=none, zero_init=1",
+        num_gpus_per_node=2,
+        num_nodes=1,
+    )
     assert stages[2]["deepspeed_estimate_gb"] == pytest.approx(zero2 * gib, abs=0.006)
     assert stages[3]["deepspeed_estimate_gb"] == pytest.approx(zero3 * gib, abs=0.006)
     # stage 2 counts the same bytes (16-bit weights, then 18 bytes per parameter over the GPUs) ...
@@ -171,27 +207,44 @@ def saved_bytes_per_image(config, checkpointing: bool) -> float:
     return (saved(4) - saved(2)) / 2
 
 
-@pytest.mark.parametrize("model", [
-    {"variant": "S/16", "image_size": 160, "num_classes": 10},
-    {"variant": "R50+Ti/16", "image_size": 128, "depth": 2, "num_classes": 10},  # the stem dominates
-])
+@pytest.mark.slow  # real forward and backward passes at 128-160 px: about a minute on two CPU cores
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"variant": "S/16", "image_size": 160, "num_classes": 10},
+        {"variant": "R50+Ti/16", "image_size": 128, "depth": 2, "num_classes": 10},  # the stem dominates
+    ],
+)
 def test_activations_per_image_match_what_autograd_saves(model: dict):
-    config = validate({**json.loads((ROOT / "configs" / "tiny_cpu.json").read_text()), "model": model,
-                       "deepspeed": {"precision": "bf16"}})
+    config = validate(
+        {
+            **json.loads((ROOT / "configs" / "tiny_cpu.json").read_text()),
+            "model": model,
+            "deepspeed": {"precision": "bf16"},
+        }
+    )
     counted = activation_bytes(config)
     pixels = 3 * model["image_size"] ** 2  # the uint8 batch the trainer keeps for the loss, outside autograd
     assert counted.stored - pixels == pytest.approx(saved_bytes_per_image(config, False), rel=0.03)
     assert counted.stored_checkpointed - pixels == pytest.approx(saved_bytes_per_image(config, True), rel=0.03)
 
 
-TINY = {"variant": "Ti/16", "image_size": 32, "width": 64, "depth": 1, "mlp_dim": 128, "num_heads": 2,
-        "num_classes": 10}
+TINY = {
+    "variant": "Ti/16",
+    "image_size": 32,
+    "width": 64,
+    "depth": 1,
+    "mlp_dim": 128,
+    "num_heads": 2,
+    "num_classes": 10,
+}
 SMALL = {"variant": "S/16", "image_size": 224, "num_classes": 10}
 TWO_EPOCHS = {"epochs": 2, "warmup_steps": 1}
 
 
-def run_config(path: Path, model: dict, stage: int, micro_batch: int, train: str = "synthetic",
-               schedule: dict | None = None) -> Path:
+def run_config(
+    path: Path, model: dict, stage: int, micro_batch: int, train: str = "synthetic", schedule: dict | None = None
+) -> Path:
     config = {
         "run": {"name": path.stem, "output_dir": str(path.parent / path.stem), "seed": 0},
         "model": model,
@@ -199,9 +252,12 @@ def run_config(path: Path, model: dict, stage: int, micro_batch: int, train: str
         "optimizer": {"lr": 1e-4},
         "schedule": schedule or {"steps": 3, "warmup_steps": 1},
         # small reduction buckets: a CPU process only holds the pages of a buffer it has written, a GPU the whole
-        "deepspeed": {"zero_stage": stage, "precision": "bf16", "micro_batch_size": micro_batch,
-                      "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000,
-                                                          "allgather_bucket_size": 2_000_000}}},
+        "deepspeed": {
+            "zero_stage": stage,
+            "precision": "bf16",
+            "micro_batch_size": micro_batch,
+            "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000}},
+        },
         "checkpoint": {"every_steps": 1000},
         "logging": {"every_steps": 3, "tensorboard": False, "peak_tflops": 1.0},
     }
@@ -211,22 +267,45 @@ def run_config(path: Path, model: dict, stage: int, micro_batch: int, train: str
 
 def measured_peak_gb(config: Path) -> float:
     """Peak resident memory of the larger of two CPU ranks (the trainer logs it), in GB."""
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/run.py",
-               "--config", str(config), "--resume", "none"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "pretrain/run.py",
+        "--config",
+        str(config),
+        "--resume",
+        "none",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = (config.parent / config.stem / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if '"train"' in line][-1]["memory_gb"]
+    return read_metrics(config.parent / config.stem, "train")[-1]["memory_gb"]
 
 
 def predicted_peak_gb(config: Path) -> float:
-    code, result, err = plan("--config", str(config), "--gpus", "2", "--gpus-per-node", "2",
-                             "--peak-tflops", "1", "--gpu-memory-gb", "1000", "--headroom", "0")
+    code, result, err = plan(
+        "--config",
+        str(config),
+        "--gpus",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--peak-tflops",
+        "1",
+        "--gpu-memory-gb",
+        "1000",
+        "--headroom",
+        "0",
+    )
     assert code == 0, err
     return result["memory"]["stages"][json.loads(config.read_text())["deepspeed"]["zero_stage"]]["peak_gb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_predicted_peak_memory_matches_two_cpu_ranks_within_15_percent(stage: int, tmp_path: Path):
     # A process's resident memory includes Python, torch, DeepSpeed and gloo: the growth from a one-block model to
@@ -241,8 +320,18 @@ def test_predicted_peak_memory_matches_two_cpu_ranks_within_15_percent(stage: in
 def test_fit_and_no_fit_on_either_side_of_an_a100s_memory():
     # H/14 without activation checkpointing under ZeRO-1 on 8 A100-40GB, accumulating two micro-batches: the largest
     # micro-batch the plan allows fits, one more image does not
-    common = ["--config", JFT, "--gpus", "8", "--gpu-type", "A100-40GB", "--train-samples", "303000000",
-              "--set", "deepspeed.activation_checkpointing=false"]
+    common = [
+        "--config",
+        JFT,
+        "--gpus",
+        "8",
+        "--gpu-type",
+        "A100-40GB",
+        "--train-samples",
+        "303000000",
+        "--set",
+        "deepspeed.activation_checkpointing=false",
+    ]
 
     def with_micro_batch(micro: int) -> tuple[int, dict, str]:
         return plan(*common, "--set", f"deepspeed.micro_batch_size={micro}", "--set", f"data.batch_size={16 * micro}")
@@ -264,10 +353,17 @@ def test_fit_and_no_fit_on_either_side_of_an_a100s_memory():
 
 
 def test_device_names_map_to_datasheet_entries():
-    names = {"NVIDIA H100 80GB HBM3": "H100", "NVIDIA H100 PCIe": "H100-PCIe", "NVIDIA H100 NVL": "H100-NVL",
-             "NVIDIA A100-SXM4-40GB": "A100-40GB", "NVIDIA A100-SXM4-80GB": "A100-80GB",
-             "NVIDIA A100 80GB PCIe": "A100-80GB", "NVIDIA H200": "H200", "NVIDIA B200": "B200",
-             "AMD Instinct MI300X": "MI300X"}
+    names = {
+        "NVIDIA H100 80GB HBM3": "H100",
+        "NVIDIA H100 PCIe": "H100-PCIe",
+        "NVIDIA H100 NVL": "H100-NVL",
+        "NVIDIA A100-SXM4-40GB": "A100-40GB",
+        "NVIDIA A100-SXM4-80GB": "A100-80GB",
+        "NVIDIA A100 80GB PCIe": "A100-80GB",
+        "NVIDIA H200": "H200",
+        "NVIDIA B200": "B200",
+        "AMD Instinct MI300X": "MI300X",
+    }
     for device, entry in names.items():
         assert spec_for_device(device) == gpu_spec(entry), device
     assert spec_for_device("NVIDIA GeForce RTX 4090") is None  # not in the table: the trainer measures a matmul
@@ -278,10 +374,17 @@ def test_device_names_map_to_datasheet_entries():
 
 def test_data_volume_comes_from_the_shard_index(tmp_path: Path):
     write_digits(tmp_path / "images", size=16)
-    index = build(BuildOptions(input=str(tmp_path / "images"), output=str(tmp_path / "shards"), val_fraction=0.2,
-                               workers=0)).index
-    config = run_config(tmp_path / "digits.json", TINY, 1, micro_batch=16, train=str(tmp_path / "shards/index.json"),
-                        schedule=TWO_EPOCHS)
+    index = build(
+        BuildOptions(input=str(tmp_path / "images"), output=str(tmp_path / "shards"), val_fraction=0.2, workers=0)
+    ).index
+    config = run_config(
+        tmp_path / "digits.json",
+        TINY,
+        1,
+        micro_batch=16,
+        train=str(tmp_path / "shards/index.json"),
+        schedule=TWO_EPOCHS,
+    )
     code, result, _ = plan("--config", str(config), "--gpus", "2", "--gpu-type", "H100")
     assert code == 0
     train = index.splits["train"]
@@ -290,25 +393,70 @@ def test_data_volume_comes_from_the_shard_index(tmp_path: Path):
     assert result["run"]["steps"] == math.ceil(2 * train.num_samples / 32)
 
 
+@pytest.mark.slow  # the report comes from a subprocess: torch's and DeepSpeed's imports
 def test_report_and_one_line_errors(tmp_path: Path):
-    report = subprocess.run([sys.executable, "-m", "pretrain.plan", "--config", JFT, "--gpus", "256", "--gpu-type",
-                             "H100", "--train-samples", "303000000", "--bytes-per-sample", "110000",
-                             "--price-per-gpu-hour", "2.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.plan.cli",
+            "--config",
+            JFT,
+            "--gpus",
+            "256",
+            "--gpu-type",
+            "H100",
+            "--train-samples",
+            "303000000",
+            "--bytes-per-sample",
+            "110000",
+            "--price-per-gpu-hour",
+            "2.5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr
-    for expected in ("ViT-H/14 at 224 px", "256 x H100", "days", "GPU-hours", "$", "ZeRO", "GB/s",
-                     "warning: communication-bound: ZeRO-1"):
+    for expected in (
+        "ViT-H/14 at 224 px",
+        "256 x H100",
+        "days",
+        "GPU-hours",
+        "$",
+        "ZeRO",
+        "GB/s",
+        "warning: communication-bound: ZeRO-1",
+    ):
         assert expected in report.stdout
     assert report.stdout.strip() in (ROOT / "README.md").read_text()  # the README shows this very report
     code, _, err = plan("--config", JFT, "--gpus", "8", "--gpu-type", "V100", "--train-samples", "1")
     assert code == 2 and "unknown GPU type 'V100'" in err and "H100" in err and len(err.splitlines()) == 1
     # an epoch schedule whose index cannot be read asks for the training-set size
-    missing = run_config(tmp_path / "missing.json", TINY, 1, micro_batch=16, train=str(tmp_path / "nowhere/index.json"),
-                         schedule=TWO_EPOCHS)
+    missing = run_config(
+        tmp_path / "missing.json",
+        TINY,
+        1,
+        micro_batch=16,
+        train=str(tmp_path / "nowhere/index.json"),
+        schedule=TWO_EPOCHS,
+    )
     code, _, err = plan("--config", str(missing), "--gpus", "2", "--gpu-type", "H100")
     assert code == 2 and "--train-samples" in err and "nowhere/index.json" in err and len(err.splitlines()) == 1
     code, _, err = plan("--config", JFT, "--gpus", "3", "--gpu-type", "H100", "--train-samples", "1000")
     assert code == 2 and "data.batch_size 4096" in err
     # offloading is not modelled, and the plan says so
-    _, offloaded, _ = plan("--config", JFT, "--gpus", "8", "--gpu-type", "H100", "--train-samples", "1000", "--set",
-                           'deepspeed.overrides={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
+    _, offloaded, _ = plan(
+        "--config",
+        JFT,
+        "--gpus",
+        "8",
+        "--gpu-type",
+        "H100",
+        "--train-samples",
+        "1000",
+        "--set",
+        'deepspeed.overrides={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}',
+    )
     assert any("upper bounds" in warning for warning in offloaded["warnings"])

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from webdataset.tariterators import tar_file_iterator
 
-from data_pipeline.tar_members import tar_members
+from data_pipeline.format.tar_reader import tar_members
 
 LONG_DIR = "class_" + "x" * 120  # beyond ustar's 100-byte name field
 
@@ -30,9 +30,16 @@ def archive(tar_format: int, members: list[tuple[str, bytes]]) -> bytes:
     return out.getvalue()
 
 
-MEMBERS = [("000001.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("000001.cls", b"3"),
-           ("__index__", b"not a sample"), ("000002.jpg", b""), ("000002.json", b'{"labels": [1, 2]}'),
-           (f"{LONG_DIR}/000003.jpg", b"x" * 513), ("café/000004.jpg", b"y" * 512), ("sub/__meta__/a.txt", b"z")]
+MEMBERS = [
+    ("000001.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+    ("000001.cls", b"3"),
+    ("__index__", b"not a sample"),
+    ("000002.jpg", b""),
+    ("000002.json", b'{"labels": [1, 2]}'),
+    (f"{LONG_DIR}/000003.jpg", b"x" * 513),
+    ("café/000004.jpg", b"y" * 512),
+    ("sub/__meta__/a.txt", b"z"),
+]
 
 
 def members(read, data: bytes) -> list[tuple[str, bytes]]:
@@ -57,9 +64,9 @@ def test_compressed_tars_are_read_by_webdataset():
 def test_damaged_tars_raise_what_the_loader_counts():
     data = archive(tarfile.PAX_FORMAT, MEMBERS)
     with pytest.raises(EOFError, match="ends inside a member"):
-        members(tar_members, data[:BLOCK_OF_FIRST_DATA + 100])
+        members(tar_members, data[: BLOCK_OF_FIRST_DATA + 100])
     with pytest.raises(EOFError, match="inside a member header"):
-        members(tar_members, data[:BLOCK_OF_FIRST_DATA - 100])
+        members(tar_members, data[: BLOCK_OF_FIRST_DATA - 100])
     damaged = bytearray(data)
     damaged[10] ^= 0xFF  # a byte of the first header's name
     with pytest.raises(tarfile.ReadError, match="checksum"):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,44 +22,75 @@ import pytest
 import s3fs
 import timm
 import torch
-from conftest import free_port
+from conftest import free_port, s3_bucket
 from faulty_proxy import FaultyProxy
 
-from data_pipeline.builder import BuildOptions, build
+from data_pipeline.build.builder import BuildOptions, build
+from pretrain.config import ConfigError, validate
 from pretrain.config.load import load_config
-from pretrain.demo import write_digits
+from pretrain.demos.digits import write_digits
 from pretrain.model import create_model
-from pretrain.planner import step_seconds, training_flops_per_image
-from pretrain.weights import load_matching, read_checkpoint
+from pretrain.train.compute import step_seconds, training_flops_per_image
+from pretrain.train.metrics import read_metrics
+from pretrain.weights.native import read_native
+from pretrain.weights.surgery import load_matching
+from pretrain.weights.trainer_checkpoint import read_checkpoint, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+pytestmark = pytest.mark.slow  # every test starts a trainer: DeepSpeed's start-up alone takes seconds
 
 
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits")
     write_digits(root / "images", size=16)
-    build(BuildOptions(input=str(root / "images"), output=str(root / "shards"), val_fraction=0.2,
-                       max_samples_per_shard=200, workers=0))
+    build(
+        BuildOptions(
+            input=str(root / "images"),
+            output=str(root / "shards"),
+            val_fraction=0.2,
+            max_samples_per_shard=200,
+            workers=0,
+        )
+    )
     return root / "shards"
+
+
+def put_digits(digit_shards: Path, s3: dict) -> None:
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    fs.put(str(digit_shards) + "/", "bucket/digits/", recursive=True)
 
 
 @pytest.fixture
 def s3_digits(digit_shards: Path, s3: dict) -> dict:
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
-    fs.put(str(digit_shards) + "/", "bucket/digits/", recursive=True)
+    put_digits(digit_shards, s3)
     return s3
 
 
 def write_config(path: Path, s3: dict, run_dir: Path, **sections: dict) -> Path:
     config = {
         "run": {"name": "test", "output_dir": str(run_dir), "seed": 0},
-        "model": {"variant": "Ti/4", "image_size": 16, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 2,
-                  "num_classes": 10, "pool": "gap"},
-        "data": {"train": "s3://bucket/digits/index.json", "val": "s3://bucket/digits/index.json",
-                 "storage_options": s3, "batch_size": 32, "num_workers": 1, "crop_scale": [0.7, 1.0],
-                 "hflip": False},
+        "model": {
+            "variant": "Ti/4",
+            "image_size": 16,
+            "width": 64,
+            "depth": 2,
+            "mlp_dim": 128,
+            "num_heads": 2,
+            "num_classes": 10,
+            "pool": "gap",
+        },
+        "data": {
+            "train": "s3://bucket/digits/index.json",
+            "val": "s3://bucket/digits/index.json",
+            "storage_options": s3,
+            "batch_size": 32,
+            "num_workers": 1,
+            "crop_scale": [0.7, 1.0],
+            "hflip": False,
+        },
         "optimizer": {"lr": 3e-3, "weight_decay": 0.01, "grad_clip_norm": 1.0},
         "schedule": {"steps": 64, "warmup_steps": 4, "decay": "cosine"},
         "deepspeed": {"zero_stage": 2, "precision": "bf16"},
@@ -72,10 +105,20 @@ def write_config(path: Path, s3: dict, run_dir: Path, **sections: dict) -> Path:
 
 def launch(config: Path, *args: str) -> subprocess.Popen:
     port = free_port()
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "pretrain/run.py",
-               "--config", str(config), *args]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    command = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "pretrain/run.py",
+        "--config",
+        str(config),
+        *args,
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     process.master_port = port  # type: ignore[attr-defined]
     return process
 
@@ -90,27 +133,77 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     return process.returncode, output
 
 
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["kind"] == kind]
-
-
 def fp32_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
-    return read_checkpoint(str(checkpoints / tag))[1]  # DeepSpeed's zero_to_fp32 under weights_only loads
+    return read_state(str(checkpoints / tag))  # DeepSpeed's zero_to_fp32 under weights_only loads
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "config.json", s3_digits, run_dir, deepspeed={"zero_stage": stage},
-                          logging={"tensorboard": True, "csv": True}, model={"pool": "token"})
-    process = launch(config)
-    code, output = finish(process)
-    assert code == 0, output
-    assert not shm_buffers(process)  # DeepSpeed never unlinks them; the trainer does
-    assert list((run_dir / "monitor").rglob("events.out.tfevents.*"))  # DeepSpeed's TensorBoard monitor
-    assert list((run_dir / "monitor").rglob("*loss*.csv"))  # and its CSV monitor
-    train = records(run_dir, "train")
+@dataclass(frozen=True)
+class Run:
+    """A finished two-rank run: what it wrote and printed, for tests that each check one concern of it."""
+
+    stage: int
+    config: Path
+    dir: Path
+    code: int
+    output: str
+    leaked_buffers: list[Path]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda stage: f"zero{stage}")
+def zero_stage_run(
+    request: pytest.FixtureRequest, digit_shards: Path, s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Run:
+    """One run per ZeRO stage, trained once for all the test_zero_stage_* tests, which must not change it. It reads
+    its shards from S3 only while it trains: the bucket and credentials (`s3`'s, which is per test) are set up and
+    removed here, before any of those tests runs."""
+    stage = request.param
+    root = tmp_path_factory.mktemp(f"zero{stage}")
+    with pytest.MonkeyPatch.context() as monkeypatch, s3_bucket(s3_server, monkeypatch) as options:
+        put_digits(digit_shards, options)
+        config = write_config(
+            root / "config.json",
+            options,
+            root / "run",
+            deepspeed={"zero_stage": stage},
+            logging={"tensorboard": True, "csv": True},
+            model={"pool": "token"},
+        )
+        process = launch(config)
+        code, output = finish(process)
+    return Run(stage, config, root / "run", code, output, leaked_buffers=shm_buffers(process))
+
+
+@pytest.fixture
+def finished_run(zero_stage_run: Run) -> Run:
+    """The shared run, for tests of what it wrote: if it failed they error here, saying so, rather than on a file it
+    never wrote; test_zero_stage_run_trains_from_s3_shards shows its output."""
+    if zero_stage_run.code != 0:
+        pytest.fail(
+            f"the ZeRO-{zero_stage_run.stage} run exited {zero_stage_run.code}; "
+            "test_zero_stage_run_trains_from_s3_shards shows its output",
+            pytrace=False,
+        )
+    return zero_stage_run
+
+
+def convert(source: Path, to: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pretrain.weights.convert", str(source), "--to", to, *args, "--out", str(out)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_zero_stage_run_trains_from_s3_shards(zero_stage_run: Run):
+    run = zero_stage_run
+    assert run.code == 0, run.output
+    assert not run.leaked_buffers  # DeepSpeed never unlinks them; the trainer does
+    train = read_metrics(run.dir, "train")
     assert [r["step"] for r in train] == [8, 16, 24, 32, 40, 48, 56, 64]
     # Trained: below ln(10), the loss of the zero-initialised head, by a margin a run that does not learn never
     # reaches. Not a fixed drop from the first logged loss: under zero.Init ZeRO-3 draws the same initial
@@ -118,32 +211,49 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
     # step 64; ZeRO-3 with seed 1 reached 1.79, ZeRO-2 1.86-1.93 with seeds 0-2).
     assert train[-1]["loss"] < math.log(10) - 0.1, [r["loss"] for r in train]
     assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and r["mfu"] > 0 for r in train)
-    # the planner's step time for this run (32 images on 2 ranks at logging.expected_mfu of a 1 TFLOP/s peak) is
-    # logged next to the measured one
-    planned = step_seconds(training_flops_per_image(load_config(str(config), [])), 32, 2, 1.0, 0.45)
-    assert all(r["predicted_step_s"] == pytest.approx(planned) and r["step_s"] > 0 for r in train)
-    assert f"(plan {planned:.3g} s)" in output
-    evaluation = records(run_dir, "eval")[-1]
-    assert evaluation["images"] == 361 and 0.2 < evaluation["top1"] <= evaluation["top5"]  # chance is 0.1
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step-00000064"
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000048", "step-00000064"]
-    assert "step 64/64 | epoch" in output and "eval step 64 | top1" in output
 
+
+def test_zero_stage_run_writes_deepspeed_monitor_files(finished_run: Run):
+    assert list((finished_run.dir / "monitor").rglob("events.out.tfevents.*"))  # DeepSpeed's TensorBoard monitor
+    assert list((finished_run.dir / "monitor").rglob("*loss*.csv"))  # and its CSV monitor
+
+
+def test_zero_stage_run_logs_planned_step_time_next_to_measured(finished_run: Run):
+    # the planner's step time for this run (32 images on 2 ranks at logging.expected_mfu of a 1 TFLOP/s peak)
+    planned = step_seconds(training_flops_per_image(load_config(str(finished_run.config), [])), 32, 2, 1.0, 0.45)
+    train = read_metrics(finished_run.dir, "train")
+    assert all(r["predicted_step_s"] == pytest.approx(planned) and r["step_s"] > 0 for r in train)
+    assert f"(plan {planned:.3g} s)" in finished_run.output
+
+
+def test_zero_stage_run_evaluates_held_out_shards_and_keeps_the_last_two_checkpoints(finished_run: Run):
+    evaluation = read_metrics(finished_run.dir, "eval")[-1]
+    assert evaluation["images"] == 361 and 0.2 < evaluation["top1"] <= evaluation["top5"]  # chance is 0.1
+    assert (finished_run.checkpoints / "latest").read_text() == "step-00000064"
+    assert sorted(p.name for p in finished_run.checkpoints.glob("step-*")) == ["step-00000048", "step-00000064"]
+    assert "step 64/64 | epoch" in finished_run.output and "eval step 64 | top1" in finished_run.output
+
+
+def test_zero_stage_run_exports_behave_as_our_model(finished_run: Run, tmp_path: Path):
     # the checkpoint, written in partitions by 2 ranks, exported for transformers and timm, behaves as our model
     from transformers import ViTForImageClassification
 
-    run_config, state = read_checkpoint(str(run_dir / "checkpoints"))
-    assert not any(t.requires_grad for t in state.values())  # no autograd graph holding the mapped partitions
-    ours = create_model("Ti/4", **run_config.model.model_kwargs()).eval()
-    ours.load_state_dict(state)
+    exported = read_checkpoint(str(finished_run.checkpoints))
+    assert not any(t.requires_grad for t in exported.state.values())  # no autograd graph holding the mapped partitions
+    ours = exported.model.build().eval()
+    ours.load_state_dict(exported.state)
     for target, size in (("hf", 16), ("timm", 16), ("hf", 24)):  # native resolution, and resized to a larger one
-        command = [sys.executable, "-m", "pretrain.convert", str(run_dir / "checkpoints"), "--to", target,
-                   "--keep-head", "--image-size", str(size), "--out", str(tmp_path / f"{target}{size}")]
-        converted = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        converted = convert(
+            finished_run.checkpoints, target, tmp_path / f"{target}{size}", "--keep-head", "--image-size", str(size)
+        )
         assert converted.returncode == 0, converted.stderr
-    exports = {16: [ViTForImageClassification.from_pretrained(tmp_path / "hf16").eval(),
-                    timm.create_model(f"local-dir:{tmp_path / 'timm16'}", pretrained=True).eval()],
-               24: [ViTForImageClassification.from_pretrained(tmp_path / "hf24").eval()]}
+    exports = {
+        16: [
+            ViTForImageClassification.from_pretrained(tmp_path / "hf16").eval(),
+            timm.create_model(f"local-dir:{tmp_path / 'timm16'}", pretrained=True).eval(),
+        ],
+        24: [ViTForImageClassification.from_pretrained(tmp_path / "hf24").eval()],
+    }
     with torch.no_grad():
         for size, models in exports.items():
             images = torch.randn(2, 3, size, size)
@@ -153,13 +263,57 @@ def test_every_zero_stage_trains_from_s3_shards(stage: int, s3_digits: dict, tmp
                 logits = model(pixel_values=images).logits if hf_model else model(images)
                 assert ((logits - reference).abs().max() / reference.abs().max()).item() <= 1e-5
 
-    # without one rank's partition the checkpoint is refused in one line, before anything is written
-    next((run_dir / "checkpoints" / "step-00000064").glob("*rank_1_*optim_states.pt")).unlink()
-    command = [sys.executable, "-m", "pretrain.convert", str(run_dir / "checkpoints"), "--to", "hf",
-               "--out", str(tmp_path / "incomplete")]
-    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+def test_zero_stage_checkpoint_missing_a_rank_partition_is_refused_in_one_line(finished_run: Run, tmp_path: Path):
+    # without one rank's partition the checkpoint is refused in one line, before anything is written; on a copy, as
+    # the run is shared
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(finished_run.checkpoints, checkpoints)
+    next((checkpoints / "step-00000064").glob("*rank_1_*optim_states.pt")).unlink()
+    refused = convert(checkpoints, "hf", tmp_path / "incomplete")
     assert refused.returncode == 2 and "step-00000064: incomplete checkpoint (Expected 2 of" in refused.stderr
+    assert len(error_lines(refused.stderr)) == 1, refused.stderr
     assert not (tmp_path / "incomplete").exists()
+
+
+# Indirect: the stage-2 run the tests above share (pytest groups tests by the fixture's parameter value, so this one
+# reuses it rather than training again). What model.json and trainer.json say does not depend on the stage.
+@pytest.mark.parametrize("zero_stage_run", [2], ids=["zero2"], indirect=True)
+def test_zero_stage_checkpoint_outlives_the_code(finished_run: Run, tmp_path: Path):
+    """A checkpoint is described by its model.json, not by the run config it saved: it converts after the config's
+    schema has changed. One written before model.json existed is read through that config, so it cannot."""
+    original = finished_run.checkpoints
+    newest = (original / "latest").read_text()
+    described = json.loads((original / newest / "model.json").read_text())
+    architecture = load_config(str(finished_run.config), []).model.description().to_json()
+    assert described == {"format_version": 1, "model": architecture, "encoder_prefix": ""}
+
+    # the saved run config as today's code would see one written under an older schema: a field it no longer has,
+    # and a field it has since renamed
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(original, copy)
+    trainer_file = copy / newest / "trainer.json"
+    trainer = json.loads(trainer_file.read_text())
+    assert trainer["format_version"] == 1
+    trainer["config"]["model"]["new_field"] = 1
+    trainer["config"]["model"]["architecture"] = trainer["config"]["model"].pop("variant")
+    trainer_file.write_text(json.dumps(trainer))
+    with pytest.raises(ConfigError):  # else the conversion below proves nothing
+        validate(trainer["config"])
+
+    converted = convert(copy, "native", tmp_path / "native", "--keep-head")
+    assert converted.returncode == 0, converted.stderr
+    assert {p.name for p in (tmp_path / "native").iterdir()} == {"model.safetensors", "model.json"}
+    native, expected = read_native(str(tmp_path / "native")), read_checkpoint(str(original))
+    assert native.model == expected.model
+    assert native.state.keys() == expected.state.keys()
+    assert all(torch.equal(native.state[name], expected.state[name]) for name in expected.state)
+
+    (copy / newest / "model.json").unlink()  # as a checkpoint written before model.json existed
+    refused = convert(copy, "native", tmp_path / "legacy", "--keep-head")
+    errors = error_lines(refused.stderr)
+    assert refused.returncode == 2 and len(errors) == 1 and "no longer validates" in errors[0], refused.stderr
+    assert not (tmp_path / "legacy").exists()
 
 
 MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}
@@ -182,7 +336,7 @@ def test_killed_run_resumes_to_bit_identical_weights(sections: dict, s3_digits: 
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, at once, mid-run
     process.wait()
-    assert records(killed_dir, "train")[-1]["step"] < 64
+    assert read_metrics(killed_dir, "train")[-1]["step"] < 64
 
     code, output = finish(launch(killed, "--resume", "auto"))
     assert code == 0, output
@@ -195,15 +349,19 @@ def test_killed_run_resumes_to_bit_identical_weights(sections: dict, s3_digits: 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(s3_digits: dict, tmp_path: Path):
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "config.json", s3_digits, run_dir, schedule={"steps": 400},
-                          checkpoint={"every_steps": 1000})
+    config = write_config(
+        tmp_path / "config.json", s3_digits, run_dir, schedule={"steps": 400}, checkpoint={"every_steps": 1000}
+    )
     process = launch(config)
     deadline = time.monotonic() + 180
-    while not (run_dir / "metrics.jsonl").exists() or not records(run_dir, "train"):
+    while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir, "train"):
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
-    ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
-             if any(arg.startswith("--local_rank") for arg in child.cmdline()) and child.name() != "pt_data_worker"]
+    ranks = [
+        child
+        for child in psutil.Process(process.pid).children(recursive=True)
+        if any(arg.startswith("--local_rank") for arg in child.cmdline()) and child.name() != "pt_data_worker"
+    ]
     assert len(ranks) == 2
     for rank in ranks:
         rank.send_signal(signal.SIGTERM)  # as a scheduler's preemption notice reaches every task
@@ -218,8 +376,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(s3_digits: dict, tmp_path: Path
 def test_checkpoints_on_s3_and_a_failed_upload_never_moves_latest(s3_digits: dict, tmp_path: Path):
     with FaultyProxy(s3_digits["endpoint_url"], every=0, fail_writes_to="step-00000032") as proxy:
         options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 2}}}
-        config = write_config(tmp_path / "config.json", s3_digits, tmp_path / "run",
-                              checkpoint={"dir": "s3://bucket/ckpt", "storage_options": options})
+        config = write_config(
+            tmp_path / "config.json",
+            s3_digits,
+            tmp_path / "run",
+            checkpoint={"dir": "s3://bucket/ckpt", "storage_options": options},
+        )
         code, output = finish(launch(config))
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits)
     assert code == 2, output
@@ -229,76 +391,119 @@ def test_checkpoints_on_s3_and_a_failed_upload_never_moves_latest(s3_digits: dic
 
 
 def test_user_errors_are_one_line_on_rank_0(s3_digits: dict, tmp_path: Path):
-    config = write_config(tmp_path / "config.json", s3_digits, tmp_path / "run",
-                          data={"train": "s3://bucket/nowhere/index.json"})
+    config = write_config(
+        tmp_path / "config.json", s3_digits, tmp_path / "run", data={"train": "s3://bucket/nowhere/index.json"}
+    )
     code, output = finish(launch(config, "--set", "data.batch_size=31"))
     assert code == 2
     errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors == ["error: data.batch_size 31 does not divide over 2 ranks; choose a multiple of 2 or set "
-                      "deepspeed.micro_batch_size"], output
+    assert errors == [
+        "error: data.batch_size 31 does not divide over 2 ranks; choose a multiple of 2 or set "
+        "deepspeed.micro_batch_size"
+    ], output
     code, output = finish(launch(config))
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "s3://bucket/nowhere/index.json: no such file" in errors[0], output
 
 
-def test_masked_patch_pretraining_on_unlabelled_shards_then_finetuning_from_it(digit_shards: Path, s3_digits: dict,
-                                                                                 tmp_path: Path):
+def test_masked_patch_pretraining_on_unlabelled_shards_then_finetuning_from_it(
+    digit_shards: Path, s3_digits: dict, tmp_path: Path
+):
     unlabelled = tmp_path / "unlabelled"
-    build(BuildOptions(input=str(digit_shards.parent / "images"), output=str(unlabelled), val_fraction=0.2,
-                       max_samples_per_shard=200, workers=0, no_labels=True))
-    s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits).put(str(unlabelled) + "/", "bucket/unlabelled/",
-                                                                 recursive=True)
+    build(
+        BuildOptions(
+            input=str(digit_shards.parent / "images"),
+            output=str(unlabelled),
+            val_fraction=0.2,
+            max_samples_per_shard=200,
+            workers=0,
+            no_labels=True,
+        )
+    )
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits).put(
+        str(unlabelled) + "/", "bucket/unlabelled/", recursive=True
+    )
     pretrain_dir = tmp_path / "mpp"
     config = write_config(
-        tmp_path / "mpp.json", s3_digits, pretrain_dir,
+        tmp_path / "mpp.json",
+        s3_digits,
+        pretrain_dir,
         model={"num_classes": 0, "pool": "token"},
         data={"train": "s3://bucket/unlabelled/index.json", "val": "s3://bucket/unlabelled/index.json"},
         objective={"type": "masked_patch_prediction", "target": "mean_color"},
-        schedule={"steps": 48}, deepspeed={"zero_stage": 3},
-        fewshot={"datasets": {"digits": {"train": "s3://bucket/digits/index.json",
-                                         "test": "s3://bucket/digits/index.json"}},
-                 "shots": [1, 5], "draws": 2, "every_steps": 24})
+        schedule={"steps": 48},
+        deepspeed={"zero_stage": 3},
+        fewshot={
+            "datasets": {"digits": {"train": "s3://bucket/digits/index.json", "test": "s3://bucket/digits/index.json"}},
+            "shots": [1, 5],
+            "draws": 2,
+            "every_steps": 24,
+        },
+    )
     code, output = finish(launch(config))
     assert code == 0, output
-    train = records(pretrain_dir, "train")
+    train = read_metrics(pretrain_dir, "train")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
-    evaluation = records(pretrain_dir, "eval")[-1]
+    evaluation = read_metrics(pretrain_dir, "eval")[-1]
     assert evaluation["images"] == 361 and 0 < evaluation["mpp_accuracy"] < 1 and evaluation["mpp_loss"] > 0
-    probes = records(pretrain_dir, "fewshot")
+    probes = read_metrics(pretrain_dir, "fewshot")
     assert [r["step"] for r in probes] == [0, 24, 48]  # step 0: the initial weights, as a baseline
     assert all(0.1 < r["digits/5shot"] <= 1 and 0 < r["digits/1shot"] <= 1 for r in probes), probes
     assert "few-shot step 48 | digits/1shot" in output
 
-    _config, weights = read_checkpoint(str(pretrain_dir / "checkpoints"))  # ZeRO-3 partitions, consolidated
+    weights = read_state(str(pretrain_dir / "checkpoints"))  # ZeRO-3 partitions, consolidated
     assert weights["mask_token"].shape == (1, 1, 64) and weights["head.weight"].shape == (512, 64)
     classifier = create_model("Ti/4", image_size=16, width=64, depth=2, mlp_dim=128, num_heads=2, num_classes=10)
     assert load_matching(classifier, weights, "mpp") == ["head.weight", "head.bias"]
     assert torch.equal(classifier.patch_embed.proj.weight, weights["encoder.patch_embed.proj.weight"])
 
     # the CLI probes the same checkpoint (the newest one: step 48) and reads the shards from S3
-    command = [sys.executable, "-m", "pretrain.fewshot", "--checkpoint", str(pretrain_dir / "checkpoints"),
-               "--train", "s3://bucket/digits/index.json", "--test", "s3://bucket/digits/index.json",
-               "--shots", "1", "5", "--draws", "2", "--storage-option", f"endpoint_url={s3_digits['endpoint_url']}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.evaluate.fewshot",
+        "--checkpoint",
+        str(pretrain_dir / "checkpoints"),
+        "--train",
+        "s3://bucket/digits/index.json",
+        "--test",
+        "s3://bucket/digits/index.json",
+        "--shots",
+        "1",
+        "5",
+        "--draws",
+        "2",
+        "--storage-option",
+        f"endpoint_url={s3_digits['endpoint_url']}",
+    ]
     cli = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     lines = [line for line in cli.stdout.splitlines() if "-shot top-1" in line]
     assert [float(line.split()[-1]) for line in lines] == pytest.approx(
-        [probes[-1]["digits/1shot"], probes[-1]["digits/5shot"]], abs=0.05), cli.stdout  # bf16 ranks vs fp32 here
-    missing = subprocess.run([*command[:4], str(tmp_path / "nowhere"), *command[5:]], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
+        [probes[-1]["digits/1shot"], probes[-1]["digits/5shot"]], abs=0.05
+    ), cli.stdout  # bf16 ranks vs fp32 here
+    missing = subprocess.run(
+        [*command[:4], str(tmp_path / "nowhere"), *command[5:]], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "not a checkpoint" in missing.stderr
 
     finetune_dir = tmp_path / "finetune"
     # ZeRO-3 builds the classifier partitioned; fp32 and a vanishing learning rate keep the loaded weights visible
-    config = write_config(tmp_path / "finetune.json", s3_digits, finetune_dir, model={"pool": "token",
-                          "init_from": str(pretrain_dir / "checkpoints")}, schedule={"steps": 4, "warmup_steps": 1},
-                          optimizer={"lr": 1e-12}, deepspeed={"zero_stage": 3, "precision": "fp32"},
-                          checkpoint={"every_steps": 4})
+    config = write_config(
+        tmp_path / "finetune.json",
+        s3_digits,
+        finetune_dir,
+        model={"pool": "token", "init_from": str(pretrain_dir / "checkpoints")},
+        schedule={"steps": 4, "warmup_steps": 1},
+        optimizer={"lr": 1e-12},
+        deepspeed={"zero_stage": 3, "precision": "fp32"},
+        checkpoint={"every_steps": 4},
+    )
     code, output = finish(launch(config))
     assert code == 0, output
     assert f"weights from {pretrain_dir / 'checkpoints'}; initialised afresh: head.weight, head.bias" in output
-    _config, tuned = read_checkpoint(str(finetune_dir / "checkpoints"))
+    tuned = read_state(str(finetune_dir / "checkpoints"))
     for name, tensor in tuned.items():
         if not name.startswith("head."):
             torch.testing.assert_close(tensor, weights[f"encoder.{name}"], rtol=0, atol=1e-6)
@@ -312,12 +517,24 @@ def test_run_leaves_no_process_group_behind(digit_shards: Path, tmp_path: Path, 
 
     from pretrain import run
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
-    config = write_config(tmp_path / "config.json", {}, tmp_path / "run", data=local,
-                          schedule={"steps": 4, "warmup_steps": 1}, checkpoint={"every_steps": 1000})
+    config = write_config(
+        tmp_path / "config.json",
+        {},
+        tmp_path / "run",
+        data=local,
+        schedule={"steps": 4, "warmup_steps": 1},
+        checkpoint={"every_steps": 1000},
+    )
     # the trainer installs preemption handlers; in pytest's own process they must not outlive this test (they would
     # swallow a SIGTERM and keep the finished trainer alive)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}

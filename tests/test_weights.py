@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.config.schema import MaskedPatchObjective
-from pretrain.model import create_model
+from pretrain.model import ModelDescription, create_model
 from pretrain.objectives.masked_patch import MaskedPatchModel
-from pretrain.weights import WeightsError, load_matching, read_checkpoint
+from pretrain.weights.formats import read_init_state, read_weights
+from pretrain.weights.model_weights import Weights, WeightsError
+from pretrain.weights.native import write_native
+from pretrain.weights.surgery import load_matching
+from pretrain.weights.trainer_checkpoint import read_checkpoint
 
 SMALL = {"image_size": 16, "width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2}
 
@@ -28,15 +33,17 @@ def test_a_folder_that_is_not_a_checkpoint_gets_a_one_line_error(tmp_path: Path)
 
 def test_an_encoder_moves_between_a_masked_patch_model_and_a_classifier():
     torch.manual_seed(0)
-    pretrained = MaskedPatchModel(create_model("Ti/4", num_classes=0, **SMALL),
-                                  MaskedPatchObjective(type="masked_patch_prediction"))
+    pretrained = MaskedPatchModel(
+        create_model("Ti/4", num_classes=0, **SMALL), MaskedPatchObjective(type="masked_patch_prediction")
+    )
     classifier = create_model("Ti/4", num_classes=10, **SMALL)
     fresh = load_matching(classifier, pretrained.state_dict(), "mpp")
     assert fresh == ["head.weight", "head.bias"]  # no classifier in the pre-trained model: it stays zero
     assert torch.equal(classifier.blocks[0].attn.qkv.weight, pretrained.encoder.blocks[0].attn.qkv.weight)
 
-    back = MaskedPatchModel(create_model("Ti/4", num_classes=0, **SMALL),
-                            MaskedPatchObjective(type="masked_patch_prediction"))
+    back = MaskedPatchModel(
+        create_model("Ti/4", num_classes=0, **SMALL), MaskedPatchObjective(type="masked_patch_prediction")
+    )
     fresh = load_matching(back, classifier.state_dict(), "classifier")
     assert fresh == ["mask_token", "head.weight", "head.bias"]
     assert torch.equal(back.encoder.pos_embed, classifier.pos_embed)
@@ -64,12 +71,9 @@ def test_a_position_table_of_another_grid_is_resized_as_the_model_resizes_it():
 
 
 def test_a_native_weights_folder_is_read_as_init_from_reads_it(tmp_path: Path):
-    from pretrain.convert import Weights, write_native
-    from pretrain.weights import read_state
-
     state = create_model("Ti/4", num_classes=3, **SMALL).state_dict()
-    write_native(Weights({"width": 32}, state), tmp_path)
-    loaded = read_state(str(tmp_path))
+    write_native(Weights(ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL), state), tmp_path)
+    loaded = read_init_state(str(tmp_path))
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
@@ -78,3 +82,24 @@ def test_a_position_table_that_is_no_square_grid_for_the_model_is_reported_not_c
     pooled["cls_token"] = torch.zeros(1, 1, 32)
     with pytest.raises(WeightsError, match=r"another variant than this run's model \(pos_embed is \(1, 16, 32\)"):
         load_matching(create_model("Ti/4", num_classes=3, **SMALL), pooled, "pooled")
+
+
+def test_a_native_folder_from_before_model_json_is_still_read(tmp_path: Path):
+    model = ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL)
+    write_native(Weights(model, model.build().state_dict()), tmp_path)
+    legacy = json.loads((tmp_path / "model.json").read_text())["model"]  # what vit.json held: the bare architecture
+    (tmp_path / "model.json").unlink()
+    (tmp_path / "vit.json").write_text(json.dumps(legacy))
+    assert read_weights(str(tmp_path)).model == model
+
+
+def test_a_model_json_of_a_newer_format_or_damaged_is_refused_in_one_line(tmp_path: Path):
+    model = ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL)
+    write_native(Weights(model, model.build().state_dict()), tmp_path)
+    described = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**described, "format_version": 2}))
+    with pytest.raises(WeightsError, match=r"model.json: format_version 2, this code reads up to 1; update"):
+        read_weights(str(tmp_path))
+    (tmp_path / "model.json").write_text(json.dumps({**described, "model": {**described["model"], "depht": 2}}))
+    with pytest.raises(WeightsError, match=r"model.json: .*unexpected keyword argument 'depht'.*damaged"):
+        read_weights(str(tmp_path))

@@ -27,8 +27,9 @@ from typing import Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from data_pipeline.images import ImageOptions
-from data_pipeline.index import (
+from data_pipeline.commands import UserError
+from data_pipeline.build.images import ImageOptions
+from data_pipeline.format.index import (
     BUILD_DIR,
     SampleFailure,
     ShardIndex,
@@ -36,9 +37,9 @@ from data_pipeline.index import (
     ShardRecord,
     SplitTotals,
 )
-from data_pipeline.process import Outcome, Task, init_worker, process, process_chunk
-from data_pipeline.shard_writer import ShardWriter
-from data_pipeline.sources import (
+from data_pipeline.build.worker import Outcome, EncodeJob, init_worker, process, process_chunk
+from data_pipeline.format.tar_writer import ShardWriter
+from data_pipeline.build.sources import (
     MANIFEST_SUFFIXES,
     Corpus,
     Row,
@@ -63,7 +64,7 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 4
 """Bounds the encoded samples held in memory when the shard writer falls behind."""
 
 
-class OutputError(Exception):
+class OutputError(UserError):
     """The output cannot be written or holds another build: a one-line message, exit 2."""
 
 
@@ -137,16 +138,16 @@ def load_corpus(options: BuildOptions) -> Corpus:
     return Corpus(rows=rows, classes=classes, multi_label=multi_label, labelled=labelled, ignored_files=ignored)
 
 
-def plan(corpus: Corpus, seed: int) -> list[Row]:
+def shuffled_rows(corpus: Corpus, seed: int) -> list[Row]:
     """The build order: input order (sorted paths or manifest order) shuffled with the seed."""
     rows = list(corpus.rows)
     random.Random(seed).shuffle(rows)
     return rows
 
 
-def fingerprint(options: BuildOptions, planned: list[Row]) -> str:
+def fingerprint(options: BuildOptions, ordered: list[Row]) -> str:
     digest = hashlib.sha256(json.dumps(options.recorded(), sort_keys=True).encode())
-    for row in planned:
+    for row in ordered:
         digest.update(f"{row.key}:{row.label_indices}:{row.failure}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -379,10 +380,10 @@ class ShardAssembler:
         self.committer.close()
 
 
-def task(position: int, row: Row, corpus: Corpus) -> Task:
+def task(position: int, row: Row, corpus: Corpus) -> EncodeJob:
     """What a worker needs to make the row's sample: its source, key and everything for .cls and .json."""
     if row.failure is not None:
-        return Task(position, row.source, row.failure)
+        return EncodeJob(position, row.source, row.failure)
     metadata: dict[str, Any] = {"source": row.source, **row.metadata}
     cls = None
     if corpus.labelled:
@@ -390,10 +391,10 @@ def task(position: int, row: Row, corpus: Corpus) -> Task:
         metadata["label_names"] = [str(value) for value in row.labels]
         if not corpus.multi_label:
             cls = row.label_indices[0]
-    return Task(position, row.source, None, row.key, metadata, cls)
+    return EncodeJob(position, row.source, None, row.key, metadata, cls)
 
 
-def _outcomes(tasks: list[Task], options: BuildOptions) -> Iterator[Outcome]:
+def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome]:
     """Encode in worker processes, yielding results in plan order (workers=0: in this process)."""
     if options.workers == 0:
         init_worker(options.storage_options, options.image)
@@ -427,11 +428,11 @@ def _outcomes(tasks: list[Task], options: BuildOptions) -> Iterator[Outcome]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run(assembler: ShardAssembler, planned: list[Row], tasks: list[Task], options: BuildOptions) -> None:
-    splits = {task.position: split_of(planned[task.position].key, options.val_fraction) for task in tasks}
+def _run(assembler: ShardAssembler, ordered: list[Row], tasks: list[EncodeJob], options: BuildOptions) -> None:
+    splits = {task.position: split_of(ordered[task.position].key, options.val_fraction) for task in tasks}
     with tqdm(total=len(tasks), unit="img", desc="build-shards", smoothing=0.05) as progress:
         for outcome in _outcomes(tasks, options):
-            assembler.add(planned[outcome.position], splits[outcome.position], outcome)
+            assembler.add(ordered[outcome.position], splits[outcome.position], outcome)
             progress.update()
 
 
@@ -497,8 +498,8 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
     output.check_writable()
     output.remove_stale_temporaries()
     corpus = load_corpus(options)
-    planned = plan(corpus, options.seed)
-    build_id = fingerprint(options, planned)
+    ordered = shuffled_rows(corpus, options.seed)
+    build_id = fingerprint(options, ordered)
     records = output.records()
     if any(r.fingerprint != build_id for r in records):
         raise OutputError(
@@ -513,12 +514,12 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
             )
         failed = {json.loads(line)["key"] for line in output.fs.cat_file(output.path("errors.jsonl")).splitlines()}
         done = {key for r in records if r.retried for key in r.recovered_keys}
-        wanted = [p for p, row in enumerate(planned) if row.key in failed - done and row.failure is None]
+        wanted = [p for p, row in enumerate(ordered) if row.key in failed - done and row.failure is None]
         assembler = ShardAssembler(output, corpus, options, build_id, retried=True)
         for split in SPLITS:
             taken = [r.number for r in records if r.split == split and r.name]
             assembler.start(split, max(taken, default=-1) + 1, first_row=0)
-        tasks = [task(p, planned[p], corpus) for p in wanted]
+        tasks = [task(p, ordered[p], corpus) for p in wanted]
     else:
         if existing is not None and existing.get("options") == options.recorded() and records:
             index = ShardIndex.model_validate(existing)
@@ -531,12 +532,12 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
             assembler.start(split, len(prefix), next_row[split])
         tasks = [
             task(p, row, corpus)
-            for p, row in enumerate(planned)
+            for p, row in enumerate(ordered)
             if p >= next_row[split_of(row.key, options.val_fraction)]
         ]
     try:
-        _run(assembler, planned, tasks, options)
-        assembler.finish(end_row=len(planned))
+        _run(assembler, ordered, tasks, options)
+        assembler.finish(end_row=len(ordered))
     finally:
         assembler.close()
         output.cleanup()

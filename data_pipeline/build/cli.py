@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.builder import BuildOptions, BuildResult, BuildStopped, OutputError, build
-from data_pipeline.images import ImageOptions
-from data_pipeline.sources import InputError
-from data_pipeline.storage import parse_storage_options
+from data_pipeline.build.builder import BuildOptions, BuildResult, BuildStopped, build
+from data_pipeline.build.images import ImageOptions
+from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
 
 EPILOG = """\
 input:
@@ -45,14 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("input", help="image-folder tree or manifest file (local path or URL)")
     parser.add_argument("--output", required=True, help="output folder: a local path or s3://bucket/prefix")
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec option for s3:// and other remote URLs, e.g. endpoint_url=http://127.0.0.1:9000 "
-        "(repeatable; credentials come from the usual AWS environment variables)",
-    )
+    add_storage_option(parser, "s3:// and other remote URLs")
     parser.add_argument("--max-samples-per-shard", type=int, default=10_000, help="default: %(default)s")
     parser.add_argument("--max-bytes-per-shard", type=int, default=1 << 30, help="default: %(default)s (1 GiB)")
     parser.add_argument(
@@ -134,7 +126,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         label_column=args.label_column,
         no_labels=args.no_labels,
         workers=args.workers,
-        storage_options=parse_storage_options(args.storage_option),
+        storage_options=storage_options(args),
     )
 
 
@@ -158,16 +150,13 @@ def summary(result: BuildResult) -> str:
     )
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        options = options_from(args)
-        result = build(options, retry_failed=args.retry_failed)
-    except (InputError, OutputError, ValueError) as error:
-        print(f"build-shards: {error}", file=sys.stderr)
-        return 2
+        result = build(options_from(args), retry_failed=args.retry_failed)
     except BuildStopped as error:
-        print(f"build-shards: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 3
     print(summary(result))
     if result.skipped_fraction > args.max_error_fraction:

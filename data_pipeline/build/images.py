@@ -114,6 +114,6 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedImage:
         image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
     out = io.BytesIO()
     # a restart marker after every row of MCUs lets the loader decode only the rows a crop needs
-    # (data_pipeline/jpeg_band.py), for about 100 bytes per image
+    # (data_pipeline/load/jpeg_band.py), for about 100 bytes per image
     image.save(out, format="JPEG", quality=options.quality, restart_marker_rows=1)
     return EncodedImage(jpeg=out.getvalue(), original_size=original, size=image.size)

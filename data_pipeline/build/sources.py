@@ -19,12 +19,14 @@ from typing import Any
 
 import fsspec
 
+from data_pipeline.commands import UserError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PATH_COLUMNS = ("path", "url", "image", "image_path", "file", "filepath")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
-class InputError(Exception):
+class InputError(UserError):
     """The input as a whole is unusable (missing, unreadable, wrong columns): a one-line message, exit 2."""
 
 

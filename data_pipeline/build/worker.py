@@ -1,7 +1,7 @@
 """The work one builder process does per input row: read the bytes, check and re-encode the image, lay the sample
 out as tar blocks.
 
-Runs in worker processes; the options arrive once through `init_worker`, the rows as small `Task`s. Everything
+Runs in worker processes; the options arrive once through `init_worker`, the rows as small `EncodeJob`s. Everything
 per sample that can be done apart from the shard it goes into is done here, because the process that writes the
 shards is shared by all workers.
 """
@@ -15,8 +15,9 @@ from typing import Any
 
 import fsspec
 
-from data_pipeline.images import ImageOptions, SampleError, encode_image
-from data_pipeline.shard_writer import sample_blocks
+from data_pipeline.build.images import ImageOptions, SampleError, encode_image
+from data_pipeline.format.sample import encode_members
+from data_pipeline.format.tar_writer import sample_blocks
 
 READ_ATTEMPTS = 3
 
@@ -25,7 +26,7 @@ _image_options = ImageOptions()
 
 
 @dataclass(frozen=True)
-class Task:
+class EncodeJob:
     position: int
     """Position of the row in the build's shuffled order."""
     source: str
@@ -70,12 +71,12 @@ def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
     raise AssertionError("unreachable")
 
 
-def process_chunk(tasks: list[Task]) -> list[Outcome]:
+def process_chunk(tasks: list[EncodeJob]) -> list[Outcome]:
     """Several rows per message to a worker and back: the pipes' per-message cost is then small."""
     return [process(task) for task in tasks]
 
 
-def process(task: Task) -> Outcome:
+def process(task: EncodeJob) -> Outcome:
     if task.failure is not None:
         return Outcome(task.position, None, task.failure)
     try:
@@ -83,10 +84,6 @@ def process(task: Task) -> Outcome:
     except SampleError as error:
         return Outcome(task.position, None, error.reason, error.detail)
     width, height = image.original_size
-    members = {"jpg": image.jpeg}
-    if task.cls is not None:
-        members["cls"] = str(task.cls).encode()
     # the task's metadata wins over the measured size: a manifest column named width is the user's to keep
-    meta = {"width": width, "height": height, **task.metadata}
-    members["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
+    members = encode_members(image.jpeg, task.cls, {"width": width, "height": height, **task.metadata})
     return Outcome(task.position, sample_blocks(task.key, members))

@@ -98,7 +98,7 @@ def _pax_path(records: bytes) -> str | None:
         length = int(records[pos:space])
         if length <= space - pos:
             raise tarfile.ReadError(f"malformed pax record length {length}")
-        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = records[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             path = value.decode("utf-8", "surrogateescape")
         pos += length

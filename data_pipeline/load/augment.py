@@ -7,7 +7,7 @@ undecoded image's size first, then decode at the smallest scale that still leave
 across the crop in both directions, so the output has the same resolution as a full decode would give. The crop and
 the resize run in torch (antialiased bilinear, like torchvision's). Crops that need the full scale are decoded by
 torchvision's libjpeg-turbo binding instead of PIL, which is faster at full size. Either way only the band of rows
-the crop covers is decoded, where the JPEG's restart markers allow it (data_pipeline/jpeg_band.py).
+the crop covers is decoded, where the JPEG's restart markers allow it (data_pipeline/load/jpeg_band.py).
 
 The randomness of a sample comes from its own generator, seeded by (seed, epoch, key), so a sample gets the same
 crop whichever worker decodes it and whenever: a resumed run sees the same pixels.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipeline.jpeg_band import row_band, strip_layout
+from data_pipeline.load.jpeg_band import row_band, strip_layout
 
 Box = tuple[float, float, float, float]  # left, top, width, height in pixels of the stored image
 DCT_SCALES = (1, 2, 4, 8)
@@ -48,8 +48,9 @@ class Augment:
         return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
 
-def random_resized_box(width: int, height: int, rng: np.random.Generator, scale: tuple[float, float],
-                       ratio: tuple[float, float]) -> Box:
+def random_resized_box(
+    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Box:
     """The Inception crop: area and log-aspect uniform in their ranges, 10 tries, then the centre at clamped ratio."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -118,7 +119,7 @@ def decode(data: bytes, augment: Augment, rng: np.random.Generator) -> torch.Ten
     size = augment.image_size
     reduction = max(1, min(8, int(min(w, h) // size)))
     band_top = 0
-    if layout is not None:  # only the rows the crop needs (data_pipeline/jpeg_band.py)
+    if layout is not None:  # only the rows the crop needs (data_pipeline/load/jpeg_band.py)
         band = row_band(data, layout, math.floor(top), math.ceil(top + h), edge_rows=2 * reduction)
         if band is not None:
             data, band_top = band.jpeg, band.top

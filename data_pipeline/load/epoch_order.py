@@ -42,7 +42,7 @@ class Piece(NamedTuple):
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochOrder:
     """The epoch sequences of one shard list: shard order and the cut into parts."""
 
     num_samples: tuple[int, ...]
@@ -57,8 +57,11 @@ class EpochPlan:
 
     def pieces(self, epoch: int) -> list[Piece]:
         """The whole epoch as one piece per shard, in sequence order."""
-        return [Piece(epoch, shard, 0, self.num_samples[shard]) for shard in self.shard_order(epoch)
-                if self.num_samples[shard] > 0]
+        return [
+            Piece(epoch, shard, 0, self.num_samples[shard])
+            for shard in self.shard_order(epoch)
+            if self.num_samples[shard] > 0
+        ]
 
     def part(self, epoch: int, worker: int, num_workers: int) -> list[Piece]:
         return list(self.parts(epoch, num_workers)[worker])
@@ -102,22 +105,30 @@ class Cursor:
     slots: list[Piece | None]
     queue: list[Piece] = field(default_factory=list)
     next_epoch: int = 0
-    """The first epoch whose part is neither open nor queued; later parts come from the plan."""
+    """The first epoch whose part is neither open nor queued; later parts come from the order."""
     turn: int = 0
     """The slot the next sample is taken from (slots take turns)."""
     batches: int = 0
     """Batches this worker has delivered."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"slots": [list(piece) if piece else None for piece in self.slots],
-                "queue": [list(piece) for piece in self.queue],
-                "next_epoch": self.next_epoch, "turn": self.turn, "batches": self.batches}
+        return {
+            "slots": [list(piece) if piece else None for piece in self.slots],
+            "queue": [list(piece) for piece in self.queue],
+            "next_epoch": self.next_epoch,
+            "turn": self.turn,
+            "batches": self.batches,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Cursor:
-        return cls(slots=[Piece(*piece) if piece else None for piece in data["slots"]],
-                   queue=[Piece(*piece) for piece in data["queue"]],
-                   next_epoch=data["next_epoch"], turn=data["turn"], batches=data["batches"])
+        return cls(
+            slots=[Piece(*piece) if piece else None for piece in data["slots"]],
+            queue=[Piece(*piece) for piece in data["queue"]],
+            next_epoch=data["next_epoch"],
+            turn=data["turn"],
+            batches=data["batches"],
+        )
 
     def copy(self) -> Cursor:
         return dataclasses.replace(self, slots=list(self.slots), queue=list(self.queue))
@@ -126,24 +137,24 @@ class Cursor:
         return [piece for piece in self.slots if piece is not None] + self.queue
 
 
-def remaining(plan: EpochPlan, cursors: list[Cursor], horizon: int) -> dict[int, list[Piece]]:
+def remaining(order: EpochOrder, cursors: list[Cursor], horizon: int) -> dict[int, list[Piece]]:
     """What is left of every epoch before `horizon`, given the cursors of all workers of a job, in sequence order."""
     left: dict[int, list[Piece]] = {}
     for worker, cursor in enumerate(cursors):
         for piece in cursor.pending():
             left.setdefault(piece.epoch, []).append(piece)
         for epoch in range(cursor.next_epoch, horizon):
-            left.setdefault(epoch, []).extend(plan.part(epoch, worker, len(cursors)))
+            left.setdefault(epoch, []).extend(order.part(epoch, worker, len(cursors)))
     for epoch, pieces in left.items():
-        position = {shard: i for i, shard in enumerate(plan.shard_order(epoch))}
+        position = {shard: i for i, shard in enumerate(order.shard_order(epoch))}
         pieces.sort(key=lambda piece: (position[piece.shard], piece.start))
     return left
 
 
-def reshard(plan: EpochPlan, cursors: list[Cursor], num_workers: int, slots: int) -> list[Cursor]:
+def reshard(order: EpochOrder, cursors: list[Cursor], num_workers: int, slots: int) -> list[Cursor]:
     """New cursors for `num_workers` workers that deliver exactly what the old workers had left."""
     horizon = max(cursor.next_epoch for cursor in cursors)
-    left = remaining(plan, cursors, horizon)
+    left = remaining(order, cursors, horizon)
     fresh = [Cursor(slots=[None] * slots, next_epoch=horizon) for _ in range(num_workers)]
     for epoch in sorted(left):
         for cursor, part in zip(fresh, split(left[epoch], num_workers), strict=True):

@@ -69,19 +69,22 @@ def _strip_layout(data: bytes) -> StripLayout | None:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker in OTHER_FRAMES:
             return None
         if marker in SEQUENTIAL_FRAMES:
             frame = pos
         elif marker == DRI:
-            restart_interval = int.from_bytes(data[pos + 4:pos + 6], "big")
+            restart_interval = int.from_bytes(data[pos + 4 : pos + 6], "big")
         elif marker == SOS:
             break
         pos += 2 + length
     if frame is None or not restart_interval:
         return None
-    height, width = int.from_bytes(data[frame + 5:frame + 7], "big"), int.from_bytes(data[frame + 7:frame + 9], "big")
+    height, width = (
+        int.from_bytes(data[frame + 5 : frame + 7], "big"),
+        int.from_bytes(data[frame + 7 : frame + 9], "big"),
+    )
     components = data[frame + 9]
     sampling = [data[frame + 11 + 3 * i] for i in range(components)]
     mcu_width, mcu_height = 8 * max(s >> 4 for s in sampling), 8 * max(s & 15 for s in sampling)
@@ -124,7 +127,7 @@ def row_band(data: bytes, layout: StripLayout, top: int, bottom: int, edge_rows:
         return None  # the whole image: nothing to cut
     band_top = first * step
     band_height = min(layout.height, last * step) - band_top
-    header = data[:layout.frame + 5] + band_height.to_bytes(2, "big") + data[layout.frame + 7:layout.scan]
+    header = data[: layout.frame + 5] + band_height.to_bytes(2, "big") + data[layout.frame + 7 : layout.scan]
     parts = []
     for n, (start, end) in enumerate(layout.strips[first:last]):
         if n:

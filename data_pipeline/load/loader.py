@@ -21,24 +21,32 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.augment import Augment
-from data_pipeline.epoch_plan import Cursor, EpochPlan, reshard
-from data_pipeline.remote import RetryPolicy
-from data_pipeline.shardlist import ShardList, SourceError, resolve
-from data_pipeline.stream import StreamConfig, WorkerStream
+from data_pipeline.commands import UserError
+from data_pipeline.load.augment import Augment
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, reshard
+from data_pipeline.load.remote import RetryPolicy
+from data_pipeline.load.shardlist import ShardList, SourceError, resolve
+from data_pipeline.load.stream import StreamConfig, WorkerStream
 
 STATE_FORMAT = "vit-pretrain-loader/1"
 
 
-class LoaderStateError(Exception):
+class LoaderStateError(UserError):
     """A saved loader state does not fit this loader; the message says what differs and what to do."""
 
 
 class _Workers(IterableDataset):
     """The dataset each DataLoader worker iterates: it picks its logical worker and streams its batches."""
 
-    def __init__(self, config: StreamConfig, cursors: list[Cursor], rank: int, first: int, total_workers: int,
-                 target_batches: int | None):
+    def __init__(
+        self,
+        config: StreamConfig,
+        cursors: list[Cursor],
+        rank: int,
+        first: int,
+        total_workers: int,
+        target_batches: int | None,
+    ):
         self.config, self.cursors, self.rank, self.first = config, cursors, rank, first
         self.total_workers, self.target_batches = total_workers, target_batches
 
@@ -48,16 +56,24 @@ class _Workers(IterableDataset):
         # logical worker `first`, so process i plays logical worker first + i.
         local = ((info.id if info else 0) + self.first) % len(self.cursors)
         worker = self.rank * len(self.cursors) + local
-        stream = WorkerStream(self.config, self.cursors[local].copy(), worker, self.total_workers,
-                              self.target_batches)
+        stream = WorkerStream(self.config, self.cursors[local].copy(), worker, self.total_workers, self.target_batches)
         for batch in stream.batches():
             batch["_worker"] = local
             yield batch
 
 
 class StreamingLoader:
-    def __init__(self, shards: ShardList, config: StreamConfig, *, rank: int, world_size: int, num_workers: int,
-                 slots: int, prefetch_factor: int = 2):
+    def __init__(
+        self,
+        shards: ShardList,
+        config: StreamConfig,
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        slots: int,
+        prefetch_factor: int = 2,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.shards, self.config = shards, config
@@ -65,8 +81,10 @@ class StreamingLoader:
         self.workers_per_rank = max(1, num_workers)
         self.total_workers = world_size * self.workers_per_rank
         if shards.total < self.total_workers:
-            raise SourceError(f"{shards.urls[0]}...: {shards.total} samples cannot feed {self.total_workers} data "
-                              f"workers ({world_size} ranks x {self.workers_per_rank}); use fewer workers")
+            raise SourceError(
+                f"{shards.urls[0]}...: {shards.total} samples cannot feed {self.total_workers} data "
+                f"workers ({world_size} ranks x {self.workers_per_rank}); use fewer workers"
+            )
         self.slots = slots
         self.prefetch_factor = prefetch_factor
         self.cursors = [Cursor(slots=[None] * slots) for _ in range(self.workers_per_rank)]
@@ -93,7 +111,7 @@ class StreamingLoader:
         for worker, cursor in enumerate(cursors):
             left = sum(piece.size for piece in cursor.pending())
             for epoch in range(cursor.next_epoch, epochs):
-                left += sum(piece.size for piece in self.config.plan.part(epoch, worker, len(cursors)))
+                left += sum(piece.size for piece in self.config.order.part(epoch, worker, len(cursors)))
             most = max(most, left)
         return math.ceil(most / self.config.batch_size)
 
@@ -110,16 +128,22 @@ class StreamingLoader:
     # -- iteration -----------------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = _Workers(self.config, self.cursors, self.rank, self.next_worker, self.total_workers,
-                           self.target_batches)
+        dataset = _Workers(
+            self.config, self.cursors, self.rank, self.next_worker, self.total_workers, self.target_batches
+        )
         if self.num_workers == 0:
             batches: Any = iter(dataset)
         else:
             # Its own generator: by default DataLoader draws its workers' base seed from torch's global generator,
             # so opening an evaluation or probe loader would change the training run's later random draws.
-            batches = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                 prefetch_factor=self.prefetch_factor, pin_memory=torch.accelerator.is_available(),
-                                 generator=torch.Generator().manual_seed(self.config.plan.seed))
+            batches = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+                pin_memory=torch.accelerator.is_available(),
+                generator=torch.Generator().manual_seed(self.config.order.seed),
+            )
         self.started = self.started or time.monotonic()
         for batch in batches:
             local = batch.pop("_worker")
@@ -138,8 +162,10 @@ class StreamingLoader:
                 totals[name] += counters[name]
             skipped.update(counters["skipped"])
         elapsed = time.monotonic() - self.started if self.started else 0.0
-        rates = {"samples_per_s": totals["samples"] / elapsed if elapsed else 0.0,
-                 "bytes_per_s": totals["bytes"] / elapsed if elapsed else 0.0}
+        rates = {
+            "samples_per_s": totals["samples"] / elapsed if elapsed else 0.0,
+            "bytes_per_s": totals["bytes"] / elapsed if elapsed else 0.0,
+        }
         return {**totals, "skipped": dict(skipped), **rates}
 
     # -- resume --------------------------------------------------------------------------------------------------
@@ -150,7 +176,7 @@ class StreamingLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "workers_per_rank": self.workers_per_rank,
-            "seed": self.config.plan.seed,
+            "seed": self.config.order.seed,
             "shard_samples": list(self.shards.num_samples),
             "next_worker": self.next_worker,
             "target_batches": self.target_batches,
@@ -164,8 +190,13 @@ class StreamingLoader:
             raise LoaderStateError("no loader state given")
         for saved in states:
             self._check(saved)
-        same_shape = [saved for saved in states if saved["rank"] == self.rank
-                      and saved["world_size"] == self.world_size and saved["workers_per_rank"] == self.workers_per_rank]
+        same_shape = [
+            saved
+            for saved in states
+            if saved["rank"] == self.rank
+            and saved["world_size"] == self.world_size
+            and saved["workers_per_rank"] == self.workers_per_rank
+        ]
         if same_shape:
             saved = same_shape[0]
             self.cursors = [Cursor.from_json(cursor) for cursor in saved["cursors"]]
@@ -176,11 +207,13 @@ class StreamingLoader:
         old_world = states[0]["world_size"]
         by_rank = {saved["rank"]: saved for saved in states}
         if sorted(by_rank) != list(range(old_world)):
-            raise LoaderStateError(f"the saved loader ran on {old_world} ranks and this one runs on {self.world_size}"
-                                   f" x {self.workers_per_rank} workers: pass the states of all {old_world} old ranks")
+            raise LoaderStateError(
+                f"the saved loader ran on {old_world} ranks and this one runs on {self.world_size}"
+                f" x {self.workers_per_rank} workers: pass the states of all {old_world} old ranks"
+            )
         old = [Cursor.from_json(cursor) for rank in range(old_world) for cursor in by_rank[rank]["cursors"]]
-        new = reshard(self.config.plan, old, self.total_workers, self.slots)
-        self.cursors = new[self.rank * self.workers_per_rank:(self.rank + 1) * self.workers_per_rank]
+        new = reshard(self.config.order, old, self.total_workers, self.slots)
+        self.cursors = new[self.rank * self.workers_per_rank : (self.rank + 1) * self.workers_per_rank]
         self.next_worker = 0
         self.target_batches = self._target(new)
         self.length = self._remaining_batches()
@@ -188,13 +221,17 @@ class StreamingLoader:
     def _check(self, saved: dict[str, Any]) -> None:
         if saved.get("format") != STATE_FORMAT:
             raise LoaderStateError(f"loader state format {saved.get('format')!r} is not {STATE_FORMAT!r}")
-        if saved["seed"] != self.config.plan.seed:
-            raise LoaderStateError(f"loader state has seed {saved['seed']}, this loader {self.config.plan.seed}: "
-                                   "resume with the seed of the run")
+        if saved["seed"] != self.config.order.seed:
+            raise LoaderStateError(
+                f"loader state has seed {saved['seed']}, this loader {self.config.order.seed}: "
+                "resume with the seed of the run"
+            )
         if saved["shard_samples"] != list(self.shards.num_samples):
-            raise LoaderStateError(f"loader state was saved for another shard list ({len(saved['shard_samples'])} "
-                                   f"shards, {sum(saved['shard_samples'])} samples; now {len(self.shards.urls)}, "
-                                   f"{self.shards.total}): resume with the same data source")
+            raise LoaderStateError(
+                f"loader state was saved for another shard list ({len(saved['shard_samples'])} "
+                f"shards, {sum(saved['shard_samples'])} samples; now {len(self.shards.urls)}, "
+                f"{self.shards.total}): resume with the same data source"
+            )
 
 
 def make_loader(
@@ -233,7 +270,7 @@ def make_loader(
         raise SourceError(f"{source}: multi-label shards need the number of classes; build them with build-shards")
     config = StreamConfig(
         shards=shards,
-        plan=EpochPlan(tuple(shards.num_samples), seed, shuffle=train),
+        order=EpochOrder(tuple(shards.num_samples), seed, shuffle=train),
         augment=Augment(image_size, train, crop_scale, crop_ratio, hflip),
         batch_size=batch_size,
         labels=labels and shards.labelled,
@@ -244,8 +281,7 @@ def make_loader(
         max_error_fraction=max_error_fraction,
         prefetch_shards=prefetch_shards,
     )
-    return StreamingLoader(shards, config, rank=rank, world_size=world_size, num_workers=num_workers,
-                           slots=open_shards)
+    return StreamingLoader(shards, config, rank=rank, world_size=world_size, num_workers=num_workers, slots=open_shards)
 
 
 __all__ = ["LoaderStateError", "SourceError", "StreamingLoader", "make_loader"]

@@ -57,8 +57,7 @@ class ReadCounters:
 
 
 class RetryingReader:
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str, policy: RetryPolicy,
-                 counters: ReadCounters):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str, policy: RetryPolicy, counters: ReadCounters):
         self.fs, self.path, self.url, self.policy, self.counters = fs, path, url, policy, counters
         self.offset = 0
         self.size: int | None = None
@@ -99,8 +98,10 @@ class RetryingReader:
                 self._close()
                 attempt += 1
                 if attempt > self.policy.max_retries:
-                    raise ShardReadError(f"{self.url}: gave up after {self.policy.max_retries} retries at byte "
-                                         f"{self.offset}: {type(error).__name__}: {error}") from None
+                    raise ShardReadError(
+                        f"{self.url}: gave up after {self.policy.max_retries} retries at byte "
+                        f"{self.offset}: {type(error).__name__}: {error}"
+                    ) from None
                 self.counters.add(retries=1)
                 time.sleep(min(self.policy.backoff * 2 ** (attempt - 1), self.policy.max_backoff))
 

@@ -18,13 +18,14 @@ import braceexpand
 from pydantic import ValidationError
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from data_pipeline.index import ShardIndex
+from data_pipeline.commands import UserError
+from data_pipeline.format.index import ShardIndex
 from data_pipeline.storage import filesystem
 
 log = logging.getLogger(__name__)
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """The loader's source cannot be used; the message names the URL and what to do."""
 
 

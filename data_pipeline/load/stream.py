@@ -12,7 +12,6 @@ raise `LoaderError`, naming the shard and the reason.
 
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 import time
@@ -27,12 +26,13 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys
 
-from data_pipeline.augment import Augment, decode
-from data_pipeline.epoch_plan import Cursor, EpochPlan, Piece, shuffled
-from data_pipeline.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardReadError
-from data_pipeline.shardlist import ShardList
+from data_pipeline.format.sample import SkippedSample, multi_labels, single_label
+from data_pipeline.format.tar_reader import tar_members
+from data_pipeline.load.augment import Augment, decode
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, Piece, shuffled
+from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardReadError
+from data_pipeline.load.shardlist import ShardList
 from data_pipeline.storage import filesystem
-from data_pipeline.tar_members import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,10 @@ class LoaderError(Exception):
     """Too much bad data: the message names the shard, the reason and the limit."""
 
 
-class SkippedSample(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(detail)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class StreamConfig:
     shards: ShardList
-    plan: EpochPlan
+    order: EpochOrder
     augment: Augment
     batch_size: int
     labels: bool
@@ -78,8 +72,13 @@ class WorkerCounters:
     retries: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"samples": self.samples, "padding": self.padding, "skipped": dict(self.skipped),
-                "bytes": self.bytes, "retries": self.retries}
+        return {
+            "samples": self.samples,
+            "padding": self.padding,
+            "skipped": dict(self.skipped),
+            "bytes": self.bytes,
+            "retries": self.retries,
+        }
 
 
 def tar_samples(stream: PrefetchedShard, url: str) -> Iterator[dict[str, Any]]:
@@ -98,8 +97,7 @@ class OpenPiece:
 
 
 class WorkerStream:
-    def __init__(self, config: StreamConfig, cursor: Cursor, worker: int, num_workers: int,
-                 target_batches: int | None):
+    def __init__(self, config: StreamConfig, cursor: Cursor, worker: int, num_workers: int, target_batches: int | None):
         self.config = config
         self.cursor = cursor
         self.worker, self.num_workers = worker, num_workers
@@ -128,9 +126,10 @@ class WorkerStream:
         url = self.config.shards.urls[piece.shard]
         stream = self.prefetched.pop(piece, None) or self._stream(url)
         samples: Iterator[dict[str, Any]] = tar_samples(stream, url)
-        if self.config.plan.shuffle:
-            samples = shuffled(samples, self.config.plan.sample_rng(piece.epoch, piece.shard),
-                               self.config.shuffle_buffer)
+        if self.config.order.shuffle:
+            samples = shuffled(
+                samples, self.config.order.sample_rng(piece.epoch, piece.shard), self.config.shuffle_buffer
+            )
         # The piece's first samples belong to another worker or were consumed before a resume: skip, undecoded
         return OpenPiece(piece, stream, islice(samples, piece.start, None))
 
@@ -139,7 +138,7 @@ class WorkerStream:
         while not cursor.queue:
             if self.config.epochs is not None and cursor.next_epoch >= self.config.epochs:
                 return None
-            cursor.queue.extend(self.config.plan.part(cursor.next_epoch, self.worker, self.num_workers))
+            cursor.queue.extend(self.config.order.part(cursor.next_epoch, self.worker, self.num_workers))
             cursor.next_epoch += 1
         return cursor.queue.pop(0)
 
@@ -211,33 +210,17 @@ class WorkerStream:
         if not self.config.labels:
             return torch.tensor(-1)
         if shards.multi_label:
-            if "json" not in raw:
-                raise SkippedSample("missing_label", "no .json with labels")
-            labels = json.loads(raw["json"]).get("labels")
-            if not isinstance(labels, list) or not labels:
-                raise SkippedSample("missing_label", ".json has no labels list")
             target = torch.zeros(shards.num_classes or 0)
-            for label in labels:
-                if not isinstance(label, int) or not 0 <= label < len(target):
-                    raise SkippedSample("bad_label", f"label {label!r} outside 0..{len(target) - 1}")
-                target[label] = 1.0
+            target[multi_labels(raw, len(target))] = 1.0
             return target
-        if "cls" not in raw:
-            raise SkippedSample("missing_label", "no .cls member")
-        try:
-            label = int(raw["cls"])
-        except ValueError:
-            raise SkippedSample("bad_label", f".cls is {raw['cls'][:20]!r}") from None
-        if label < 0 or (shards.num_classes is not None and label >= shards.num_classes):
-            raise SkippedSample("bad_label", f"label {label} outside 0..{(shards.num_classes or 1) - 1}")
-        return torch.tensor(label)
+        return torch.tensor(single_label(raw, shards.num_classes))
 
     def _decode(self, piece: Piece, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if data is None:
             raise SkippedSample("missing_image", f"members {sorted(k for k in raw if not k.startswith('__'))}")
         label = self._label(raw)
-        rng = self.config.augment.rng(self.config.plan.seed, piece.epoch, raw["__key__"])
+        rng = self.config.augment.rng(self.config.order.seed, piece.epoch, raw["__key__"])
         try:
             image = decode(data, self.config.augment, rng)
         except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
@@ -251,13 +234,16 @@ class WorkerStream:
         # the same shard late in the epoch
         share = max(self.seen, self.config.shards.total / self.num_workers)
         if skipped > self.config.max_error_fraction * share:
-            raise LoaderError(f"{url}: {reason} ({detail}); {skipped} of {self.seen} samples skipped, more than "
-                              f"max_error_fraction={self.config.max_error_fraction}; fix or drop the bad shards")
+            raise LoaderError(
+                f"{url}: {reason} ({detail}); {skipped} of {self.seen} samples skipped, more than "
+                f"max_error_fraction={self.config.max_error_fraction}; fix or drop the bad shards"
+            )
         now = time.monotonic()
         if now - self.last_warning.get(reason, -WARNING_INTERVAL) >= WARNING_INTERVAL:
             self.last_warning[reason] = now
-            log.warning("%s: skipped %s: %s (%d so far for this reason)", url, reason, detail,
-                        self.counters.skipped[reason])
+            log.warning(
+                "%s: skipped %s: %s (%d so far for this reason)", url, reason, detail, self.counters.skipped[reason]
+            )
 
     # -- batches -------------------------------------------------------------------------------------------------
 

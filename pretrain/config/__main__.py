@@ -1,4 +1,4 @@
-"""`python -m pretrain.config FILE [--set key.path=value ...]`: validate a config and print it resolved.
+"""`vit-config FILE [--set key.path=value ...]`: validate a config and print it resolved.
 
 Exit 0 with the resolved JSON on stdout, or 2 with one line per problem on stderr. `--reference` prints the
 markdown reference of every field instead (configs/README.md).
@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.config.load import ConfigError, load_config
+from data_pipeline.commands import reports_user_errors
+from pretrain.config.load import load_config
 from pretrain.config.reference import render_reference
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.config", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vit-config", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="path of the JSON config file")
     parser.add_argument(
         "--set",
@@ -31,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.config is None:
         parser.error("give a config file, or --reference")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     print(config.model_dump_json(indent=2))
     return 0
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from data_pipeline.commands import UserError, json_or_text
 from pretrain.config.schema import OBJECTIVES, Config, FieldError
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """Everything wrong with a config, one line per problem, each naming its JSON path and the fix."""
 
     def __init__(self, problems: list[str]):
@@ -30,11 +31,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE, e.g. --set optimizer.lr=1e-3"])
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # bare strings such as L/16 or s3://bucket/x need no quotes on the command line
-    return key.strip().split("."), value
+    return key.strip().split("."), json_or_text(raw)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

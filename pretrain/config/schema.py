@@ -6,11 +6,14 @@ change, so the error printer can report `model.patch_size: ...` instead of the s
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, model_validator
 
+from pretrain.model.description import ModelDescription
 from pretrain.model.variants import parse_variant, stem_stride
+from pretrain.model.vit import VisionTransformer
 
 
 class FieldError(ValueError):
@@ -100,24 +103,19 @@ class ModelConfig(Section):
         """Patch size in pixels: patch_size or the variant's (a hybrid's is its ResNet stem's stride)."""
         return self.patch_size or parse_variant(self.variant).patch_size
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """Arguments for `pretrain.model.create_model(self.variant, **kwargs)`."""
+    def description(self) -> ModelDescription:
+        """The architecture: the variant's size and patch size with this section's overrides."""
         names = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
         overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        fixed = self.model_dump(
-            include={
-                "image_size",
-                "num_classes",
-                "pool",
-                "pos_embed",
-                "representation_size",
-                "dropout",
-                "attention_dropout",
-                "drop_path",
-                "head_bias_init",
-            }
-        )
-        return {**fixed, **overrides}
+        fixed = self.model_dump(include={"image_size", "num_classes", "pool", "pos_embed", "representation_size"})
+        return ModelDescription.of_variant(self.variant, **fixed, **overrides)
+
+    def training_settings(self) -> dict[str, Any]:
+        """The `VisionTransformer` arguments that only matter while training."""
+        return self.model_dump(include={"dropout", "attention_dropout", "drop_path", "head_bias_init"})
+
+    def build(self) -> VisionTransformer:
+        return self.description().build(**self.training_settings())
 
 
 class DataConfig(Section):
@@ -282,8 +280,8 @@ class LoggingConfig(Section):
     csv: bool = False
     """Also log through DeepSpeed's CSV monitor."""
     peak_tflops: Annotated[float, Field(gt=0)] | None = None
-    """Peak dense TFLOP/s per device for MFU; null for the GPU's datasheet peak (pretrain/gpus.py) in bf16/fp16, or a
-    matmul peak measured at start (CPU, fp32, GPUs not in the table)."""
+    """Peak dense TFLOP/s per device for MFU; null for the GPU's datasheet peak (pretrain/plan/gpus.py) in bf16/fp16,
+    or a matmul peak measured at start (CPU, fp32, GPUs not in the table)."""
     expected_mfu: Annotated[float, Field(gt=0, le=1)] = 0.45
     """Share of the peak the run is expected to sustain, counting the FLOPs executed (recomputation included, like
     the logged MFU): vit-plan's default --mfu; the trainer logs the step time it implies next to the measured one."""
@@ -353,6 +351,16 @@ class Config(Section):
     """Name, seed, output folder, evaluation cadence."""
     fewshot: FewShotConfig = FewShotConfig()
     """Few-shot linear probes of the frozen representation during training (paper Section 4.1)."""
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder (metrics.jsonl, monitors, default checkpoints): run.output_dir, or runs/<run.name>."""
+        return self.run.output_dir or os.path.join("runs", self.run.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where checkpoints go: checkpoint.dir, or <run folder>/checkpoints."""
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
     @model_validator(mode="after")
     def _check_sections(self) -> Config:

@@ -27,12 +27,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from data_pipeline.builder import BuildOptions, build
-from pretrain.analyze import main as analyze
-from pretrain.config import ConfigError, load_config
-from pretrain.convert import main as convert
+from data_pipeline.build.builder import BuildOptions, build
+from data_pipeline.commands import reports_user_errors
+from pretrain.config import load_config
+from pretrain.evaluate.analyze import main as analyze
+from pretrain.train.checkpoint import read_latest
+from pretrain.train.metrics import read_metrics
+from pretrain.weights.convert import main as convert
 
 TARGET_TOP1 = 0.95
 VAL_FRACTION = 0.2
@@ -57,47 +61,50 @@ def digit_shards(images: Path, shards: Path, image_size: int, seed: int, labels:
         return
     if not images.exists():
         print(f"writing scikit-learn's digits to {images}: {write_digits(images, image_size)} images")
-    build(BuildOptions(input=str(images), output=str(shards), val_fraction=VAL_FRACTION, max_samples_per_shard=250,
-                       workers=2, seed=seed, no_labels=not labels))
+    build(
+        BuildOptions(
+            input=str(images),
+            output=str(shards),
+            val_fraction=VAL_FRACTION,
+            max_samples_per_shard=250,
+            workers=2,
+            seed=seed,
+            no_labels=not labels,
+        )
+    )
     print(f"shards{'' if labels else ' without labels'} in {shards}")
 
 
-def run_records(run_dir: Path, kind: str) -> list[dict]:
-    """The records of `kind` ("eval", "fewshot", ...) in a run's metrics.jsonl, oldest first."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["kind"] == kind]
-
-
 def first_record(run_dir: Path, kind: str) -> dict:
-    return run_records(run_dir, kind)[0]
+    return read_metrics(run_dir, kind)[0]
 
 
 def last_record(run_dir: Path, kind: str) -> dict:
-    return run_records(run_dir, kind)[-1]
+    return read_metrics(run_dir, kind)[-1]
 
 
 def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str]:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    command = [launcher, "--num_gpus", str(ranks), str(Path(__file__).with_name("run.py")), "--config", config]
+    command = [launcher, "--num_gpus", str(ranks), str(Path(__file__).parents[1] / "run.py"), "--config", config]
     for override in overrides:
         command += ["--set", override]
     return command
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo_digits.json", help="JSON run config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to train on")
-    parser.add_argument("--finetune-config", default="configs/finetune/demo_digits.json",
-                        help="vit-finetune config for the exported model")
+    parser.add_argument(
+        "--finetune-config",
+        default="configs/finetune/demo_digits.json",
+        help="vit-finetune config for the exported model",
+    )
     parser.add_argument("--finetune-steps", default=None, help="override the fine-tuning steps (for quick checks)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
 
     shards = Path(config.data.train).parent
     digit_shards(shards.parent / "images", shards, config.model.image_size, config.run.seed)
@@ -108,32 +115,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training exited with {code}", file=sys.stderr)
         return code
 
-    run_dir = Path(config.run.output_dir or f"runs/{config.run.name}")
+    run_dir, checkpoints = Path(config.run_dir), Path(config.checkpoint_dir)
     final = last_record(run_dir, "eval")
-    checkpoints = Path(config.checkpoint.dir or run_dir / "checkpoints")
-    latest = (checkpoints / "latest").read_text().strip()
-    print(f"held-out top-1 {final['top1']:.4f} on {final['images']:.0f} images (target {TARGET_TOP1}); "
-          f"checkpoint {checkpoints / latest}", flush=True)
+    latest = read_latest(LocalFileSystem(), str(checkpoints))
+    print(
+        f"held-out top-1 {final['top1']:.4f} on {final['images']:.0f} images (target {TARGET_TOP1}); "
+        f"checkpoint {checkpoints / latest}",
+        flush=True,
+    )
 
     exported = run_dir / "exported" / "hf"
     if convert([str(checkpoints), "--to", "hf", "--out", str(exported)]) != 0:
         return 2
-    tuning = ["--config", args.finetune_config, "--model", str(exported), "--train", config.data.train,
-              "--out", str(run_dir / "finetuned")]
+    tuning = [
+        "--config",
+        args.finetune_config,
+        "--model",
+        str(exported),
+        "--train",
+        config.data.train,
+        "--out",
+        str(run_dir / "finetuned"),
+    ]
     if args.finetune_steps:
         tuning += ["--steps", args.finetune_steps, "--warmup-steps", "1"]
     print("$ vit-finetune " + " ".join(tuning), flush=True)
-    code = subprocess.call([sys.executable, "-m", "pretrain.finetune", *tuning])
+    code = subprocess.call([sys.executable, "-m", "pretrain.finetune.loop", *tuning])
     if code != 0:
         return code
     tuned = json.loads((run_dir / "finetuned" / "results.json").read_text())
     analysis = run_dir / "analysis"
-    if analyze(["--checkpoint", str(checkpoints), "--images", config.data.train, "--out", str(analysis),
-                "--metrics", str(run_dir / "metrics.jsonl")]) != 0:
+    if (
+        analyze(
+            [
+                "--checkpoint",
+                str(checkpoints),
+                "--images",
+                config.data.train,
+                "--out",
+                str(analysis),
+                "--metrics",
+                str(run_dir / "metrics.jsonl"),
+            ]
+        )
+        != 0
+    ):
         return 2
-    print(f"pre-trained at {config.model.image_size} px: held-out top-1 {final['top1']:.4f}; fine-tuned at "
-          f"{tuned['config']['image_size']} px: held-out top-1 {tuned['top1']:.4f} (transformers model in "
-          f"{run_dir / 'finetuned'}; pictures in {analysis})")
+    print(
+        f"pre-trained at {config.model.image_size} px: held-out top-1 {final['top1']:.4f}; fine-tuned at "
+        f"{tuned['config']['image_size']} px: held-out top-1 {tuned['top1']:.4f} (transformers model in "
+        f"{run_dir / 'finetuned'}; pictures in {analysis})"
+    )
     return 0 if final["top1"] >= TARGET_TOP1 and tuned["top1"] >= TARGET_TOP1 else 1
 
 

@@ -22,10 +22,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from data_pipeline.builder import BuildOptions, build, split_of
-from data_pipeline.sources import row_key
-from pretrain.config import ConfigError, load_config
-from pretrain.demo import VAL_FRACTION, deepspeed_command, digit_shards, first_record, last_record
+from data_pipeline.build.builder import BuildOptions, build, split_of
+from data_pipeline.build.sources import row_key
+from data_pipeline.commands import reports_user_errors
+from pretrain.config import load_config
+from pretrain.demos.digits import VAL_FRACTION, deepspeed_command, digit_shards, first_record, last_record
 
 LABELLED_SHARE = 0.1
 
@@ -45,8 +46,9 @@ def labelled_subset(images: Path, shards: Path, share: float, seed: int) -> int:
         for label, paths in sorted(by_class.items()):
             for path in paths[: max(1, round(share * len(paths)))]:
                 writer.writerow([path.resolve(), label])
-    result = build(BuildOptions(input=str(manifest), output=str(shards), max_samples_per_shard=250, workers=2,
-                                seed=seed))
+    result = build(
+        BuildOptions(input=str(manifest), output=str(shards), max_samples_per_shard=250, workers=2, seed=seed)
+    )
     return result.written_samples
 
 
@@ -58,20 +60,17 @@ def train(config: str, overrides: list[str], ranks: int) -> None:
         raise SystemExit(f"training exited with {code}")
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-config", default="configs/demo_digits_mpp.json")
     parser.add_argument("--finetune-config", default="configs/demo_digits_finetune.json")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to train on")
     args = parser.parse_args(argv)
-    try:
-        pretrain = load_config(args.pretrain_config)
-        finetune = load_config(args.finetune_config)
-        scratch = ["model.init_from=null", f"run.name={finetune.run.name}_scratch"]
-        from_scratch = load_config(args.finetune_config, scratch)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+    pretrain = load_config(args.pretrain_config)
+    finetune = load_config(args.finetune_config)
+    scratch = ["model.init_from=null", f"run.name={finetune.run.name}_scratch"]
+    from_scratch = load_config(args.finetune_config, scratch)
 
     labelled = Path(pretrain.fewshot.datasets["digits"].train).parent
     images = labelled.parent / "images"
@@ -82,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         count = labelled_subset(images, subset, LABELLED_SHARE, finetune.run.seed)
         print(f"{count} labelled training images ({LABELLED_SHARE:.0%} of each class) in {subset}")
 
-    runs = {name: Path(config.run.output_dir or f"runs/{config.run.name}")
-            for name, config in (("pretrain", pretrain), ("finetune", finetune), ("scratch", from_scratch))}
+    runs = {
+        name: Path(config.run_dir)
+        for name, config in (("pretrain", pretrain), ("finetune", finetune), ("scratch", from_scratch))
+    }
     train(args.pretrain_config, [], args.ranks)
     train(args.finetune_config, [], args.ranks)
     train(args.finetune_config, scratch, args.ranks)
@@ -92,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     tuned, baseline = last_record(runs["finetune"], "eval"), last_record(runs["scratch"], "eval")
     print(f"masked patch prediction, step {mpp['step']}: held-out mean-colour accuracy {mpp['mpp_accuracy']:.4f}")
     for probes in (first_record(runs["pretrain"], "fewshot"), last_record(runs["pretrain"], "fewshot")):
-        print(f"few-shot top-1 of the frozen representation at step {probes['step']}: " + ", ".join(
-            f"{name.split('/')[-1]} {value:.4f}" for name, value in probes.items() if name.startswith("digits/")))
-    print(f"fine-tuned on {LABELLED_SHARE:.0%} of the labels: held-out top-1 {tuned['top1']:.4f} from masked patch "
-          f"prediction, {baseline['top1']:.4f} from scratch ({tuned['images']:.0f} images)")
+        print(
+            f"few-shot top-1 of the frozen representation at step {probes['step']}: "
+            + ", ".join(
+                f"{name.split('/')[-1]} {value:.4f}" for name, value in probes.items() if name.startswith("digits/")
+            )
+        )
+    print(
+        f"fine-tuned on {LABELLED_SHARE:.0%} of the labels: held-out top-1 {tuned['top1']:.4f} from masked patch "
+        f"prediction, {baseline['top1']:.4f} from scratch ({tuned['images']:.0f} images)"
+    )
     return 0
 
 

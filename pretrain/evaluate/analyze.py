@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.convert import ConversionError, check_weights, read_any
+from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
 from pretrain.model import VisionTransformer, model_input
-from pretrain.weights import WeightsError
+from pretrain.weights.model_weights import WeightsError
+from pretrain.weights.surgery import check_weights
 
 NUM_COMPONENTS = 28
 
@@ -58,8 +59,9 @@ def patch_distances(grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     return torch.cdist(centres, centres)
 
 
-def mean_attention_distance(attention: torch.Tensor, grid: tuple[int, int], patch_size: int,
-                            prefix_tokens: int) -> torch.Tensor:
+def mean_attention_distance(
+    attention: torch.Tensor, grid: tuple[int, int], patch_size: int, prefix_tokens: int
+) -> torch.Tensor:
     """Per head, the attention-weighted distance in pixels from each patch query to the patches it attends to,
     averaged over queries and images: (B, heads, T, T) -> (heads,). Attention onto the class token has no place
     in the image, so each query's weights over the patches are renormalised to sum to 1."""
@@ -99,9 +101,11 @@ def filter_components(weight: torch.Tensor, count: int = NUM_COMPONENTS) -> tupl
 
 
 def load_model(source: str, storage_options: dict[str, Any]) -> VisionTransformer:
-    weights = read_any(source, storage_options)
+    from pretrain.weights.formats import read_weights  # here: importing DeepSpeed announces the accelerator
+
+    weights = read_weights(source, storage_options)
     check_weights(weights, source)  # mismatched tensors: the converter's one-line error, not load_state_dict's dump
-    model = VisionTransformer(**weights.kwargs)
+    model = weights.model.build()
     model.load_state_dict(weights.state)
     return model.eval()
 
@@ -114,18 +118,26 @@ def sample_images(source: str, count: int, image_size: int, storage_options: dic
     if location.is_dir():
         files = sorted(p for p in location.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
         if not files:
-            raise ConversionError(f"{source}: no images (jpg, png, webp) in this folder")
+            raise WeightsError(f"{source}: no images (jpg, png, webp) in this folder")
         pictures = []
         for path in files[:count]:
             image = Image.open(path).convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
             pictures.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
         return torch.stack(pictures)
     from data_pipeline import make_loader
-    from data_pipeline.shardlist import SourceError
+    from data_pipeline.load.shardlist import SourceError
 
     def loader(split: str) -> Any:
-        return make_loader(source, batch_size=min(count, 64), num_workers=0, train=False, image_size=image_size,
-                           storage_options=storage_options, split=split, labels=False)
+        return make_loader(
+            source,
+            batch_size=min(count, 64),
+            num_workers=0,
+            train=False,
+            image_size=image_size,
+            storage_options=storage_options,
+            split=split,
+            labels=False,
+        )
 
     try:
         batches_of = loader("val")
@@ -142,11 +154,12 @@ def sample_images(source: str, count: int, image_size: int, storage_options: dic
 
 
 def read_curves(metrics: Path) -> dict[str, list[dict[str, Any]]]:
+    """A run's metrics.jsonl records by kind (train, eval, ...)."""
+    from pretrain.train.metrics import read_metrics  # here: importing DeepSpeed announces the accelerator
+
     records: dict[str, list[dict[str, Any]]] = {}
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records.setdefault(record.get("kind", "train"), []).append(record)
+    for record in read_metrics(metrics.parent):
+        records.setdefault(record.get("kind", "train"), []).append(record)
     return records
 
 
@@ -220,8 +233,9 @@ def draw_curves(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
     train = records.get("train", [])
     evaluation = records.get("eval", [])
     panels = [("loss", train, "loss"), ("learning rate", train, "lr"), ("images/s", train, "images_per_s")]
-    panels += [(f"eval {name}", evaluation, name) for name in ("top1", "mpp_accuracy") if evaluation
-               and name in evaluation[-1]]
+    panels += [
+        (f"eval {name}", evaluation, name) for name in ("top1", "mpp_accuracy") if evaluation and name in evaluation[-1]
+    ]
     figure, axes = _figure(1, len(panels), 3.0)
     for axis, (title, series, name) in zip(axes.flat, panels, strict=True):
         steps = [r["step"] for r in series if r.get(name) is not None]
@@ -237,8 +251,9 @@ def draw_curves(records: dict[str, list[dict[str, Any]]], path: Path) -> None:
 # -- command line --------------------------------------------------------------------------------------------------
 
 
-def analyze(model: VisionTransformer, images: torch.Tensor, out: Path, metrics: Path | None,
-            rollout_images: int = 6) -> dict[str, Any]:
+def analyze(
+    model: VisionTransformer, images: torch.Tensor, out: Path, metrics: Path | None, rollout_images: int = 6
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
     patch_size, prefix = model.patch_size, model.num_prefix_tokens
@@ -251,8 +266,9 @@ def analyze(model: VisionTransformer, images: torch.Tensor, out: Path, metrics: 
     table = model.position_embeddings(grid)[0, prefix:].detach()
     similarity = position_similarity(table)
     draw_position_similarity(similarity, grid, out / "position_similarity.png")
-    summary["position_similarity_self_is_row_max"] = float((similarity.argmax(-1) == torch.arange(len(table)))
-                                                           .double().mean())
+    summary["position_similarity_self_is_row_max"] = float(
+        (similarity.argmax(-1) == torch.arange(len(table))).double().mean()
+    )
     maps = attention_maps(model, model_input(images))
     distances = torch.stack([mean_attention_distance(a, grid, patch_size, prefix) for a in maps])
     draw_attention_distance(distances, out / "attention_distance.png")
@@ -271,35 +287,35 @@ def analyze(model: VisionTransformer, images: torch.Tensor, out: Path, metrics: 
     return summary
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline.shardlist import SourceError
-    from data_pipeline.storage import parse_storage_options
-
     parser = argparse.ArgumentParser(prog="vit-analyze", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint folder (or step folder), or a "
-                        "converted transformers / timm / native weights folder")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="trainer checkpoint folder (or step folder), or a converted transformers / timm / native weights folder",
+    )
     parser.add_argument("--images", required=True, help="shards (index.json or brace pattern) or a folder of images")
     parser.add_argument("--out", required=True, help="folder for the PNG files and summary.json")
     parser.add_argument("--num-images", type=int, default=64, help="images for the attention distances")
-    parser.add_argument("--metrics", default=None, help="a run's metrics.jsonl for curves.png (default: the one "
-                        "beside a local trainer checkpoint folder, if there is one)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for s3:// inputs")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="a run's metrics.jsonl for curves.png (default: the one "
+        "beside a local trainer checkpoint folder, if there is one)",
+    )
+    add_storage_option(parser, "s3:// inputs")
     args = parser.parse_args(argv)
-    try:
-        options = parse_storage_options(args.storage_option)
-        model = load_model(args.checkpoint, options)
-        images = sample_images(args.images, args.num_images, model.grid_size[0] * model.patch_size, options)
-    except ValueError as error:
-        parser.error(str(error))
-    except (ConversionError, WeightsError, SourceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    options = storage_options(args)
+    model = load_model(args.checkpoint, options)
+    images = sample_images(args.images, args.num_images, model.grid_size[0] * model.patch_size, options)
     metrics = Path(args.metrics) if args.metrics else Path(args.checkpoint).parent / "metrics.jsonl"
     summary = analyze(model, images, Path(args.out), metrics)
     last = summary["mean_attention_distance_px"][-1]
-    print(f"{args.out}: figures and summary.json from {summary['images']} images; last layer's mean attention "
-          f"distance {min(last):.1f}-{max(last):.1f} px over its heads")
+    print(
+        f"{args.out}: figures and summary.json from {summary['images']} images; last layer's mean attention "
+        f"distance {min(last):.1f}-{max(last):.1f} px over its heads"
+    )
     return 0
 
 

@@ -9,8 +9,8 @@ draws. L2 regularisation 2^10 is the default of the paper's public implementatio
 The representation is the model's pre-logits: the representation layer's output when there is one, otherwise the
 pooled output (class token or global average pool); for a masked-patch model, its encoder's.
 
-`python -m pretrain.fewshot --checkpoint runs/x/checkpoints --train SHARDS --test SHARDS` probes a checkpoint; the
-trainer runs the same probes every `fewshot.every_steps` on the datasets its config names.
+`python -m pretrain.evaluate.fewshot --checkpoint runs/x/checkpoints --train SHARDS --test SHARDS` probes a
+checkpoint; the trainer runs the same probes every `fewshot.every_steps` on the datasets its config names.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import make_loader
-from data_pipeline.shardlist import SourceError
-from data_pipeline.storage import parse_storage_options
+from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
+from data_pipeline.load.shardlist import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,14 @@ def draw_shots(labels: torch.Tensor, shots: int, num_classes: int, seed: int) ->
     return torch.cat(chosen)
 
 
-def fewshot_accuracy(train: Features, test: Features, num_classes: int, shots: Iterable[int] = DEFAULT_SHOTS,
-                     draws: int = 3, l2: float = DEFAULT_L2) -> dict[int, float]:
+def fewshot_accuracy(
+    train: Features,
+    test: Features,
+    num_classes: int,
+    shots: Iterable[int] = DEFAULT_SHOTS,
+    draws: int = 3,
+    l2: float = DEFAULT_L2,
+) -> dict[int, float]:
     """Mean top-1 on `test` per shot count; shot counts some class cannot supply are left out (and logged)."""
     results = {}
     for count in shots:
@@ -123,30 +129,55 @@ def extract_features(represent: Callable[[torch.Tensor], torch.Tensor], batches:
         dist.all_gather_object(parts, part)
     all_keys = [key for _, _, part_keys in parts for key in part_keys]
     order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
-    return Features(torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order],
-                    [all_keys[i] for i in order])
+    return Features(
+        torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order], [all_keys[i] for i in order]
+    )
 
 
-def probe_batches(source: str, split: str, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
-                  storage_options: dict[str, Any] | None = None, num_workers: int = 1) -> tuple[Any, int]:
+def probe_batches(
+    source: str,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    storage_options: dict[str, Any] | None = None,
+    num_workers: int = 1,
+) -> tuple[Any, int]:
     """A one-pass, centre-cropped loader over labelled single-label shards, and their number of classes."""
-    loader = make_loader(source, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                         train=False, image_size=image_size, storage_options=storage_options, split=split)
+    loader = make_loader(
+        source,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        train=False,
+        image_size=image_size,
+        storage_options=storage_options,
+        split=split,
+    )
     shards = loader.shards
     if not shards.labelled or shards.multi_label:
-        raise SourceError(f"{source}: few-shot probes need single-label shards (these are "
-                          f"{'unlabelled' if not shards.labelled else 'multi-label'})")
+        raise SourceError(
+            f"{source}: few-shot probes need single-label shards (these are "
+            f"{'unlabelled' if not shards.labelled else 'multi-label'})"
+        )
     if shards.num_classes is None:
         raise SourceError(f"{source}: no classes.json beside the shards; few-shot probes need the class count")
     return loader, shards.num_classes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.fewshot", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="trainer checkpoint folder (its newest checkpoint) or one step-XXXXXXXX folder in it")
-    parser.add_argument("--train", required=True, help="labelled shards to draw the shots from (index.json or "
-                        "brace pattern)")
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate.fewshot", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="trainer checkpoint folder (its newest checkpoint) or one step-XXXXXXXX folder in it",
+    )
+    parser.add_argument(
+        "--train", required=True, help="labelled shards to draw the shots from (index.json or brace pattern)"
+    )
     parser.add_argument("--test", required=True, help="labelled held-out shards to score the probes on")
     parser.add_argument("--train-split", default="train", help="split of the --train index (default train)")
     parser.add_argument("--test-split", default="val", help="split of the --test index (default val)")
@@ -154,47 +185,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=3, help="seeded draws per shot count, averaged (default 3)")
     parser.add_argument("--l2", type=float, default=DEFAULT_L2, help="L2 regularisation (default 2^10)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for the checkpoint and shards, e.g. endpoint_url=http://...")
-    args = parser.parse_args(argv)
-    try:
-        args.storage_option = parse_storage_options(args.storage_option)
-    except ValueError as error:
-        parser.error(str(error))
-    return args
+    add_storage_option(parser, "an s3:// checkpoint and shards")
+    return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     from pretrain.model import model_input
-    from pretrain.objectives import build_model
-    from pretrain.weights import WeightsError, read_checkpoint
+    from pretrain.weights.trainer_checkpoint import read_checkpoint
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    options = args.storage_option
-    try:
-        config, state = read_checkpoint(args.checkpoint, options)
-        model = build_model(config)
-        model.load_state_dict(state)
-        model.eval()
-        size = config.model.image_size
-        represent = lambda images: model(model_input(images), pre_logits=True)  # noqa: E731
-        train_loader, num_classes = probe_batches(args.train, args.train_split, batch_size=args.batch_size,
-                                                  image_size=size, storage_options=options)
-        test_loader, test_classes = probe_batches(args.test, args.test_split, batch_size=args.batch_size,
-                                                  image_size=size, storage_options=options)
-        if test_classes != num_classes:
-            raise SourceError(f"{args.test}: {test_classes} classes but {args.train} has {num_classes}; use the "
-                              "same class table for both")
-        train, test = extract_features(represent, train_loader), extract_features(represent, test_loader)
-    except (WeightsError, SourceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    options = storage_options(args)
+    weights = read_checkpoint(args.checkpoint, options)
+    model = weights.model.build()
+    model.load_state_dict(weights.state)
+    model.eval()
+    size = weights.model.image_size
+    represent = lambda images: model(model_input(images), pre_logits=True)  # noqa: E731
+    train_loader, num_classes = probe_batches(
+        args.train, args.train_split, batch_size=args.batch_size, image_size=size, storage_options=options
+    )
+    test_loader, test_classes = probe_batches(
+        args.test, args.test_split, batch_size=args.batch_size, image_size=size, storage_options=options
+    )
+    if test_classes != num_classes:
+        raise SourceError(
+            f"{args.test}: {test_classes} classes but {args.train} has {num_classes}; use the same class table for both"
+        )
+    train, test = extract_features(represent, train_loader), extract_features(represent, test_loader)
     results = fewshot_accuracy(train, test, num_classes, args.shots, args.draws, args.l2)
     for shots, accuracy in results.items():
         print(f"{shots:>3}-shot top-1 {accuracy:.4f}")
-    print(f"({len(train.labels)} training and {len(test.labels)} test images, {num_classes} classes, "
-          f"{args.draws} draws, l2 {args.l2:g})")
+    print(
+        f"({len(train.labels)} training and {len(test.labels)} test images, {num_classes} classes, "
+        f"{args.draws} draws, l2 {args.l2:g})"
+    )
     return 0
 
 

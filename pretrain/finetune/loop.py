@@ -7,7 +7,7 @@ biases). It is read through the converter, so the position embeddings are resize
 once, with the function our model and the converter use, and the head is replaced by a zero-initialised one for the
 dataset's classes.
 
-Hugging Face accelerate runs it on one device or many (`accelerate launch -m pretrain.finetune ...`); each process
+Hugging Face accelerate runs it on one device or many (`accelerate launch -m pretrain.finetune.loop ...`); each process
 streams its own share of the shards with our loader, and `micro_batch_size` below the per-process batch accumulates
 gradients. The model is evaluated on the held-out split every `eval_every_steps` and at the end, then written with
 `save_pretrained` (with the class names as labels and a matching image processor) beside `results.json`.
@@ -28,12 +28,13 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from data_pipeline.shardlist import SourceError, read_classes
-from pretrain.config.load import ConfigError, read_json
+from data_pipeline.commands import UserError, add_storage_option, json_or_text, reports_user_errors, storage_options
+from data_pipeline.load.shardlist import read_classes
+from pretrain.config.load import read_json
 from pretrain.config.schema import SupervisedObjective
-from pretrain.convert import ConversionError, choose_head, from_hf, resize_positions, to_hf, write_preprocessor
 from pretrain.model import model_input
-from pretrain.objectives.supervised import correct_counts, supervised_loss
+from pretrain.weights.hf import from_hf, to_hf, write_preprocessor
+from pretrain.weights.surgery import choose_head, resize_positions
 
 log = logging.getLogger("finetune")
 
@@ -96,7 +97,7 @@ class FinetuneConfig(BaseModel):
     """fsspec options for s3:// shards, e.g. {"endpoint_url": "http://..."}."""
 
 
-class FinetuneError(Exception):
+class FinetuneError(UserError):
     """A fine-tuning run cannot start; the message names the input and what to change."""
 
 
@@ -106,30 +107,30 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     lists) and strings otherwise."""
     parser = argparse.ArgumentParser(prog="vit-finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="JSON file of the fields below (e.g. configs/finetune/demo_digits.json)")
+    add_storage_option(parser, "s3:// shards")
     for name, field in FinetuneConfig.model_fields.items():
+        if name == "storage_options":
+            continue
         default = " (required)" if field.is_required() else f" (default: {json.dumps(field.default)})"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{field.description}{default}",
-                            metavar=name.upper())
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, help=f"{field.description}{default}", metavar=name.upper()
+        )
     args = parser.parse_args(argv)
-    try:
-        settings = read_json(args.config) if args.config else {}
-    except ConfigError as error:
-        parser.error(str(error))
-    settings |= {name: _json_or_text(value) for name, value in vars(args).items()
-                 if value is not None and name != "config"}
+    settings = read_json(args.config) if args.config else {}
+    flags = {name: value for name, value in vars(args).items() if name in FinetuneConfig.model_fields}
+    settings |= {name: json_or_text(value) for name, value in flags.items() if value is not None}
+    if options := storage_options(args):  # the flags' options win over the file's, key by key
+        from_file = settings.get("storage_options")
+        settings["storage_options"] = (from_file if isinstance(from_file, dict) else {}) | options
     try:
         return FinetuneConfig.model_validate(settings)
     except ValidationError as error:
-        problems = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                    + (f" (got {e['input']!r})" if e["type"] != "missing" else "") for e in error.errors()]
+        problems = [
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+            + (f" (got {e['input']!r})" if e["type"] != "missing" else "")
+            for e in error.errors()
+        ]
         parser.error("; ".join(problems))
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 # -- the model -----------------------------------------------------------------------------------------------------
@@ -139,12 +140,15 @@ def build_model(config: FinetuneConfig, class_names: list[str]) -> torch.nn.Modu
     """The transformers ViT to fine-tune: position embeddings at `image_size`, a zero-initialised head for
     `class_names` (or the folder's own with keep_head), the class names as labels."""
     weights = from_hf(config.model)
-    if config.keep_head and weights.num_classes != len(class_names):
-        raise FinetuneError(f"{config.model}: keep_head, but its classifier has {weights.num_classes} classes and "
-                            f"{config.train} has {len(class_names)}; drop --keep-head for a new head")
-    weights = choose_head(weights, keep_head=config.keep_head,
-                          num_classes=None if config.keep_head else len(class_names))
-    if weights.kwargs["image_size"] != config.image_size:
+    if config.keep_head and weights.model.num_classes != len(class_names):
+        raise FinetuneError(
+            f"{config.model}: keep_head, but its classifier has {weights.model.num_classes} classes and "
+            f"{config.train} has {len(class_names)}; drop --keep-head for a new head"
+        )
+    weights = choose_head(
+        weights, keep_head=config.keep_head, num_classes=None if config.keep_head else len(class_names)
+    )
+    if weights.model.image_size != config.image_size:
         weights = resize_positions(weights, config.image_size)
     model = to_hf(weights)
     model.config.id2label = dict(enumerate(class_names))
@@ -155,8 +159,9 @@ def build_model(config: FinetuneConfig, class_names: list[str]) -> torch.nn.Modu
 def class_table(config: FinetuneConfig) -> list[str]:
     classes = read_classes(config.train, config.storage_options)
     if not classes:
-        raise FinetuneError(f"{config.train}: no classes.json beside the shards; fine-tuning needs the class table "
-                            "build-shards writes")
+        raise FinetuneError(
+            f"{config.train}: no classes.json beside the shards; fine-tuning needs the class table build-shards writes"
+        )
     return sorted(classes, key=classes.__getitem__)
 
 
@@ -178,27 +183,39 @@ def batch_plan(config: FinetuneConfig, processes: int) -> tuple[int, int]:
     per_process = config.batch_size // processes
     micro = config.micro_batch_size or per_process
     if per_process % micro:
-        raise FinetuneError(f"--micro-batch-size {micro} does not divide the per-process batch {per_process} "
-                            f"(--batch-size {config.batch_size} over {processes} processes)")
+        raise FinetuneError(
+            f"--micro-batch-size {micro} does not divide the per-process batch {per_process} "
+            f"(--batch-size {config.batch_size} over {processes} processes)"
+        )
     return micro, per_process // micro
 
 
 def evaluate(model: torch.nn.Module, config: FinetuneConfig, accelerator: Any, batch_size: int) -> dict[str, float]:
     """Top-1 and top-5 over the held-out split, summed across processes (padding excluded)."""
     from data_pipeline import make_loader
+    from pretrain.objectives.supervised import correct_counts
 
-    loader = make_loader(config.val or config.train, batch_size=batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, num_workers=config.num_workers, seed=config.seed,
-                         train=False, image_size=config.image_size, storage_options=config.storage_options,
-                         split=config.val_split)
+    loader = make_loader(
+        config.val or config.train,
+        batch_size=batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        train=False,
+        image_size=config.image_size,
+        storage_options=config.storage_options,
+        split=config.val_split,
+    )
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     model.eval()
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             logits = model(pixel_values=model_input(batch["image"].to(accelerator.device))).logits
             counts = correct_counts(logits.float(), batch["label"], batch["valid"], multi_label=False)
-            sums += torch.tensor([counts["top1"], counts["top5"], counts["images"]], device=accelerator.device,
-                                 dtype=torch.float64)
+            sums += torch.tensor(
+                [counts["top1"], counts["top5"], counts["images"]], device=accelerator.device, dtype=torch.float64
+            )
     model.train()
     top1, top5, images = accelerator.reduce(sums, reduction="sum").tolist()
     return {"top1": top1 / max(images, 1), "top5": top5 / max(images, 1), "images": images}
@@ -209,27 +226,41 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from data_pipeline import make_loader
+    from pretrain.objectives.supervised import supervised_loss  # the objectives import DeepSpeed: not for --help
 
     accelerator = Accelerator(mixed_precision=config.precision)
     micro, accumulation = batch_plan(config, accelerator.num_processes)
     set_seed(config.seed)
     class_names = class_table(config)
-    loader = make_loader(config.train, batch_size=micro, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, num_workers=config.num_workers, seed=config.seed,
-                         train=True, image_size=config.image_size, storage_options=config.storage_options,
-                         split=config.train_split, crop_scale=config.crop_scale, hflip=config.hflip)
+    loader = make_loader(
+        config.train,
+        batch_size=micro,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        train=True,
+        image_size=config.image_size,
+        storage_options=config.storage_options,
+        split=config.train_split,
+        crop_scale=config.crop_scale,
+        hflip=config.hflip,
+    )
     if loader.shards.multi_label:
         raise FinetuneError(f"{config.train}: multi-label shards; vit-finetune trains single-label classifiers")
     model = build_model(config, class_names)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     # The schedule is stepped here, once per optimizer step, rather than handed to accelerate, whose scheduler
     # wrapper steps once per process per optimizer step unless batches are split.
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = SupervisedObjective(type="supervised", loss="softmax")
-    accelerator.print(f"fine-tuning {config.model} at {config.image_size} px on {loader.shards.total} images of "
-                      f"{len(class_names)} classes: {config.steps} steps of {config.batch_size} "
-                      f"({accelerator.num_processes} processes x {accumulation} passes x {micro})")
+    accelerator.print(
+        f"fine-tuning {config.model} at {config.image_size} px on {loader.shards.total} images of "
+        f"{len(class_names)} classes: {config.steps} steps of {config.batch_size} "
+        f"({accelerator.num_processes} processes x {accumulation} passes x {micro})"
+    )
     batches = iter(loader)
     started, history = time.perf_counter(), []
     for step in range(config.steps):
@@ -253,13 +284,19 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         if done % config.log_every_steps == 0 or done == config.steps:
             loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
             rate = done * config.batch_size / (time.perf_counter() - started)
-            accelerator.print(f"step {done}/{config.steps} | loss {loss_value:.4f} | lr "
-                              f"{optimizer.param_groups[0]['lr']:.2e} | {rate:.1f} images/s", flush=True)
+            accelerator.print(
+                f"step {done}/{config.steps} | loss {loss_value:.4f} | lr "
+                f"{optimizer.param_groups[0]['lr']:.2e} | {rate:.1f} images/s",
+                flush=True,
+            )
         if done == config.steps or (config.eval_every_steps and done % config.eval_every_steps == 0):
             result = {"step": done, **evaluate(model, config, accelerator, micro)}
             history.append(result)
-            accelerator.print(f"eval step {done} | top1 {result['top1']:.4f} | top5 {result['top5']:.4f} on "
-                              f"{result['images']:.0f} images", flush=True)
+            accelerator.print(
+                f"eval step {done} | top1 {result['top1']:.4f} | top5 {result['top5']:.4f} on "
+                f"{result['images']:.0f} images",
+                flush=True,
+            )
     results = {**history[-1], "history": history, "config": config.model_dump()}
     if accelerator.is_main_process:
         out = Path(config.out)
@@ -270,14 +307,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     return results
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    try:
-        results = finetune(config)
-    except (FinetuneError, ConversionError, SourceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    results = finetune(config)
     print(f"held-out top-1 {results['top1']:.4f} on {results['images']:.0f} images; model in {config.out}")
     return 0
 

@@ -1,5 +1,6 @@
 """The ViT model family: `create_model("B/16")`, `flops_per_image("H/14", 224)`."""
 
+from pretrain.model.description import ModelDescription
 from pretrain.model.factory import create_model
 from pretrain.model.flops import flops_per_image
 from pretrain.model.pos_embed import resize_pos_embed, sincos_2d
@@ -8,6 +9,7 @@ from pretrain.model.vit import VisionTransformer, model_input
 
 __all__ = [
     "SIZES",
+    "ModelDescription",
     "ViTSize",
     "VisionTransformer",
     "create_model",

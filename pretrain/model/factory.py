@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.model.variants import parse_variant
+from pretrain.model.description import FIELDS, ModelDescription
 from pretrain.model.vit import VisionTransformer
 
 
@@ -14,15 +14,6 @@ def create_model(variant: str, **overrides: Any) -> VisionTransformer:
     Overrides are `VisionTransformer` arguments; they win over the variant's size (width, depth, mlp_dim,
     num_heads) and patch size, which is how tiny CPU models are made from a named variant.
     """
-    spec = parse_variant(variant)
-    size = spec.size
-    kwargs: dict[str, Any] = {
-        "width": size.width,
-        "depth": size.depth,
-        "mlp_dim": size.mlp_dim,
-        "num_heads": size.num_heads,
-        "patch_size": spec.patch_size,
-        "stem_stages": spec.stem_stages,
-    }
-    kwargs.update(overrides)
-    return VisionTransformer(**kwargs)
+    architecture = {name: value for name, value in overrides.items() if name in FIELDS}
+    training = {name: value for name, value in overrides.items() if name not in FIELDS}
+    return ModelDescription.of_variant(variant, **architecture).build(**training)

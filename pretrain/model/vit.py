@@ -210,8 +210,11 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay: everything but weight matrices and conv kernels."""
         # under ZeRO-3 a parameter is a flat partition; its real shape is ds_shape
-        return {name for name, p in self.named_parameters()
-                if len(getattr(p, "ds_shape", p.shape)) <= 1 or name in ("cls_token", "pos_embed")}
+        return {
+            name
+            for name, p in self.named_parameters()
+            if len(getattr(p, "ds_shape", p.shape)) <= 1 or name in ("cls_token", "pos_embed")
+        }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 from torch import nn
 
 from pretrain.config.schema import Config, SupervisedObjective
-from pretrain.model import create_model
 from pretrain.objectives.masked_patch import MaskedPatchTask
 from pretrain.objectives.supervised import ObjectiveError, SupervisedTask
 
@@ -24,7 +23,7 @@ def build_model(config: Config) -> nn.Module:
 
     Call it under `deepspeed.zero.Init` for ZeRO-3. Its state dict is what a consolidated checkpoint holds.
     """
-    return build_task(config).wrap(create_model(config.model.variant, **config.model.model_kwargs()))
+    return build_task(config).wrap(config.model.build())
 
 
 __all__ = ["MaskedPatchTask", "ObjectiveError", "SupervisedTask", "Task", "build_model", "build_task"]

@@ -44,8 +44,13 @@ def num_corrupted(num_patches: int, mask_ratio: float) -> int:
     return min(num_patches, max(1, round(mask_ratio * num_patches)))
 
 
-def sample_corruption(batch: int, num_patches: int, objective: MaskedPatchObjective, device: torch.device | str = "cpu",
-                      generator: torch.Generator | None = None) -> Corruption:
+def sample_corruption(
+    batch: int,
+    num_patches: int,
+    objective: MaskedPatchObjective,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Corruption:
     """Draw which patches of each image are corrupted and how; `generator` (on `device`) makes it reproducible."""
     k = num_corrupted(num_patches, objective.mask_ratio)
     scores = torch.rand(batch, num_patches, device=device, generator=generator)
@@ -67,8 +72,9 @@ def corrupt(patches: torch.Tensor, corruption: Corruption, mask_token: torch.Ten
     chosen = patches.gather(1, index)
     other = patches.gather(1, corruption.source[..., None].expand(-1, -1, width))
     kind = corruption.kind[..., None]
-    replaced = torch.where(kind == MASK, mask_token.to(patches.dtype).expand_as(chosen),
-                           torch.where(kind == RANDOM, other, chosen))
+    replaced = torch.where(
+        kind == MASK, mask_token.to(patches.dtype).expand_as(chosen), torch.where(kind == RANDOM, other, chosen)
+    )
     return patches.scatter(1, index, replaced)
 
 
@@ -96,8 +102,7 @@ def patch_targets(images: torch.Tensor, patch_size: int, objective: MaskedPatchO
     if objective.target == "downsampled_color":
         batch, num, channels = patches.shape[:3]
         # adaptive pooling also covers patch sizes 4 does not divide (14): cells then overlap by a pixel
-        cells = F.adaptive_avg_pool2d(patches.reshape(batch * num, channels, patch_size, patch_size),
-                                      DOWNSAMPLED_GRID)
+        cells = F.adaptive_avg_pool2d(patches.reshape(batch * num, channels, patch_size, patch_size), DOWNSAMPLED_GRID)
         cells = cells.reshape(batch, num, channels, DOWNSAMPLED_GRID**2).transpose(-1, -2)  # (B, N, 16, 3)
         return quantised_colour(cells, objective.color_bits)
     return model_input(patches).flatten(2)
@@ -112,8 +117,9 @@ def prediction_size(objective: MaskedPatchObjective, patch_size: int, channels: 
     return channels * patch_size * patch_size
 
 
-def masked_patch_loss(predictions: torch.Tensor, targets: torch.Tensor,
-                      objective: MaskedPatchObjective) -> torch.Tensor:
+def masked_patch_loss(
+    predictions: torch.Tensor, targets: torch.Tensor, objective: MaskedPatchObjective
+) -> torch.Tensor:
     """Per-image loss (B,) from head outputs (B, k, out) and the targets of the corrupted patches, in fp32.
 
     Cross-entropy (averaged over the 16 cells for downsampled_color) or the mean squared error per pixel value.
@@ -160,15 +166,21 @@ class MaskedPatchModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
 
-    def forward(self, images: torch.Tensor, positions: torch.Tensor | None = None, kind: torch.Tensor | None = None,
-                source: torch.Tensor | None = None, pre_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kind: torch.Tensor | None = None,
+        source: torch.Tensor | None = None,
+        pre_logits: bool = False,
+    ) -> torch.Tensor:
         if pre_logits or positions is None or kind is None or source is None:
             return self.encoder(images, pre_logits=True)
         corruption = Corruption(positions, kind, source)
         encoder = self.encoder
         patches, grid = encoder.embed(images)
         tokens = encoder.encode(encoder.add_positions(corrupt(patches, corruption, self.mask_token), grid))
-        outputs = tokens[:, encoder.num_prefix_tokens:]
+        outputs = tokens[:, encoder.num_prefix_tokens :]
         outputs = outputs.gather(1, corruption.positions[..., None].expand(-1, -1, outputs.shape[-1]))
         return self.head(outputs)
 
@@ -188,8 +200,9 @@ class MaskedPatchTask:
     def check_shards(self, shards: object, source: str) -> None:
         """Any shards will do: labels, if there are any, are not read."""
 
-    def _losses(self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _losses(
+        self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         patch_size = self.patch_size
         num_patches = (raw.shape[-2] // patch_size) * (raw.shape[-1] // patch_size)
         corruption = sample_corruption(raw.shape[0], num_patches, self.objective, raw.device, generator)
@@ -202,8 +215,9 @@ class MaskedPatchTask:
         every checkpoint saves, so a resumed run draws the same masks."""
         return self._losses(engine, images, raw, None)[0].mean()
 
-    def eval_sums(self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict,
-                  generator: torch.Generator) -> dict[str, float]:
+    def eval_sums(
+        self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict, generator: torch.Generator
+    ) -> dict[str, float]:
         """Summed held-out loss (and target accuracy for colour targets) over the valid images of a batch."""
         losses, predictions, targets = self._losses(engine, images, raw, generator)
         valid = batch["valid"].to(losses.device)

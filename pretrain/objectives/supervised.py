@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.shardlist import ShardList
+from data_pipeline.commands import UserError
+from data_pipeline.load.shardlist import ShardList
 from pretrain.config.schema import SupervisedObjective
 from pretrain.model.vit import VisionTransformer
 
 
-class ObjectiveError(Exception):
+class ObjectiveError(UserError):
     """The data does not fit the objective; the message names the config field to change."""
 
 
@@ -25,8 +26,9 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, objective: Super
     return F.cross_entropy(logits, labels, label_smoothing=objective.label_smoothing)
 
 
-def correct_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                   multi_label: bool) -> dict[str, float]:
+def correct_counts(
+    logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, multi_label: bool
+) -> dict[str, float]:
     """Sums over the valid images of a batch: top-1 and top-5 hits (single-label) or precision@1 (multi-label)."""
     valid = valid.to(logits.device)
     if multi_label:
@@ -36,8 +38,11 @@ def correct_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tens
     labels = labels.to(logits.device)
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = top5 == labels[:, None]
-    return {"top1": float((hits[:, 0] & valid).sum()), "top5": float((hits.any(-1) & valid).sum()),
-            "images": float(valid.sum())}
+    return {
+        "top1": float((hits[:, 0] & valid).sum()),
+        "top5": float((hits.any(-1) & valid).sum()),
+        "images": float(valid.sum()),
+    }
 
 
 class SupervisedTask:
@@ -54,20 +59,27 @@ class SupervisedTask:
 
     def check_shards(self, shards: ShardList, source: str) -> None:
         if not shards.labelled:
-            raise ObjectiveError(f"{source}: the shards carry no labels; the supervised objective needs them (or "
-                                 "use objective.type masked_patch_prediction)")
+            raise ObjectiveError(
+                f"{source}: the shards carry no labels; the supervised objective needs them (or "
+                "use objective.type masked_patch_prediction)"
+            )
         if shards.num_classes is not None and shards.num_classes != self.num_classes:
-            raise ObjectiveError(f"model.num_classes is {self.num_classes} but {source} has {shards.num_classes} "
-                                 f"classes; set model.num_classes to {shards.num_classes}")
+            raise ObjectiveError(
+                f"model.num_classes is {self.num_classes} but {source} has {shards.num_classes} "
+                f"classes; set model.num_classes to {shards.num_classes}"
+            )
         if shards.multi_label != (self.objective.loss == "sigmoid"):
             want = "sigmoid" if shards.multi_label else "softmax"
-            raise ObjectiveError(f"objective.loss is {self.objective.loss} but the shards are "
-                                 f"{'multi' if shards.multi_label else 'single'}-label; use {want}")
+            raise ObjectiveError(
+                f"objective.loss is {self.objective.loss} but the shards are "
+                f"{'multi' if shards.multi_label else 'single'}-label; use {want}"
+            )
 
     def loss(self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict) -> torch.Tensor:
         return supervised_loss(engine(images), batch["label"].to(images.device), self.objective)
 
-    def eval_sums(self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict,
-                  generator: torch.Generator) -> dict[str, float]:
+    def eval_sums(
+        self, engine: nn.Module, images: torch.Tensor, raw: torch.Tensor, batch: dict, generator: torch.Generator
+    ) -> dict[str, float]:
         multi_label = batch["label"].ndim == 2
         return correct_counts(engine(images).float(), batch["label"], batch["valid"], multi_label)

@@ -1,7 +1,7 @@
 """`vit-plan --config configs/vit_h14_jft.json --gpus 256 --gpu-type H100`: will the run fit, how long will it take,
 what will it cost, before a single GPU is booked.
 
-Prints a short report of the plan pretrain/planner.py computes (compute, time and cost, memory per ZeRO stage,
+Prints a short report of the plan pretrain/plan/planner.py computes (compute, time and cost, memory per ZeRO stage,
 communication, data); with --json the same numbers as JSON. Exit status: 0, or 1 when the configured ZeRO stage does
 not fit (the report says what would), 2 for bad input.
 """
@@ -14,11 +14,12 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pretrain.gpus import DEFAULT_HEADROOM, GPUS, UnknownGpuError, gpu_spec
+from data_pipeline.commands import reports_user_errors
+from pretrain.plan.gpus import DEFAULT_HEADROOM, GPUS, gpu_spec
 
 if TYPE_CHECKING:
     from pretrain.config.schema import Config
-    from pretrain.planner import Hardware
+    from pretrain.plan.planner import Hardware
 
 GB = 1e9
 
@@ -59,23 +60,31 @@ def report(plan: dict[str, Any]) -> str:
     ]
     for s in memory["stages"]:
         estimate = f"({s['deepspeed_estimate_gb']:.2f})" if s["deepspeed_estimate_gb"] is not None else ""
-        lines.append(f"  {s['stage']:>4}  {s['model_states_gb']:>9.2f} {estimate:>8}  {s['buffers_gb']:>10.2f}  "
-                     f"{s['peak_gb']:>7.2f}"
-                     f"  {'yes' if s['fits'] else 'NO':>4}  {s['max_micro_batch_without_checkpointing']:>6} / "
-                     f"{s['max_micro_batch_with_checkpointing']}")
+        lines.append(
+            f"  {s['stage']:>4}  {s['model_states_gb']:>9.2f} {estimate:>8}  {s['buffers_gb']:>10.2f}  "
+            f"{s['peak_gb']:>7.2f}"
+            f"  {'yes' if s['fits'] else 'NO':>4}  {s['max_micro_batch_without_checkpointing']:>6} / "
+            f"{s['max_micro_batch_with_checkpointing']}"
+        )
     comms = plan["communication"]
-    lines += ["communication per GPU",
-              f"  {comms['bytes_per_gpu_per_step'] / GB:.3g} GB per step: {comms['gb_per_second_per_gpu'] * 8:,.0f} "
-              f"Gb/s to hide it behind compute ({comms['network_gbps_per_gpu']:g} Gb/s network)"]
+    lines += [
+        "communication per GPU",
+        f"  {comms['bytes_per_gpu_per_step'] / GB:.3g} GB per step: {comms['gb_per_second_per_gpu'] * 8:,.0f} "
+        f"Gb/s to hide it behind compute ({comms['network_gbps_per_gpu']:g} Gb/s network)",
+    ]
     lines.append("data")
     if data["read_gb_per_second"] is not None:
         epoch = f"{data['bytes_per_epoch'] / 1e12:.3g} TB per epoch, " if data["bytes_per_epoch"] else ""
-        lines.append(f"  {epoch}{data['bytes_per_sample'] / 1e3:.0f} kB per image ({data['source']}); "
-                     f"read {data['read_gb_per_second']:.3g} GB/s, {data['read_gb_per_second_per_node']:.3g} GB/s "
-                     f"and {data['images_per_second_per_node']:,.0f} images/s per node")
+        lines.append(
+            f"  {epoch}{data['bytes_per_sample'] / 1e3:.0f} kB per image ({data['source']}); "
+            f"read {data['read_gb_per_second']:.3g} GB/s, {data['read_gb_per_second_per_node']:.3g} GB/s "
+            f"and {data['images_per_second_per_node']:,.0f} images/s per node"
+        )
     else:
-        lines.append(f"  {data['images_per_second_per_node']:,.0f} images/s per node; bytes unknown "
-                     f"({data['source']}): pass --bytes-per-sample")
+        lines.append(
+            f"  {data['images_per_second_per_node']:,.0f} images/s per node; bytes unknown "
+            f"({data['source']}): pass --bytes-per-sample"
+        )
     lines += [f"warning: {warning}" for warning in plan["warnings"]]
     return "\n".join(lines)
 
@@ -87,26 +96,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu_names = ", ".join(f"{g.name} ({g.bf16_tflops:g} TFLOP/s, {g.memory_gb:g} GB)" for g in GPUS)
     parser = argparse.ArgumentParser(prog="vit-plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config (JSON)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, as for pretrain/run.py (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, as for pretrain/run.py (repeatable)",
+    )
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
     parser.add_argument("--gpu-type", default=None, help=f"one of {gpu_names}")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    parser.add_argument("--mfu", type=float, default=None,
-                        help="share of the dense peak sustained, recomputation included (default: the config's "
-                             "logging.expected_mfu)")
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        help="share of the dense peak sustained, recomputation included (default: the config's logging.expected_mfu)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak per GPU, overrides the table")
     parser.add_argument("--gpu-memory-gb", type=float, default=None, help="memory per GPU, overrides the table")
-    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
-                        help=f"share of GPU memory kept free for the CUDA context, NCCL and fragmentation "
-                             f"(default {DEFAULT_HEADROOM})")
-    parser.add_argument("--network-gbps", type=float, default=400.0,
-                        help="inter-node bandwidth per GPU in Gbit/s, for the communication check (default 400)")
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        help=f"share of GPU memory kept free for the CUDA context, NCCL and fragmentation (default {DEFAULT_HEADROOM})",
+    )
+    parser.add_argument(
+        "--network-gbps",
+        type=float,
+        default=400.0,
+        help="inter-node bandwidth per GPU in Gbit/s, for the communication check (default 400)",
+    )
     parser.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, for the cost")
-    parser.add_argument("--train-samples", type=int, default=None,
-                        help="training-set size (default: from data.train's index.json)")
-    parser.add_argument("--bytes-per-sample", type=float, default=None,
-                        help="average stored bytes per image (default: from data.train's index.json)")
+    parser.add_argument(
+        "--train-samples", type=int, default=None, help="training-set size (default: from data.train's index.json)"
+    )
+    parser.add_argument(
+        "--bytes-per-sample",
+        type=float,
+        default=None,
+        help="average stored bytes per image (default: from data.train's index.json)",
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON instead of the report")
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.gpus_per_node < 1:
@@ -121,13 +150,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def hardware_from_args(args: argparse.Namespace, config: Config) -> Hardware:
-    from pretrain.planner import Hardware, PlanError
+    from pretrain.plan.planner import Hardware, PlanError
 
     spec = gpu_spec(args.gpu_type) if args.gpu_type else None
     if spec is not None and config.deepspeed.precision == "fp32" and args.peak_tflops is None:
         raise PlanError(f"the table's {spec.name} peak is for bf16; an fp32 run needs --peak-tflops")
     return Hardware(
-        gpus=args.gpus, gpus_per_node=min(args.gpus_per_node, args.gpus),
+        gpus=args.gpus,
+        gpus_per_node=min(args.gpus_per_node, args.gpus),
         name=spec.name if spec else "GPU",
         peak_tflops=args.peak_tflops or spec.bf16_tflops,  # type: ignore[union-attr]
         memory_gb=args.gpu_memory_gb or spec.memory_gb,  # type: ignore[union-attr]
@@ -137,20 +167,17 @@ def hardware_from_args(args: argparse.Namespace, config: Config) -> Hardware:
     )
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # DeepSpeed announces the accelerator it detected on stdout when imported; the report (or JSON) owns stdout
     with contextlib.redirect_stdout(sys.stderr):
-        from pretrain.config.load import ConfigError, load_config
-        from pretrain.planner import PlanError, make_plan, read_data_facts
-    try:
-        config = load_config(args.config, args.set)
-        hardware = hardware_from_args(args, config)
-        data = read_data_facts(config, args.train_samples, args.bytes_per_sample)
-        plan = make_plan(config, hardware, data, args.headroom)
-    except (ConfigError, UnknownGpuError, PlanError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        from pretrain.config.load import load_config
+        from pretrain.plan.planner import make_plan, read_data_facts
+    config = load_config(args.config, args.set)
+    hardware = hardware_from_args(args, config)
+    data = read_data_facts(config, args.train_samples, args.bytes_per_sample)
+    plan = make_plan(config, hardware, data, args.headroom)
     print(json.dumps(plan, indent=2) if args.json else report(plan))
     return 0 if plan["memory"]["fits"] else 1
 

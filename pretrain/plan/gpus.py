@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.commands import UserError
+
 DEFAULT_HEADROOM = 0.1
 """Share of a GPU's memory a plan leaves free for the CUDA context, NCCL, fragmentation and the estimate's error."""
 
@@ -38,7 +40,7 @@ GPUS: tuple[GpuSpec, ...] = (
 )
 
 
-class UnknownGpuError(ValueError):
+class UnknownGpuError(UserError):
     """A GPU type that is not in the table; the message lists the known ones."""
 
 

@@ -34,12 +34,11 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from pretrain.config.schema import Config, MaskedPatchObjective
-from pretrain.gpus import DEFAULT_HEADROOM
-from pretrain.model import create_model
 from pretrain.model.resnet import Bottleneck, Downsample, ResNetStem
 from pretrain.model.vit import HybridEmbed
 from pretrain.objectives import build_model
 from pretrain.objectives.masked_patch import num_corrupted, prediction_size
+from pretrain.plan.gpus import DEFAULT_HEADROOM
 
 ENGINE_ALLREDUCE_BUCKET = 500_000_000
 """Elements per all-reduce bucket of DeepSpeed's engine without ZeRO (engine.MEMORY_OPT_ALLREDUCE_SIZE)."""
@@ -104,8 +103,9 @@ def deepspeed_estimate(size: ModelSize, stage: int, precision: str, gpus: int, g
     nodes = math.ceil(gpus / gpus_per_node)
     if stage == 2:
         return estimate_zero2_model_states_mem_needs(size.params, gpus_per_node, nodes, cpu_offload=False)[1]
-    return estimate_zero3_model_states_mem_needs(size.params, size.largest_layer_params, gpus_per_node, nodes,
-                                                 cpu_offload=False, cpu_offload_params=False)[1]
+    return estimate_zero3_model_states_mem_needs(
+        size.params, size.largest_layer_params, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False
+    )[1]
 
 
 def offloads(ds_config: dict[str, Any]) -> bool:
@@ -146,7 +146,7 @@ def activation_bytes(config: Config) -> ActivationBytes:
     """Activation memory per image at the configured resolution and precision."""
     model_config = config.model
     with torch.device("meta"):
-        model = create_model(model_config.variant, **model_config.model_kwargs())
+        model = model_config.build()
     act = LOW_PRECISION_BYTES[config.deepspeed.precision]
     first = model.blocks[0]
     width, mlp_dim, heads = first.mlp.fc1.in_features, first.mlp.fc1.out_features, first.attn.num_heads
@@ -230,8 +230,15 @@ def gradients_held(stage: int, accumulation: int) -> bool:
     return stage >= 2 or accumulation > 1
 
 
-def fit(states: StateBytes, buffers: int, per_image: int, micro_batch: int, with_gradients: bool,
-        gpu_memory_bytes: float, headroom: float = DEFAULT_HEADROOM) -> Fit:
+def fit(
+    states: StateBytes,
+    buffers: int,
+    per_image: int,
+    micro_batch: int,
+    with_gradients: bool,
+    gpu_memory_bytes: float,
+    headroom: float = DEFAULT_HEADROOM,
+) -> Fit:
     """Whether `micro_batch` images fit beside the states and buffers, and the most that would."""
     usable = int(gpu_memory_bytes * (1 - headroom))
     held = states.weights + states.optimizer + buffers + (states.gradients if with_gradients else 0)

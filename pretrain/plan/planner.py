@@ -1,17 +1,18 @@
-"""The numbers of a run plan (`vit-plan`, pretrain/plan.py): will the run fit, how long will it take, what will it
+"""The numbers of a run plan (`vit-plan`, pretrain/plan/cli.py): will the run fit, how long will it take, what will it
 cost, before a single GPU is booked.
 
 A plan has five parts:
 - compute: forward FLOPs per image from the model's analytic count (pretrain/model/flops.py), x3 for a training
   step (x4 with activation checkpointing's extra forward pass), times the images the schedule sees: steps x global
   batch, where an epoch schedule becomes steps exactly as the trainer computes them;
-- time and cost: wall-clock and GPU-hours at an assumed utilisation of the GPU's dense bf16 peak (pretrain/gpus.py);
-- memory per GPU for ZeRO stages 0-3 and the largest micro-batch that fits (pretrain/memory_model.py);
+- time and cost: wall-clock and GPU-hours at an assumed utilisation of the GPU's dense bf16 peak
+  (pretrain/plan/gpus.py);
+- memory per GPU for ZeRO stages 0-3 and the largest micro-batch that fits (pretrain/plan/memory_model.py);
 - communication: the bytes each GPU exchanges per step and the bandwidth that hides them behind compute;
 - data: bytes per epoch from the shard index, and the read bandwidth per node that keeps the GPUs fed.
 
 Utilisation (--mfu) counts the FLOPs the GPUs execute, recomputation included, as the trainer's logged MFU does; the
-trainer logs the step time this predicts next to the measured one (pretrain/trainer.py), so a plan can be checked
+trainer logs the step time this predicts next to the measured one (pretrain/train/trainer.py), so a plan can be checked
 against the first minutes of a real run.
 """
 
@@ -21,12 +22,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from data_pipeline.commands import UserError
 from pretrain.config.schema import Config
-from pretrain.ds_config import BatchError, batch_sizes, deepspeed_config, total_steps
-from pretrain.gpus import DEFAULT_HEADROOM
-from pretrain.memory_model import (
+from pretrain.plan.gpus import DEFAULT_HEADROOM
+from pretrain.plan.memory_model import (
     LOW_PRECISION_BYTES,
     activation_bytes,
     buffer_bytes,
@@ -37,14 +36,16 @@ from pretrain.memory_model import (
     model_states,
     offloads,
 )
-from pretrain.model import create_model, flops_per_image
+from pretrain.train.compute import forward_flops_per_image, passes_per_image, step_seconds
+from pretrain.train.engine_config import BatchError, batch_sizes, deepspeed_config
+from pretrain.train.schedule import total_steps
 
 GB = 1e9
 MB = 1e6
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """The run cannot be planned as asked; the message names the field or flag to change."""
 
 
@@ -70,32 +71,9 @@ class DataFacts:
     """Where the numbers come from: the index URL, the command line, or why they are unknown."""
 
 
-def forward_flops_per_image(config: Config) -> float:
-    """The model's analytic forward FLOPs for one image at the configured resolution."""
-    with torch.device("meta"):
-        model = create_model(config.model.variant, **config.model.model_kwargs())
-    return flops_per_image(model, config.model.image_size)
-
-
-def passes_per_image(config: Config) -> int:
-    """Forward-pass equivalents of a training image: forward and a backward of twice its cost, plus the forward
-    that activation checkpointing repeats."""
-    return 4 if config.deepspeed.activation_checkpointing else 3
-
-
-def training_flops_per_image(config: Config) -> float:
-    """FLOPs one training image costs as configured."""
-    return passes_per_image(config) * forward_flops_per_image(config)
-
-
-def step_seconds(flops_per_image_trained: float, batch_size: int, gpus: int, peak_tflops: float, mfu: float) -> float:
-    """Seconds per optimizer step when `gpus` devices sustain `mfu` of their peak."""
-    return batch_size * flops_per_image_trained / (gpus * peak_tflops * 1e12 * mfu)
-
-
 def read_data_facts(config: Config, train_samples: int | None, bytes_per_sample: float | None) -> DataFacts:
     """Training-set size and bytes per sample: from the flags where given, else from data.train's index.json."""
-    from data_pipeline.shardlist import read_index
+    from data_pipeline.load.shardlist import read_index
 
     if train_samples is not None:
         return DataFacts(train_samples, bytes_per_sample, "command line")
@@ -130,36 +108,51 @@ def planned_micro_batch(config: Config, gpus: int, warnings: list[str]) -> tuple
         return micro, per_gpu // micro
 
 
-def make_plan(config: Config, hardware: Hardware, data: DataFacts, headroom: float = DEFAULT_HEADROOM
-              ) -> dict[str, Any]:
+def make_plan(
+    config: Config, hardware: Hardware, data: DataFacts, headroom: float = DEFAULT_HEADROOM
+) -> dict[str, Any]:
     """Every number of the report, as plain data (the --json output)."""
     warnings: list[str] = []
     micro, accumulation = planned_micro_batch(config, hardware.gpus, warnings)
     config = _with_deepspeed(config, micro_batch_size=micro)
     batch = config.data.batch_size
     if config.schedule.steps is None and data.train_samples is None:
-        raise PlanError(f"schedule.epochs needs the training-set size, but {data.source}; pass --train-samples N "
-                        f"(and --bytes-per-sample B)")
+        raise PlanError(
+            f"schedule.epochs needs the training-set size, but {data.source}; pass --train-samples N "
+            f"(and --bytes-per-sample B)"
+        )
     steps = total_steps(config, data.train_samples or 0)
     images = steps * batch
     forward = forward_flops_per_image(config)
-    step_s = step_seconds(passes_per_image(config) * forward, batch, hardware.gpus, hardware.peak_tflops,
-                          hardware.mfu)
+    step_s = step_seconds(passes_per_image(config) * forward, batch, hardware.gpus, hardware.peak_tflops, hardware.mfu)
     seconds = steps * step_s
     gpu_hours = seconds / 3600 * hardware.gpus
     memory = memory_plan(config, hardware, steps, accumulation, headroom, warnings)
 
     return {
         "run": {
-            "name": config.run.name, "variant": config.model.variant, "image_size": config.model.image_size,
-            "params": memory["params"], "global_batch": batch, "micro_batch": micro,
-            "gradient_accumulation": accumulation, "steps": steps, "images_seen": images,
+            "name": config.run.name,
+            "variant": config.model.variant,
+            "image_size": config.model.image_size,
+            "params": memory["params"],
+            "global_batch": batch,
+            "micro_batch": micro,
+            "gradient_accumulation": accumulation,
+            "steps": steps,
+            "images_seen": images,
             "epochs": images / data.train_samples if data.train_samples else None,
-            "zero_stage": config.deepspeed.zero_stage, "precision": config.deepspeed.precision,
+            "zero_stage": config.deepspeed.zero_stage,
+            "precision": config.deepspeed.precision,
             "activation_checkpointing": config.deepspeed.activation_checkpointing,
         },
-        "hardware": {"gpus": hardware.gpus, "gpus_per_node": hardware.gpus_per_node, "gpu_type": hardware.name,
-                     "peak_tflops": hardware.peak_tflops, "memory_gb": hardware.memory_gb, "mfu": hardware.mfu},
+        "hardware": {
+            "gpus": hardware.gpus,
+            "gpus_per_node": hardware.gpus_per_node,
+            "gpu_type": hardware.name,
+            "peak_tflops": hardware.peak_tflops,
+            "memory_gb": hardware.memory_gb,
+            "mfu": hardware.mfu,
+        },
         "compute": {
             "forward_flops_per_image": forward,
             "training_flops": 3 * forward * images,
@@ -175,15 +168,15 @@ def make_plan(config: Config, hardware: Hardware, data: DataFacts, headroom: flo
             "cost": gpu_hours * hardware.price_per_gpu_hour if hardware.price_per_gpu_hour is not None else None,
         },
         "memory": memory,
-        "communication": communication_plan(config, hardware, memory["params"], accumulation, step_s,
-                                            warnings),
+        "communication": communication_plan(config, hardware, memory["params"], accumulation, step_s, warnings),
         "data": data_plan(data, images / seconds, hardware),
         "warnings": warnings,
     }
 
 
-def communication_plan(config: Config, hardware: Hardware, params: int, accumulation: int, step_s: float,
-                       warnings: list[str]) -> dict[str, Any]:
+def communication_plan(
+    config: Config, hardware: Hardware, params: int, accumulation: int, step_s: float, warnings: list[str]
+) -> dict[str, Any]:
     """Bytes each GPU sends per optimizer step for data parallelism (ring collectives move (N - 1) / N of a tensor
     per GPU), and the bandwidth that hides them behind the step's compute. ZeRO-0 all-reduces the 16-bit gradients
     once per step (2 tensor volumes); ZeRO-1 reduce-scatters them once and all-gathers the updated weights (2);
@@ -199,13 +192,18 @@ def communication_plan(config: Config, hardware: Hardware, params: int, accumula
         warnings.append(
             f"communication-bound: ZeRO-{stage} moves {per_gpu / GB:.3g} GB per GPU per step, {needed * 8:.0f} Gb/s "
             f"per GPU to hide behind {step_s * 1000:.0f} ms of compute, above the {hardware.network_gbps:g} Gb/s "
-            f"network: expect a lower MFU, or give each GPU more images per step (fewer GPUs or a larger batch)")
-    return {"bytes_per_gpu_per_step": per_gpu, "gb_per_second_per_gpu": needed,
-            "network_gbps_per_gpu": hardware.network_gbps}
+            f"network: expect a lower MFU, or give each GPU more images per step (fewer GPUs or a larger batch)"
+        )
+    return {
+        "bytes_per_gpu_per_step": per_gpu,
+        "gb_per_second_per_gpu": needed,
+        "network_gbps_per_gpu": hardware.network_gbps,
+    }
 
 
-def memory_plan(config: Config, hardware: Hardware, steps: int, accumulation: int, headroom: float,
-                warnings: list[str]) -> dict[str, Any]:
+def memory_plan(
+    config: Config, hardware: Hardware, steps: int, accumulation: int, headroom: float, warnings: list[str]
+) -> dict[str, Any]:
     size = model_size(config)
     activations = activation_bytes(config)
     precision = config.deepspeed.precision
@@ -218,37 +216,45 @@ def memory_plan(config: Config, hardware: Hardware, steps: int, accumulation: in
         buffers = buffer_bytes(ds_config, size.params, precision)
         estimate = deepspeed_estimate(size, stage, precision, hardware.gpus, hardware.gpus_per_node)
         held = gradients_held(stage, accumulation)
-        fits = {ckpt: fit(states, buffers, activations.per_image(ckpt), micro, held, hardware.memory_gb * GB,
-                          headroom) for ckpt in (False, True)}
+        fits = {
+            ckpt: fit(states, buffers, activations.per_image(ckpt), micro, held, hardware.memory_gb * GB, headroom)
+            for ckpt in (False, True)
+        }
         chosen = fits[checkpointing]
-        stages.append({
-            "stage": stage,
-            "model_states_gb": states.total / GB,
-            "deepspeed_estimate_gb": estimate / GB if estimate is not None else None,
-            "buffers_gb": buffers / GB,
-            "peak_gb": chosen.peak_bytes / GB,
-            "fits": chosen.fits,
-            "max_micro_batch": chosen.max_micro_batch,
-            "max_micro_batch_without_checkpointing": fits[False].max_micro_batch,
-            "max_micro_batch_with_checkpointing": fits[True].max_micro_batch,
-        })
+        stages.append(
+            {
+                "stage": stage,
+                "model_states_gb": states.total / GB,
+                "deepspeed_estimate_gb": estimate / GB if estimate is not None else None,
+                "buffers_gb": buffers / GB,
+                "peak_gb": chosen.peak_bytes / GB,
+                "fits": chosen.fits,
+                "max_micro_batch": chosen.max_micro_batch,
+                "max_micro_batch_without_checkpointing": fits[False].max_micro_batch,
+                "max_micro_batch_with_checkpointing": fits[True].max_micro_batch,
+            }
+        )
     usable_gb = hardware.memory_gb * (1 - headroom)
     configured = stages[config.deepspeed.zero_stage]
     if offloads(deepspeed_config(config, hardware.gpus, steps, "plan")):
-        warnings.append("deepspeed.overrides offload optimizer states or parameters, which the memory plan does not "
-                        "model: its GPU numbers are upper bounds")
+        warnings.append(
+            "deepspeed.overrides offload optimizer states or parameters, which the memory plan does not "
+            "model: its GPU numbers are upper bounds"
+        )
     if not configured["fits"]:
         others = [f"ZeRO-{s['stage']}" for s in stages if s["fits"]]
         advice = f"; or use {' / '.join(others)}" if others else ""
         warnings.append(
             f"does not fit: ZeRO-{configured['stage']} needs {configured['peak_gb']:.1f} GB per GPU at micro-batch "
             f"{micro}, {usable_gb:.1f} GB usable ({hardware.memory_gb:g} GB less {headroom:.0%} headroom); set "
-            f"deepspeed.micro_batch_size to {configured['max_micro_batch']} or less{advice}")
+            f"deepspeed.micro_batch_size to {configured['max_micro_batch']} or less{advice}"
+        )
     elif checkpointing and configured["max_micro_batch_without_checkpointing"] >= micro:
         warnings.append(
             f"micro-batch {micro} fits without activation checkpointing (up to "
             f"{configured['max_micro_batch_without_checkpointing']}): deepspeed.activation_checkpointing=false "
-            f"saves its extra forward pass, a quarter of the compute")
+            f"saves its extra forward pass, a quarter of the compute"
+        )
     return {
         "params": size.params,
         "headroom": headroom,

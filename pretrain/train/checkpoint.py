@@ -2,8 +2,9 @@
 a local folder or on object storage, with a `latest` pointer that only ever names a complete checkpoint.
 
 Layout of `<dir>/step-00001000/`: DeepSpeed's files (model, optimizer partitions, scheduler),
-`loader-rank{r}.json` and `rng-rank{r}.pt` for every rank, and `trainer.json` (step, samples seen, counters, the
-resolved config). `<dir>/latest` holds the name of the newest complete checkpoint.
+`loader-rank{r}.json` and `rng-rank{r}.pt` for every rank, `trainer.json` (format version, step, samples seen,
+counters, the resolved config) and `model.json` (what the weights are; pretrain/weights/model_weights.py).
+`<dir>/latest` holds the name of the newest complete checkpoint.
 
 Saving: every rank writes into a local folder (the checkpoint dir itself when it is local; a staging folder in the
 run folder otherwise), then each node uploads what it wrote. Only when every rank reports success does rank 0 write
@@ -20,21 +21,35 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from data_pipeline.commands import UserError
 from data_pipeline.storage import filesystem, is_local, join, write_bytes_atomic
-from pretrain import distributed
+from pretrain.train import distributed
+from pretrain.weights.model_weights import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 PREFIX = "step-"
+TRAINER_FILE = "trainer.json"
+TRAINER_FORMAT_VERSION = 1
+"""Version of trainer.json; files without the field are of version 1 too (it was added later)."""
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be saved or loaded; the message names the place and the cause."""
+
+
+def read_latest(fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """The checkpoint the `latest` pointer of the folder `root` names, or None when it has none yet."""
+    try:
+        return fs.cat_file(join(fs, root, LATEST)).decode().strip()
+    except FileNotFoundError:
+        return None
 
 
 def tag_of(step: int) -> str:
@@ -63,8 +78,9 @@ class Restored:
 
 
 class CheckpointStore:
-    def __init__(self, url: str, storage_options: dict[str, Any], staging: str, keep_last: int,
-                 placement: distributed.Placement):
+    def __init__(
+        self, url: str, storage_options: dict[str, Any], staging: str, keep_last: int, placement: distributed.Placement
+    ):
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url, storage_options)
         self.local = is_local(self.fs)
@@ -84,7 +100,14 @@ class CheckpointStore:
         except (OSError, PermissionError) as error:
             raise CheckpointError(f"{self.url}: cannot write checkpoints ({error}); check checkpoint.dir") from None
 
-    def save(self, engine: Any, step: int, trainer_state: dict[str, Any], loader_state: dict[str, Any]) -> None:
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        trainer_state: dict[str, Any],
+        loader_state: dict[str, Any],
+        model_file: dict[str, Any],
+    ) -> None:
         tag = tag_of(step)
         rank = self.placement.rank
         folder = os.path.join(self.staging, tag)
@@ -93,15 +116,18 @@ class CheckpointStore:
             json.dump(loader_state, handle)
         torch.save(rng_state(), os.path.join(folder, f"rng-rank{rank}.pt"))
         if self.placement.is_main:
-            with open(os.path.join(folder, "trainer.json"), "w") as handle:
-                json.dump({"step": step, **trainer_state}, handle, indent=1)
+            with open(os.path.join(folder, TRAINER_FILE), "w") as handle:
+                json.dump({"format_version": TRAINER_FORMAT_VERSION, "step": step, **trainer_state}, handle, indent=1)
+            with open(os.path.join(folder, MODEL_FILE), "w") as handle:
+                json.dump(model_file, handle, indent=1)
         dist.barrier()
         ok = True
         if not self.local and self.placement.local_rank == 0:
             ok = self._upload(folder, tag)
         if not distributed.all_true(ok):
-            raise CheckpointError(f"{self.url}/{tag}: upload failed on some node; `latest` still names the previous "
-                                  "checkpoint")
+            raise CheckpointError(
+                f"{self.url}/{tag}: upload failed on some node; `latest` still names the previous checkpoint"
+            )
         if self.placement.is_main:
             write_bytes_atomic(self.fs, join(self.fs, self.root, LATEST), tag.encode())
             self._prune(tag)
@@ -137,18 +163,12 @@ class CheckpointStore:
 
     # -- loading -----------------------------------------------------------------------------------------------
 
-    def latest(self) -> str | None:
-        try:
-            return self.fs.cat_file(join(self.fs, self.root, LATEST)).decode().strip()
-        except FileNotFoundError:
-            return None
-
     def resolve(self, resume: str) -> str | None:
         """The checkpoint to start from: 'none', 'auto' (the newest complete one, if any) or a tag or path."""
         if resume == "none":
             return None
         if resume == "auto":
-            return self.latest()
+            return read_latest(self.fs, self.root)
         tag = resume.rstrip("/").rsplit("/", 1)[-1]
         if tag not in self.tags():
             raise CheckpointError(f"{self.url}/{tag}: no such checkpoint (have: {', '.join(self.tags()) or 'none'})")
@@ -160,13 +180,24 @@ class CheckpointStore:
             shutil.rmtree(folder, ignore_errors=True)
             self.fs.get(join(self.fs, self.root, tag) + "/", folder + "/", recursive=True)
         dist.barrier()
-        load_path, _client = engine.load_checkpoint(self.staging, tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"{self.url}/{tag}: DeepSpeed could not load it (incomplete?); pass --resume with "
-                                  "an older checkpoint")
-        with open(os.path.join(folder, "trainer.json")) as handle:
+        if not os.path.exists(os.path.join(folder, TRAINER_FILE)):
+            raise CheckpointError(
+                f"{self.url}/{tag}: no {TRAINER_FILE}, the checkpoint is incomplete; pass --resume with an older one"
+            )
+        with open(os.path.join(folder, TRAINER_FILE)) as handle:
             trainer = json.load(handle)
+        if trainer.get("format_version", 1) > TRAINER_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{self.url}/{tag}: {TRAINER_FILE} has format_version {trainer['format_version']}, "
+                f"this trainer reads up to {TRAINER_FORMAT_VERSION}; resume with the newer version"
+            )
+        load_path, _client = engine.load_checkpoint(
+            self.staging, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise CheckpointError(
+                f"{self.url}/{tag}: DeepSpeed could not load it (incomplete?); pass --resume with an older checkpoint"
+            )
         loader_states = []
         for name in sorted(os.listdir(folder)):
             if name.startswith("loader-rank"):

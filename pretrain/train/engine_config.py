@@ -1,19 +1,18 @@
 """The DeepSpeed JSON of a run, built from our config, and the optimizer's parameter groups.
 
 Batch sizes: data.batch_size is global; the micro-batch is deepspeed.micro_batch_size (or global / world size);
-gradient accumulation is what is left, and must be whole. The learning-rate schedule is DeepSpeed's own: linear
-warm-up from 0, then WarmupDecayLR (linear to min_lr; DeepSpeed starts that warm-up at min_lr, which the recipes
-here set to 0), WarmupCosineLR (cosine to min_lr), or WarmupLR (constant).
+gradient accumulation is what is left, and must be whole. The learning-rate schedule is in pretrain/train/schedule.py.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from data_pipeline.commands import UserError
 from pretrain.config.schema import Config
+from pretrain.train.schedule import scheduler
 
 STAGE3_LEAN = {
     # ZeRO-3 defaults keep up to 1e9 parameters live and prefetch 5e7; for the largest models on small machines
@@ -25,7 +24,7 @@ STAGE3_LEAN = {
 }
 
 
-class BatchError(ValueError):
+class BatchError(UserError):
     """The batch sizes do not divide over the ranks; the message names the fields."""
 
 
@@ -35,42 +34,25 @@ def batch_sizes(config: Config, world_size: int) -> tuple[int, int]:
     micro = config.deepspeed.micro_batch_size
     if micro is None:
         if total % world_size:
-            raise BatchError(f"data.batch_size {total} does not divide over {world_size} ranks; choose a multiple of "
-                             f"{world_size} or set deepspeed.micro_batch_size")
+            raise BatchError(
+                f"data.batch_size {total} does not divide over {world_size} ranks; choose a multiple of "
+                f"{world_size} or set deepspeed.micro_batch_size"
+            )
         return total // world_size, 1
     if total % (micro * world_size):
-        raise BatchError(f"data.batch_size {total} is not a multiple of deepspeed.micro_batch_size {micro} x "
-                         f"{world_size} ranks; change one of them")
+        raise BatchError(
+            f"data.batch_size {total} is not a multiple of deepspeed.micro_batch_size {micro} x "
+            f"{world_size} ranks; change one of them"
+        )
     return micro, total // (micro * world_size)
-
-
-def total_steps(config: Config, train_samples: int) -> int:
-    if config.schedule.steps is not None:
-        return config.schedule.steps
-    assert config.schedule.epochs is not None
-    return max(1, math.ceil(config.schedule.epochs * train_samples / config.data.batch_size))
-
-
-def scheduler(config: Config, steps: int) -> dict[str, Any]:
-    schedule, lr = config.schedule, config.optimizer.lr
-    warmup = min(schedule.warmup_steps, steps - 1)
-    if schedule.decay == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": steps, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": schedule.min_lr / lr, "warmup_type": "linear"}}
-    if schedule.decay == "linear":
-        return {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": steps, "warmup_num_steps": warmup, "warmup_min_lr": schedule.min_lr,
-            "warmup_max_lr": lr, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {
-        "warmup_num_steps": max(warmup, 1), "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear"}}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -90,8 +72,7 @@ def deepspeed_config(config: Config, world_size: int, steps: int, monitor_dir: s
         "scheduler": scheduler(config, steps),
         "steps_per_print": 10**9,  # the trainer prints its own lines
         "wall_clock_breakdown": False,
-        "tensorboard": {"enabled": config.logging.tensorboard, "output_path": monitor_dir,
-                        "job_name": "tensorboard"},
+        "tensorboard": {"enabled": config.logging.tensorboard, "output_path": monitor_dir, "job_name": "tensorboard"},
         "csv_monitor": {"enabled": config.logging.csv, "output_path": monitor_dir, "job_name": "csv"},
     }
     if config.optimizer.grad_clip_norm is not None:

@@ -1,8 +1,9 @@
 """Pre-train a ViT: `deepspeed pretrain/run.py --config configs/vit_h14_jft.json [--set k=v ...] [--resume auto]`.
 
-The same script runs under `torchrun` and under `srun` (one task per device); see pretrain/distributed.py. Errors a
-user can cause (config, data source, batch sizes, checkpoint place) end the job before training with one line on
-rank 0 and exit code 2. After a preemption signal the job saves a checkpoint and exits with 75.
+The same script runs under `torchrun` and under `srun` (one task per device); see pretrain/train/distributed.py.
+Errors a user can cause (config, data source, batch sizes, checkpoint place: every `UserError`) end the job before
+training with one line on rank 0 and exit code 2. After a preemption signal the job saves a checkpoint and exits
+with 75.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ import logging
 import os
 import sys
 
-from data_pipeline.loader import LoaderStateError, SourceError
-from pretrain import distributed
-from pretrain.checkpoint import CheckpointError
-from pretrain.config.load import ConfigError, load_config
-from pretrain.ds_config import BatchError
-from pretrain.host_memory import fix_mmap_threshold
-from pretrain.trainer import Trainer, TrainingError
-
-USER_ERRORS = (ConfigError, SourceError, BatchError, CheckpointError, LoaderStateError, TrainingError)
+from data_pipeline.commands import USER_ERROR, UserError, report
+from pretrain.config.load import load_config
+from pretrain.train import distributed
+from pretrain.train.host_memory import fix_mmap_threshold
+from pretrain.train.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pretrain/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config (JSON), see configs/README.md")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: continue from the newest complete checkpoint if there is one (default); "
-                             "none: start afresh; or a checkpoint name such as step-00001000")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: continue from the newest complete checkpoint if there is one (default); "
+        "none: start afresh; or a checkpoint name such as step-00001000",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return parser.parse_args(argv)
 
@@ -45,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         placement = distributed.init()
         code = Trainer(config, placement, resume=args.resume).train()
-    except USER_ERRORS as error:
-        if is_main:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        code = 2
+    except UserError as error:
+        code = report(error) if is_main else USER_ERROR
     # Not on an unexpected exception: another rank may still be inside a collective with this one.
     distributed.shutdown()
     return code

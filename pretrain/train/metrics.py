@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from pretrain.gpus import spec_for_device
+from pretrain.plan.gpus import spec_for_device
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
@@ -31,7 +31,7 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1
 
 def device_peak_tflops(dtype: torch.dtype) -> float:
     """Peak dense TFLOP/s of this process's device for MFU and the predicted step time: the datasheet's for a GPU in
-    the table (pretrain/gpus.py) training in bf16/fp16, else a matmul measured now (the CPU, fp32, other GPUs)."""
+    the table (pretrain/plan/gpus.py) training in bf16/fp16, else a matmul measured now (the CPU, fp32, other GPUs)."""
     # DeepSpeed's accelerators do not report the product name; torch.cuda does, for NVIDIA and ROCm builds alike
     if get_accelerator().device_name() == "cuda" and dtype in (torch.bfloat16, torch.float16):
         spec = spec_for_device(torch.cuda.get_device_name())
@@ -73,13 +73,24 @@ class StepTimer:
         return elapsed / max(self.steps, 1), self.images / elapsed, self.waiting / elapsed
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a run folder's metrics.jsonl, oldest first; only those of `kind` ("train", "eval",
+    "fewshot", "replicas") when given."""
+    with open(os.path.join(run_dir, METRICS_FILE)) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [record for record in records if kind is None or record.get("kind", "train") == kind]
+
+
 class MetricsLog:
     """Rank 0 writes; the other ranks only take part in the collectives that produce the numbers."""
 
     def __init__(self, output_dir: str, engine: Any, enabled: bool):
         self.enabled = enabled
         self.engine = engine
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = os.path.join(output_dir, METRICS_FILE)
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
 
@@ -92,8 +103,11 @@ class MetricsLog:
         if monitor is not None and monitor.enabled:
             step = record["step"]
             prefix = record.get("kind", "train")
-            events = [(f"{prefix}/{name}", float(value), step) for name, value in record.items()
-                      if isinstance(value, int | float) and name != "step"]
+            events = [
+                (f"{prefix}/{name}", float(value), step)
+                for name, value in record.items()
+                if isinstance(value, int | float) and name != "step"
+            ]
             monitor.write_events(events)
         if console:
             print(console, flush=True)
@@ -101,8 +115,10 @@ class MetricsLog:
 
 def train_line(record: dict[str, Any], total_steps: int) -> str:
     grad = f"{record['grad_norm']:.3g}" if record.get("grad_norm") is not None else "-"
-    return (f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
-            f"lr {record['lr']:.3g} | grad {grad} | {record['images_per_s']:.1f} img/s | "
-            f"data {record['data_wait']:.0%} | step {record['step_s']:.3g} s (plan {record['predicted_step_s']:.3g} s)"
-            f" | {record['tflops']:.3g} TFLOP/s | MFU {record['mfu']:.1%} | "
-            f"mem {record['memory_gb']:.2f} GB")
+    return (
+        f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+        f"lr {record['lr']:.3g} | grad {grad} | {record['images_per_s']:.1f} img/s | "
+        f"data {record['data_wait']:.0%} | step {record['step_s']:.3g} s (plan {record['predicted_step_s']:.3g} s)"
+        f" | {record['tflops']:.3g} TFLOP/s | MFU {record['mfu']:.1%} | "
+        f"mem {record['memory_gb']:.2f} GB"
+    )

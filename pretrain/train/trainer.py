@@ -18,19 +18,23 @@ import deepspeed
 import torch
 
 from data_pipeline import make_loader
-from data_pipeline.loader import StreamingLoader
-from data_pipeline.synthetic import SOURCE as SYNTHETIC
-from data_pipeline.synthetic import SyntheticLoader
-from pretrain import distributed
-from pretrain.checkpoint import CheckpointStore
+from data_pipeline.commands import UserError
+from data_pipeline.load.loader import StreamingLoader
+from data_pipeline.load.synthetic import SOURCE as SYNTHETIC
+from data_pipeline.load.synthetic import SyntheticLoader
 from pretrain.config.schema import Config
-from pretrain.ds_config import batch_sizes, deepspeed_config, parameter_groups, total_steps
-from pretrain.fewshot import extract_features, fewshot_accuracy, probe_batches
-from pretrain.metrics import MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
+from pretrain.evaluate.fewshot import extract_features, fewshot_accuracy, probe_batches
 from pretrain.model import model_input
 from pretrain.objectives import ObjectiveError, build_model, build_task
-from pretrain.planner import step_seconds, training_flops_per_image
-from pretrain.weights import WeightsError, load_matching, read_state
+from pretrain.train import distributed
+from pretrain.train.checkpoint import CheckpointStore
+from pretrain.train.compute import step_seconds, training_flops_per_image
+from pretrain.train.engine_config import batch_sizes, deepspeed_config, parameter_groups
+from pretrain.train.metrics import MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
+from pretrain.train.schedule import total_steps
+from pretrain.weights.formats import read_init_state
+from pretrain.weights.model_weights import WeightsError, encoder_prefix, model_file
+from pretrain.weights.surgery import load_matching
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ MAX_NONFINITE_IN_A_ROW = 10
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """Training cannot go on (or start); the message says why and what to do."""
 
 
@@ -48,7 +52,7 @@ class Trainer:
     def __init__(self, config: Config, placement: distributed.Placement, resume: str = "auto"):
         self.config = config
         self.placement = placement
-        self.output_dir = config.run.output_dir or os.path.join("runs", config.run.name)
+        self.output_dir = config.run_dir
         self.micro_batch, self.accumulation = batch_sizes(config, placement.world_size)
         self.dtype = DTYPES[config.deepspeed.precision]
         self.task = build_task(config)
@@ -63,13 +67,18 @@ class Trainer:
             _, train_classes = self._probe_loader(dataset.train, dataset.train_split)
             _, test_classes = self._probe_loader(dataset.test, dataset.test_split)
             if train_classes != test_classes:
-                raise TrainingError(f"fewshot: {dataset.test} has {test_classes} classes but {dataset.train} has "
-                                    f"{train_classes}; use shards with the same class table")
+                raise TrainingError(
+                    f"fewshot: {dataset.test} has {test_classes} classes but {dataset.train} has "
+                    f"{train_classes}; use shards with the same class table"
+                )
         self.steps = total_steps(config, self.train_loader.samples_per_epoch)
         self.checkpoints = CheckpointStore(
-            config.checkpoint.dir or os.path.join(self.output_dir, "checkpoints"),
-            dict(config.checkpoint.storage_options), os.path.join(self.output_dir, "checkpoint-staging"),
-            config.checkpoint.keep_last, placement)
+            config.checkpoint_dir,
+            dict(config.checkpoint.storage_options),
+            os.path.join(self.output_dir, "checkpoint-staging"),
+            config.checkpoint.keep_last,
+            placement,
+        )
         self.checkpoints.check_writable()
 
         ds_config = deepspeed_config(config, placement.world_size, self.steps, os.path.join(self.output_dir, "monitor"))
@@ -85,17 +94,23 @@ class Trainer:
             model.set_grad_checkpointing()
         optim = config.optimizer
         # fused: one kernel over all tensors and no temporaries the size of the model (the foreach default on GPUs
-        # allocates a few), which the memory plan (pretrain/memory_model.py) relies on
-        optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                                      eps=optim.eps, fused=True)
+        # allocates a few), which the memory plan (pretrain/plan/memory_model.py) relies on
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True
+        )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         torch.manual_seed(config.run.seed + 1 + placement.rank)  # dropout and stochastic depth differ per rank
 
         self.train_flops_per_image = training_flops_per_image(config)
         self.peak_tflops = config.logging.peak_tflops or device_peak_tflops(self.dtype)
         # what vit-plan predicts for this run on this hardware, logged next to the measured step time
-        self.predicted_step_s = step_seconds(self.train_flops_per_image, config.data.batch_size,
-                                             placement.world_size, self.peak_tflops, config.logging.expected_mfu)
+        self.predicted_step_s = step_seconds(
+            self.train_flops_per_image,
+            config.data.batch_size,
+            placement.world_size,
+            self.peak_tflops,
+            config.logging.expected_mfu,
+        )
         self.metrics = MetricsLog(self.output_dir, self.engine, enabled=placement.is_main)
 
         self.samples_seen = 0
@@ -110,18 +125,33 @@ class Trainer:
     def _loader(self, source: str, split: str, train: bool) -> StreamingLoader | SyntheticLoader:
         data = self.config.data
         if source == SYNTHETIC:
-            return SyntheticLoader(batch_size=self.micro_batch, image_size=self.config.model.image_size,
-                                   num_classes=self.config.model.num_classes, seed=self.config.run.seed)
+            return SyntheticLoader(
+                batch_size=self.micro_batch,
+                image_size=self.config.model.image_size,
+                num_classes=self.config.model.num_classes,
+                seed=self.config.run.seed,
+            )
         return make_loader(
-            source, batch_size=self.micro_batch, rank=self.placement.rank, world_size=self.placement.world_size,
-            num_workers=data.num_workers if train else min(data.num_workers, 1), seed=self.config.run.seed,
-            train=train, image_size=self.config.model.image_size, storage_options=dict(data.storage_options),
-            split=split, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
-            max_error_fraction=data.max_error_fraction, labels=self.task.labels)
+            source,
+            batch_size=self.micro_batch,
+            rank=self.placement.rank,
+            world_size=self.placement.world_size,
+            num_workers=data.num_workers if train else min(data.num_workers, 1),
+            seed=self.config.run.seed,
+            train=train,
+            image_size=self.config.model.image_size,
+            storage_options=dict(data.storage_options),
+            split=split,
+            crop_scale=data.crop_scale,
+            crop_ratio=data.crop_ratio,
+            hflip=data.hflip,
+            max_error_fraction=data.max_error_fraction,
+            labels=self.task.labels,
+        )
 
     def _init_from(self, model: torch.nn.Module, url: str) -> None:
         try:
-            state = read_state(url, dict(self.config.checkpoint.storage_options))
+            state = read_init_state(url, dict(self.config.checkpoint.storage_options))
             not_loaded = load_matching(model, state, url)
         except WeightsError as error:
             raise TrainingError(f"model.init_from: {error}") from None
@@ -166,8 +196,10 @@ class Trainer:
                 self.nonfinite_steps += 1
                 nonfinite_in_a_row += 1
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingError(f"loss was not finite {nonfinite_in_a_row} times in a row at step "
-                                        f"{engine.global_steps}; lower optimizer.lr or check the data")
+                    raise TrainingError(
+                        f"loss was not finite {nonfinite_in_a_row} times in a row at step "
+                        f"{engine.global_steps}; lower optimizer.lr or check the data"
+                    )
                 continue
             nonfinite_in_a_row = 0
             engine.backward(loss)
@@ -192,8 +224,11 @@ class Trainer:
                 self.save(step)
             if preempted:
                 if self.placement.is_main:
-                    print(f"preempted: checkpoint {self.checkpoints.url} step {step} saved; exit "
-                          f"{EXIT_PREEMPTED}; rerun with --resume auto", flush=True)
+                    print(
+                        f"preempted: checkpoint {self.checkpoints.url} step {step} saved; exit "
+                        f"{EXIT_PREEMPTED}; rerun with --resume auto",
+                        flush=True,
+                    )
                 return EXIT_PREEMPTED
         self.evaluate(engine.global_steps)
         self.fewshot(engine.global_steps)
@@ -207,8 +242,11 @@ class Trainer:
             return
         digests = distributed.replica_digests(self.engine.module)
         identical = len(set(digests)) == 1
-        line = (f"replicas: the {len(digests)} ranks hold identical weights (sha256 {digests[0][:12]})" if identical
-                else f"replicas DIVERGED at step {step}: sha256 per rank {[d[:12] for d in digests]}")
+        line = (
+            f"replicas: the {len(digests)} ranks hold identical weights (sha256 {digests[0][:12]})"
+            if identical
+            else f"replicas DIVERGED at step {step}: sha256 per rank {[d[:12] for d in digests]}"
+        )
         self.metrics.write({"kind": "replicas", "step": step, "identical": identical, "sha256": digests}, line)
         if not identical:
             log.error("%s; the ranks no longer train the same model: check for non-deterministic collectives", line)
@@ -216,20 +254,29 @@ class Trainer:
     def _log_train(self, step: int, timer: StepTimer, loss_sum: float, loss_count: int) -> None:
         step_s, rate, waiting = timer.report()
         loss_total, count, rate_total, waiting_total, step_total = distributed.all_sum(
-            [loss_sum, loss_count, rate, waiting, step_s])
+            [loss_sum, loss_count, rate, waiting, step_s]
+        )
         memory = distributed.all_max(memory_bytes())
         world = self.placement.world_size
         tflops = rate_total / world * self.train_flops_per_image / 1e12
         counters = self.train_loader.counters()
         grad_norm = self.engine.get_global_grad_norm()
         record = {
-            "kind": "train", "step": step, "epoch": self.samples_seen / self.train_loader.samples_per_epoch,
-            "loss": loss_total / max(count, 1), "lr": self.engine.get_lr()[0],
+            "kind": "train",
+            "step": step,
+            "epoch": self.samples_seen / self.train_loader.samples_per_epoch,
+            "loss": loss_total / max(count, 1),
+            "lr": self.engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "images_per_s": rate_total, "data_wait": waiting_total / world, "step_s": step_total / world,
-            "predicted_step_s": self.predicted_step_s, "tflops": tflops,
-            "mfu": tflops / self.peak_tflops, "memory_gb": memory / 1e9,
-            "skipped_samples": sum(counters["skipped"].values()), "nonfinite_steps": self.nonfinite_steps,
+            "images_per_s": rate_total,
+            "data_wait": waiting_total / world,
+            "step_s": step_total / world,
+            "predicted_step_s": self.predicted_step_s,
+            "tflops": tflops,
+            "mfu": tflops / self.peak_tflops,
+            "memory_gb": memory / 1e9,
+            "skipped_samples": sum(counters["skipped"].values()),
+            "nonfinite_steps": self.nonfinite_steps,
             "retries": counters["retries"],
         }
         self.metrics.write(record, train_line(record, self.steps))
@@ -256,14 +303,22 @@ class Trainer:
         images = max(totals.pop("images"), 1.0)
         result = {name: value / images for name, value in totals.items()}
         record = {"kind": "eval", "step": step, **result, "images": images}
-        self.metrics.write(record, f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items())
-                           + f" | {images:.0f} images")
+        self.metrics.write(
+            record,
+            f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" | {images:.0f} images",
+        )
         return result
 
     def _probe_loader(self, source: str, split: str) -> tuple[Any, int]:
-        return probe_batches(source, split, batch_size=self.micro_batch, image_size=self.config.model.image_size,
-                             rank=self.placement.rank, world_size=self.placement.world_size,
-                             storage_options=dict(self.config.data.storage_options))
+        return probe_batches(
+            source,
+            split,
+            batch_size=self.micro_batch,
+            image_size=self.config.model.image_size,
+            rank=self.placement.rank,
+            world_size=self.placement.world_size,
+            storage_options=dict(self.config.data.storage_options),
+        )
 
     def fewshot(self, step: int) -> dict[str, float]:
         """Few-shot linear probes of the frozen representation on each configured dataset (rank 0 logs them)."""
@@ -280,16 +335,23 @@ class Trainer:
             accuracies = fewshot_accuracy(train, test, num_classes, settings.shots, settings.draws, settings.l2_reg)
             result.update({f"{name}/{shots}shot": value for shots, value in accuracies.items()})
         self.engine.train()
-        self.metrics.write({"kind": "fewshot", "step": step, **result},
-                           f"few-shot step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        self.metrics.write(
+            {"kind": "fewshot", "step": step, **result},
+            f"few-shot step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()),
+        )
         return result
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def save(self, step: int) -> None:
-        trainer_state = {"samples_seen": self.samples_seen, "nonfinite_steps": self.nonfinite_steps,
-                         "world_size": self.placement.world_size, "config": self.config.model_dump(mode="json")}
-        self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict())
+        trainer_state = {
+            "samples_seen": self.samples_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": self.placement.world_size,
+            "config": self.config.model_dump(mode="json"),
+        }
+        model = model_file(self.config.model.description(), encoder_prefix(self.config))
+        self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict(), model)
         if self.placement.is_main:
             print(f"checkpoint {self.checkpoints.url}/step-{step:08d}", flush=True)
 

@@ -1,0 +1,1 @@
+"""Fine-tuning a converted ViT on our shards with accelerate (`vit-finetune`)."""

@@ -1,0 +1,35 @@
+"""What a training step costs: the FLOPs of one training image and the step time at a given utilisation.
+
+The trainer logs its MFU and the predicted step time with these; `vit-plan` (pretrain/plan/planner.py) plans with the
+same functions, so a plan can be checked against the first minutes of a real run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.config.schema import Config
+from pretrain.model import flops_per_image
+
+
+def forward_flops_per_image(config: Config) -> float:
+    """The model's analytic forward FLOPs for one image at the configured resolution."""
+    with torch.device("meta"):
+        model = config.model.build()
+    return flops_per_image(model, config.model.image_size)
+
+
+def passes_per_image(config: Config) -> int:
+    """Forward-pass equivalents of a training image: forward and a backward of twice its cost, plus the forward
+    that activation checkpointing repeats."""
+    return 4 if config.deepspeed.activation_checkpointing else 3
+
+
+def training_flops_per_image(config: Config) -> float:
+    """FLOPs one training image costs as configured."""
+    return passes_per_image(config) * forward_flops_per_image(config)
+
+
+def step_seconds(flops_per_image_trained: float, batch_size: int, gpus: int, peak_tflops: float, mfu: float) -> float:
+    """Seconds per optimizer step when `gpus` devices sustain `mfu` of their peak."""
+    return batch_size * flops_per_image_trained / (gpus * peak_tflops * 1e12 * mfu)

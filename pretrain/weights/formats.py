@@ -1,0 +1,47 @@
+"""One read/write interface over every weights format: `read_weights` recognises the source, `WRITERS` write one.
+
+| format             | read from                                              | module                |
+| ------------------ | ------------------------------------------------------ | --------------------- |
+| trainer checkpoint | its root (newest checkpoint) or a step-XXXXXXXX folder | trainer_checkpoint.py |
+| native             | a folder with model.safetensors and model.json         | native.py             |
+| timm               | a state dict file, or a folder with timm's config.json | timm.py               |
+| transformers (hf)  | a save_pretrained folder                               | hf.py                 |
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.weights.hf import from_hf, write_hf
+from pretrain.weights.model_weights import Weights
+from pretrain.weights.native import is_native, read_native, read_native_state, write_native
+from pretrain.weights.timm import from_timm, write_timm
+from pretrain.weights.trainer_checkpoint import read_checkpoint, read_state
+
+WRITERS: dict[str, Callable[[Weights, Path], None]] = {"hf": write_hf, "timm": write_timm, "native": write_native}
+
+
+def read_weights(source: str, storage_options: dict[str, Any] | None = None) -> Weights:
+    """Weights from a native folder, a transformers folder, a timm folder or file, or a trainer checkpoint."""
+    location = Path(source)
+    if location.is_file():
+        return from_timm(source)
+    if is_native(source, storage_options):
+        return read_native(source, storage_options)
+    if (location / "config.json").is_file():
+        described = json.loads((location / "config.json").read_text())
+        return from_hf(source) if "model_type" in described else from_timm(source)
+    return read_checkpoint(source, storage_options)
+
+
+def read_init_state(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """What `model.init_from` loads by name: a native folder's tensors, or the whole trained module of a trainer
+    checkpoint (a masked-patch model's [mask] token and head included, for continuing that objective)."""
+    if is_native(url, storage_options):
+        return read_native_state(url, storage_options)
+    return read_state(url, storage_options)
