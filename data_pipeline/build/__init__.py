@@ -1,0 +1,1 @@
+"""`build-shards`: image folders and manifests to WebDataset tar shards."""
