@@ -6,6 +6,8 @@ rename; on object stores a single PUT (or a completed multipart upload) is alrea
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import uuid
@@ -14,13 +16,38 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+GENERIC_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+"""Options every fsspec filesystem takes (its instance and listings caches)."""
+
+
+@functools.cache
+def _accepted(protocol: str) -> frozenset[str] | None:
+    """The options the filesystem of `protocol` takes by name; None when its class cannot be looked up here."""
+    try:
+        parameters = inspect.signature(fsspec.get_filesystem_class(protocol).__init__).parameters.values()
+    except (ImportError, ValueError):
+        return None
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    return frozenset(named | GENERIC_OPTIONS)
+
+
+def options_for(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The storage options that belong to `url`'s filesystem: those it takes by name. The user gives one set of
+    options for a job; an object store's (endpoint_url, key, anon, config_kwargs) handed to HTTP's filesystem made
+    every http(s) source of a build with S3 options unreadable, and local paths take none of them."""
+    accepted = _accepted(fsspec.utils.get_protocol(url))
+    options = dict(storage_options or {})
+    return options if accepted is None else {name: value for name, value in options.items() if name in accepted}
+
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of `url` and the path inside it. Storage options apply to remote URLs only."""
-    protocol = fsspec.utils.get_protocol(url)
-    options = storage_options if protocol not in ("file", "local") else {}
-    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
-    return fs, path
+    """The filesystem of `url` and the path inside it, with the storage options that apply to it."""
+    return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+
+
+def open_url(url: str, mode: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """`fsspec.open` with the storage options that apply to `url`."""
+    return fsspec.open(url, mode, **options_for(url, storage_options))
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -29,6 +56,22 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def join(fs: fsspec.AbstractFileSystem, *parts: str) -> str:
     return fs.sep.join(part.rstrip(fs.sep) for part in parts)
+
+
+SECRET_KEY = re.compile(r"(^key$|_key$|secret|password|passwd|token|credential|signature|auth)", re.IGNORECASE)
+"""Names of storage options whose values are secrets: s3fs's key, secret and token, botocore's
+aws_secret_access_key and aws_session_token inside client_kwargs, passwords, API tokens, ..."""
+MASK = "***"
+
+
+def masked(value: Any) -> Any:
+    """Storage options (nested dicts and lists) with every secret-looking value replaced by MASK: what is written or
+    printed anywhere (checkpoints, results, logs, messages) instead of the options themselves."""
+    if isinstance(value, dict):
+        return {key: MASK if SECRET_KEY.search(str(key)) and item else masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(item) for item in value]
+    return value
 
 
 _TEMPORARY = re.compile(r".+\.tmp-[0-9a-f]{32}")

@@ -234,3 +234,19 @@ def test_cli_prints_the_resolved_config(run_cli: Callable[..., CliResult]) -> No
 
 def test_field_reference_is_current() -> None:
     assert (ROOT / "configs/README.md").read_text() == render_reference(), "run `make configs-reference`"
+
+
+def test_storage_credentials_are_masked_wherever_a_config_is_written(run_cli: Callable[..., CliResult], tmp_path: Path):
+    from pretrain.finetune.loop import FinetuneConfig
+
+    secrets = {"key": "AKIAFAKEKEY123", "secret": "fake-secret-9f8e", "client_kwargs": {"aws_session_token": "tok-77"}}
+    options = {"endpoint_url": "http://127.0.0.1:9000", **secrets}
+    path = write_config(tmp_path, data={"storage_options": options}, checkpoint={"storage_options": options})
+    config = load_config(path)
+    assert config.data.storage_options == options  # the run itself uses them
+    written = [json.dumps(config.model_dump(mode="json")), run_cli(str(path)).stdout]  # trainer.json, vit-config
+    tuning = FinetuneConfig(model="m", train="t", out="o", storage_options=options)
+    written.append(json.dumps(tuning.model_dump(mode="json")))  # vit-finetune's results.json
+    for text in written:
+        assert "http://127.0.0.1:9000" in text
+        assert not any(value in text for value in ("AKIAFAKEKEY123", "fake-secret-9f8e", "tok-77")), text

@@ -118,12 +118,24 @@ def test_finetuning_at_a_higher_resolution_learns_the_digits_and_saves_a_working
             "30",
             "--precision",
             "no",
+            # fake credentials (the shards are local, so unused): none may reach the folder meant for sharing
+            "--storage-option",
+            "key=AKIAFAKE0TUNE0KEY",
+            "--storage-options",
+            '{"secret": "fake-tune-secret-4b3a"}',
         ]
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        assert b"AKIAFAKE0TUNE0KEY" not in path.read_bytes() and b"fake-tune-secret-4b3a" not in path.read_bytes()
+    assert json.loads((out / "results.json").read_text())["config"]["storage_options"] == {
+        "key": "***",
+        "secret": "***",
+    }
     assert "60 steps of 64 (1 processes x 2 passes x 32)" in printed and "step 60/60 | loss" in printed
     results = json.loads((out / "results.json").read_text())
+    assert results["config"]["storage_options"] == {"key": "***", "secret": "***"}
     assert [entry["step"] for entry in results["history"]] == [30, 60]
     assert results["images"] == 361  # the held-out 20% of 1,797, each counted once
     first, last = results["history"]

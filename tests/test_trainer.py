@@ -137,6 +137,9 @@ def fp32_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
     return read_state(str(checkpoints / tag))  # DeepSpeed's zero_to_fp32 under weights_only loads
 
 
+FAKE_CREDENTIALS = {"key": "AKIAFAKE0TEST0KEY", "secret": "fake-secret-0f9e8d7c"}
+
+
 @dataclass(frozen=True)
 class Run:
     """A finished two-rank run: what it wrote and printed, for tests that each check one concern of it."""
@@ -166,11 +169,12 @@ def zero_stage_run(
         put_digits(digit_shards, options)
         config = write_config(
             root / "config.json",
-            options,
+            options | FAKE_CREDENTIALS,  # moto takes any; none of them may reach a file the run writes
             root / "run",
             deepspeed={"zero_stage": stage},
             logging={"tensorboard": True, "csv": True},
             model={"pool": "token"},
+            checkpoint={"storage_options": FAKE_CREDENTIALS},
         )
         process = launch(config)
         code, output = finish(process)
@@ -314,6 +318,67 @@ def test_zero_stage_checkpoint_outlives_the_code(finished_run: Run, tmp_path: Pa
     errors = error_lines(refused.stderr)
     assert refused.returncode == 2 and len(errors) == 1 and "no longer validates" in errors[0], refused.stderr
     assert not (tmp_path / "legacy").exists()
+
+
+def test_zero_stage_run_writes_no_storage_credentials(finished_run: Run):
+    written = [path for path in finished_run.dir.rglob("*") if path.is_file()]
+    assert any(path.name == "trainer.json" for path in written) and any(path.suffix == ".pt" for path in written)
+    for secret in FAKE_CREDENTIALS.values():
+        assert secret not in finished_run.output
+        assert not [path for path in written if secret.encode() in path.read_bytes()]
+
+
+class Planted:
+    """A pickle payload: unpickling it runs a command (here: creates a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def resumable_copy(run: Run, s3_digits: dict, tmp_path: Path) -> Path:
+    """The finished run's folder copied, with a config that reads the shards from this test's bucket."""
+    shutil.copytree(run.dir, tmp_path / "run")
+    sections = json.loads(run.config.read_text())
+    del sections["data"]["storage_options"], sections["run"]
+    return write_config(tmp_path / "config.json", s3_digits, tmp_path / "run", **sections)
+
+
+@pytest.mark.parametrize("zero_stage_run", [2], ids=["zero2"], indirect=True)
+def test_zero_stage_resume_refuses_a_planted_checkpoint_and_never_runs_it(
+    finished_run: Run, s3_digits: dict, tmp_path: Path
+):
+    config = resumable_copy(finished_run, s3_digits, tmp_path)
+    marker = tmp_path / "ran"
+    states = tmp_path / "run" / "checkpoints" / "step-00000064" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)  # our own file, written by this test's run
+    torch.save({**saved, "payload": Planted(marker)}, states)
+    code, output = finish(launch(config, "--resume", "auto"))
+    errors = error_lines(output)
+    assert code == 2 and len(errors) == 1 and f"{states}: refused to load" in errors[0], output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("zero_stage_run", [2], ids=["zero2"], indirect=True)
+def test_zero_stage_resume_none_refuses_to_overwrite_another_run_unless_asked(
+    finished_run: Run, s3_digits: dict, tmp_path: Path
+):
+    config = resumable_copy(finished_run, s3_digits, tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    code, output = finish(launch(config, "--resume", "none"))
+    errors = error_lines(output)
+    assert code == 2 and len(errors) == 1, output
+    assert f"{checkpoints}: holds the checkpoints of a run (newest step-00000064)" in errors[0]
+    assert (checkpoints / "latest").read_text() == "step-00000064"
+
+    short = ["--set", "schedule.steps=8", "--set", "checkpoint.every_steps=8"]
+    code, output = finish(launch(config, "--resume", "none", "--overwrite", *short))
+    assert code == 0, output
+    assert (checkpoints / "latest").read_text() == "step-00000008"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [8]  # the old run's records are gone
 
 
 MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}

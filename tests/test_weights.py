@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,9 @@ from pretrain.config.schema import MaskedPatchObjective
 from pretrain.model import ModelDescription, create_model
 from pretrain.objectives.masked_patch import MaskedPatchModel
 from pretrain.weights.formats import read_init_state, read_weights
-from pretrain.weights.model_weights import Weights, WeightsError
+from pretrain.weights.model_weights import Weights, WeightsError, model_file
 from pretrain.weights.native import write_native
+from pretrain.weights.safe_load import UntrustedCheckpointError, load_trusted
 from pretrain.weights.surgery import load_matching
 from pretrain.weights.trainer_checkpoint import read_checkpoint
 
@@ -102,4 +106,57 @@ def test_a_model_json_of_a_newer_format_or_damaged_is_refused_in_one_line(tmp_pa
         read_weights(str(tmp_path))
     (tmp_path / "model.json").write_text(json.dumps({**described, "model": {**described["model"], "depht": 2}}))
     with pytest.raises(WeightsError, match=r"model.json: .*unexpected keyword argument 'depht'.*damaged"):
+        read_weights(str(tmp_path))
+
+
+class Planted:
+    """A pickle payload: unpickling it runs a command (here: creates a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant_checkpoint(root: Path, marker: Path) -> Path:
+    """A checkpoint folder as the trainer writes one, whose module states file runs a command when unpickled."""
+    model = ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL)
+    step = root / "step-00000010"
+    step.mkdir(parents=True)
+    (root / "latest").write_text(step.name)
+    (step / "trainer.json").write_text(json.dumps({"format_version": 1, "step": 10}))
+    (step / "model.json").write_text(json.dumps(model_file(model)))
+    torch.save({"module": model.build().state_dict(), "payload": Planted(marker)}, step / "mp_rank_00_model_states.pt")
+    return step
+
+
+def test_a_planted_checkpoint_is_refused_in_one_line_and_never_runs(tmp_path: Path):
+    marker = tmp_path / "ran"
+    step = plant_checkpoint(tmp_path / "checkpoints", marker)
+    with pytest.raises(UntrustedCheckpointError, match=rf"{step}/mp_rank_00_model_states.pt: refused to load"):
+        read_checkpoint(str(tmp_path / "checkpoints"))
+    with pytest.raises(UntrustedCheckpointError, match="refused to load"):
+        load_trusted(str(step / "mp_rank_00_model_states.pt"))
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.weights.convert",
+        str(tmp_path / "checkpoints"),
+        "--to",
+        "native",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    converted = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert converted.returncode == 2 and len(converted.stderr.strip().splitlines()) == 1, converted.stderr
+    assert converted.stderr.startswith("error: ") and "refused to load" in converted.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_pickle_saved_as_model_safetensors_is_refused_in_one_line(tmp_path: Path):
+    model = ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL)
+    write_native(Weights(model, model.build().state_dict()), tmp_path)
+    torch.save(model.build().state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"model.safetensors: not a safetensors file .*damaged"):
         read_weights(str(tmp_path))

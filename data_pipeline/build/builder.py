@@ -9,6 +9,8 @@ under `_build/`; a re-run skips the rows those records account for.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -27,18 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from data_pipeline.commands import UserError
 from data_pipeline.build.images import ImageOptions
-from data_pipeline.format.index import (
-    BUILD_DIR,
-    SampleFailure,
-    ShardIndex,
-    ShardInfo,
-    ShardRecord,
-    SplitTotals,
-)
-from data_pipeline.build.worker import Outcome, EncodeJob, init_worker, process, process_chunk
-from data_pipeline.format.tar_writer import ShardWriter
 from data_pipeline.build.sources import (
     MANIFEST_SUFFIXES,
     Corpus,
@@ -48,6 +39,17 @@ from data_pipeline.build.sources import (
     read_image_folder,
     read_manifest,
 )
+from data_pipeline.build.worker import EncodeJob, Outcome, encoding_here, init_worker, process, process_chunk
+from data_pipeline.commands import UserError
+from data_pipeline.format.index import (
+    BUILD_DIR,
+    SampleFailure,
+    ShardIndex,
+    ShardInfo,
+    ShardRecord,
+    SplitTotals,
+)
+from data_pipeline.format.tar_writer import ShardWriter
 from data_pipeline.storage import (
     commit_file,
     filesystem,
@@ -88,12 +90,14 @@ class BuildOptions:
     # Not part of what the shards contain, so not in the fingerprint:
     workers: int = 1
     storage_options: dict[str, Any] = field(default_factory=dict)
+    max_source_bytes: int = 256 << 20
+    """A source file larger than this is skipped as too_large, unread beyond it (a row naming /dev/zero)."""
 
     def recorded(self) -> dict[str, Any]:
         """The options that determine the shards' content, as written into index.json (no credentials; not the
         output location, so a copied or moved build still describes itself)."""
         options = asdict(self)
-        del options["output"], options["workers"], options["storage_options"]
+        del options["output"], options["workers"], options["storage_options"], options["max_source_bytes"]
         return options
 
 
@@ -167,6 +171,13 @@ class Output:
         self.url = options.output
         self.fs, self.root = filesystem(options.output, options.storage_options)
         self.build_dir = join(self.fs, self.root, BUILD_DIR)
+        # Shards are written here before they are committed: beside the output when it is local (a rename commits),
+        # else in a folder named after the output URL, so that a re-run finds and removes what a killed run left.
+        if is_local(self.fs):
+            self.work_dir = join(self.fs, self.build_dir, "tmp")
+        else:
+            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.work_dir = os.path.join(tempfile.gettempdir(), f"build-shards-{digest}")
         self._local_tmp: str | None = None
 
     def check_writable(self) -> None:
@@ -183,20 +194,31 @@ class Output:
                 f"path, permissions and credentials"
             ) from None
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Refuse a second build into the same output on this machine (two raced: one traceback, one exit 3). Builds
+        on several machines into one object-store prefix are not detected."""
+        os.makedirs(os.path.dirname(self.work_dir), exist_ok=True)
+        with open(f"{self.work_dir}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(
+                    f"{self.url}: another build-shards is writing here; wait for it to finish or choose another "
+                    "--output"
+                ) from None
+            yield
+
     def tmp_path(self, name: str) -> str:
-        """A local file to write a shard into before it is committed (on the same disk when the output is local)."""
+        """A local file to write a shard into before it is committed."""
         if self._local_tmp is None:
-            if is_local(self.fs):
-                self._local_tmp = join(self.fs, self.build_dir, "tmp")
-                shutil.rmtree(self._local_tmp, ignore_errors=True)  # left behind by a killed run
-                os.makedirs(self._local_tmp)
-            else:
-                self._local_tmp = tempfile.mkdtemp(prefix="build-shards-")
+            shutil.rmtree(self.work_dir, ignore_errors=True)  # left behind by a killed run
+            os.makedirs(self.work_dir)
+            self._local_tmp = self.work_dir
         return os.path.join(self._local_tmp, name)
 
     def cleanup(self) -> None:
-        if self._local_tmp is not None:
-            shutil.rmtree(self._local_tmp, ignore_errors=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def path(self, name: str) -> str:
         return join(self.fs, self.root, name)
@@ -396,9 +418,10 @@ def task(position: int, row: Row, corpus: Corpus) -> EncodeJob:
 
 def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome]:
     """Encode in worker processes, yielding results in plan order (workers=0: in this process)."""
+    setup = (options.storage_options, options.image, options.max_source_bytes)
     if options.workers == 0:
-        init_worker(options.storage_options, options.image)
-        yield from map(process, tasks)
+        with encoding_here(*setup):
+            yield from map(process, tasks)
         return
     # concurrent.futures, not multiprocessing.Pool: Pool's worker-handler thread also waits on the result pipe and
     # spins while a result sits in it (0.2 ms of this process's CPU per image, half of it, plus the GIL it takes
@@ -409,7 +432,7 @@ def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome
         options.workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=init_worker,
-        initargs=(options.storage_options, options.image),
+        initargs=setup,
     )
     in_flight: deque[Future] = deque()
     try:
@@ -496,6 +519,11 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
     start = time.perf_counter()
     output = Output(options)
     output.check_writable()
+    with output.locked():
+        return _build(output, options, retry_failed, start)
+
+
+def _build(output: Output, options: BuildOptions, retry_failed: bool, start: float) -> BuildResult:
     output.remove_stale_temporaries()
     corpus = load_corpus(options)
     ordered = shuffled_rows(corpus, options.seed)

@@ -6,6 +6,7 @@ Exit codes are listed in EPILOG (the end of --help).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from data_pipeline.build.builder import BuildOptions, BuildResult, BuildStopped, build
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=512,
         help="shorter side of stored images at most this many pixels; never upscaled (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-source-bytes",
+        type=int,
+        default=256 << 20,
+        help="skip (as too_large) source files larger than this, without reading them whole (default: %(default)s)",
+    )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
     parser.add_argument(
         "--no-reencode",
@@ -98,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="re-read only the rows in errors.jsonl of a finished build and add what now works",
     )
     args = parser.parse_args(argv)
-    for name in ("max_samples_per_shard", "max_bytes_per_shard", "max_side", "max_pixels"):
+    for name in ("max_samples_per_shard", "max_bytes_per_shard", "max_side", "max_pixels", "max_source_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.val_fraction < 1:
@@ -127,6 +134,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         no_labels=args.no_labels,
         workers=args.workers,
         storage_options=storage_options(args),
+        max_source_bytes=args.max_source_bytes,
     )
 
 
@@ -153,6 +161,9 @@ def summary(result: BuildResult) -> str:
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a scheduler's stop) ends the build through its clean-up, as Ctrl-C does; Python's default ends it at
+    # once, which left a temporary shard of up to --max-bytes-per-shard behind
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         result = build(options_from(args), retry_failed=args.retry_failed)
     except BuildStopped as error:

@@ -1,9 +1,10 @@
 """Decode, normalise and re-encode one image for a shard.
 
-EXIF orientation applied, converted to RGB with transparent pixels composited on white, shorter side brought down
-to `max_side` (never up), JPEG at `quality`. Large JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8)
-chosen by PIL's `draft` so that the decoded image is still at least the target size: the final resize then only
-ever shrinks, which is as exact as decoding in full and several times cheaper.
+EXIF orientation applied, converted to RGB with transparent pixels composited on white, high-bit-depth grayscale
+scaled into 8 bits by its type's range (16-bit: value / 257; 32-bit integers: [0, 2^31 - 1]; floats: [0, 1]) rather
+than clipped, shorter side brought down to `max_side` (never up), JPEG at `quality`. Large JPEGs are decoded at a
+reduced DCT scale (1/2, 1/4 or 1/8) chosen by PIL's `draft` so that the decoded image is still at least the target
+size: the final resize then only ever shrinks, which is as exact as decoding in full and several times cheaper.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# We check the pixel count ourselves (before decoding) against --max-pixels and skip with a reason; PIL's own
-# check would warn or raise a DecompressionBombError with its default limit instead.
-Image.MAX_IMAGE_PIXELS = None
+HIGH_BIT_DEPTH_SCALE = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I": 255 / (2**31 - 1), "F": 255.0}
+"""Factor from a high-bit-depth grayscale mode's values to 0-255: PIL's convert clips them instead (a 16-bit PNG of
+mid-grey came out white, a float TIFF in [0, 1] black)."""
 
 
 class SampleError(Exception):
@@ -61,6 +63,9 @@ def _target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode in HIGH_BIT_DEPTH_SCALE:
+        values = np.asarray(image, dtype=np.float64) * HIGH_BIT_DEPTH_SCALE[image.mode]
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -84,6 +89,8 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedImage:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise SampleError("not_an_image", "not a format PIL can identify") from None
+    except Image.DecompressionBombError as error:  # PIL's own limit, where this process keeps it (see worker.py)
+        raise SampleError("too_many_pixels", str(error)) from None
     except Exception as error:  # PIL raises many types for malformed headers
         raise SampleError("not_an_image", f"{type(error).__name__}: {error}") from None
     if image.width * image.height > options.max_pixels:

@@ -2,8 +2,8 @@
 
 A row has a stable key (a hash of where it comes from, so keys are the same in every run and safe as tar member
 names), a source URL, its label(s) and extra metadata. Rows that can be rejected without reading the image (no
-label, an unknown label, a duplicate) carry their failure reason along, so they are counted and listed like every
-other skipped sample.
+label, an unknown label, a duplicate: the same path written another way counts too, see `identity`) carry their
+failure reason along, so they are counted and listed like every other skipped sample.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import fsspec
 
 from data_pipeline.commands import UserError
+from data_pipeline.storage import filesystem, open_url
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PATH_COLUMNS = ("path", "url", "image", "image_path", "file", "filepath")
@@ -52,7 +54,16 @@ class Corpus:
 
 
 def row_key(identity: str) -> str:
-    return hashlib.sha1(identity.encode()).hexdigest()[:20]
+    # surrogateescape: a file name that is not UTF-8 still has a key (its row is then skipped as bad_file_name)
+    return hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _suffix(path: str) -> str:
@@ -61,7 +72,7 @@ def _suffix(path: str) -> str:
 
 def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[Row], int]:
     """Every image under `url`; its label is the first-level folder it sits in (deeper folders belong to it)."""
-    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    fs, root = filesystem(url, storage_options)
     if not fs.isdir(root):
         raise InputError(f"{url}: no such folder; pass an image-folder tree or a manifest file")
     protocol = fsspec.utils.get_protocol(url)
@@ -74,7 +85,10 @@ def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[R
         parts = relative.split("/")
         source = path if protocol in ("file", "local") else f"{protocol}://{path}"
         row = Row(key=row_key(relative), source=source, labels=[parts[0]] if len(parts) > 1 else None)
-        if len(parts) == 1:
+        if not _is_utf8(relative):
+            row.source, row.labels = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), None
+            row.failure = "bad_file_name"  # no label, no read: the name cannot be written into a shard or a record
+        elif len(parts) == 1:
             row.failure = "missing_label"
         rows.append(row)
     return rows, ignored
@@ -83,23 +97,36 @@ def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[R
 def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     suffix = _suffix(url)
     try:
-        with fsspec.open(url, "rb", **storage_options) as handle:
+        with open_url(url, "rb", storage_options) as handle:
             data = handle.read()
     except FileNotFoundError:
         raise InputError(f"{url}: no such manifest file") from None
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    text = data.decode("utf-8-sig")
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        except pa.ArrowException as error:
+            raise InputError(f"{url}: not a readable Parquet file ({error})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{url}: not UTF-8 text (byte {error.start}); save the manifest as UTF-8") from None
     if suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise InputError(f"{url}:{number}: invalid JSON line ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise InputError(
+                        f"{url}:{number}: a {type(record).__name__}, not a JSON object; each line must be one row "
+                        'such as {"path": "a.jpg", "label": "cat"}'
+                    )
+                records.append(record)
         return records
     return list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
 
@@ -123,6 +150,14 @@ def _resolve(source: str, manifest_url: str) -> str:
     return posixpath.join(posixpath.dirname(manifest_url), source)
 
 
+def identity(source: str) -> str:
+    """What makes two sources the same file: a local path made absolute and normalised (`one.png`, `./one.png` and
+    its absolute path are one file; symlinks are not followed), a URL as written."""
+    if "://" in source and not source.startswith("file://"):
+        return source
+    return os.path.abspath(source.removeprefix("file://"))
+
+
 def read_manifest(
     url: str, storage_options: dict[str, Any], path_column: str | None, label_column: str | None
 ) -> list[Row]:
@@ -138,19 +173,22 @@ def read_manifest(
             f"{url}: no label column {label_column!r}; found {', '.join(columns)}; pass --label-column "
             f"NAME or --no-labels"
         )
-    rows, seen = [], set()
-    for record in table:
-        source = str(record[path_column] or "")
-        labels = _label_values(record[label_column]) if label_column else None
+    rows: list[Row] = []
+    seen_keys: set[str] = set()
+    seen_files: set[str] = set()
+    for record in table:  # a row may lack a column the first row has (JSONL): skipped and counted, not a crash
+        source = str(record.get(path_column) or "")
+        labels = _label_values(record.get(label_column)) if label_column else None
         extra = {k: v for k, v in record.items() if k not in (path_column, label_column)}
         row = Row(key=row_key(source), source=_resolve(source, url), labels=labels, metadata=extra)
         if not source:
             row.failure = "missing_path"
-        elif row.key in seen:
+        elif row.key in seen_keys or identity(row.source) in seen_files:  # the first occurrence is kept
             row.failure = "duplicate"
         elif label_column and labels is None:
             row.failure = "missing_label"
-        seen.add(row.key)
+        seen_keys.add(row.key)
+        seen_files.add(identity(row.source))
         rows.append(row)
     return rows
 
@@ -196,18 +234,24 @@ def assign_classes(rows: Iterable[Row], given: dict[str, int] | None) -> dict[st
     return classes
 
 
+CLASSES_FORMS = "give a JSON object of name -> index, a JSON list of names, or a text file of one name per line"
+
+
 def load_classes(url: str, storage_options: dict[str, Any]) -> dict[str, int]:
     """A class table from JSON (an object name -> index, or a list of names) or a text file of one name per line."""
     try:
-        with fsspec.open(url, "r", **storage_options) as handle:
+        with open_url(url, "r", storage_options) as handle:
             text = handle.read()
     except FileNotFoundError:
         raise InputError(f"{url}: no such classes file") from None
     if url.endswith(".json"):
-        data = json.loads(text)
-        return (
-            {str(k): int(v) for k, v in data.items()}
-            if isinstance(data, dict)
-            else {str(name): i for i, name in enumerate(data)}
-        )
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{url}: not JSON ({error.msg} at line {error.lineno}); {CLASSES_FORMS}") from None
+        if isinstance(data, list) and all(isinstance(name, str | int) for name in data):
+            return {str(name): i for i, name in enumerate(data)}
+        if isinstance(data, dict) and all(_as_int(index) is not None for index in data.values()):
+            return {str(name): int(index) for name, index in data.items()}
+        raise InputError(f"{url}: a JSON {type(data).__name__} that is no class table; {CLASSES_FORMS}")
     return {line.strip(): i for i, line in enumerate(line for line in text.splitlines() if line.strip())}

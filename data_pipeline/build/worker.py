@@ -8,21 +8,24 @@ shards is shared by all workers.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
+from PIL import Image
 
 from data_pipeline.build.images import ImageOptions, SampleError, encode_image
 from data_pipeline.format.sample import encode_members
 from data_pipeline.format.tar_writer import sample_blocks
+from data_pipeline.storage import open_url
 
 READ_ATTEMPTS = 3
 
 _storage_options: dict[str, Any] = {}
 _image_options = ImageOptions()
+_max_source_bytes = 0
 
 
 @dataclass(frozen=True)
@@ -48,18 +51,40 @@ class Outcome:
     detail: str = ""
 
 
-def init_worker(storage_options: dict[str, Any], image_options: ImageOptions) -> None:
-    global _storage_options, _image_options
-    _storage_options, _image_options = storage_options, image_options
+def init_worker(storage_options: dict[str, Any], image_options: ImageOptions, max_source_bytes: int) -> None:
+    """Set up a process that encodes rows. PIL's process-wide decompression-bomb limit is lifted in it: the
+    --max-pixels check in images.py replaces it, with a reason the build counts."""
+    global _storage_options, _image_options, _max_source_bytes
+    _storage_options, _image_options, _max_source_bytes = storage_options, image_options, max_source_bytes
+    Image.MAX_IMAGE_PIXELS = None
 
 
-def read_source(source: str, storage_options: dict[str, Any]) -> bytes:
-    """Read a whole file; transient errors are retried with backoff, a missing file is not."""
-    options = storage_options if "://" in source and not source.startswith("file://") else {}
+@contextlib.contextmanager
+def encoding_here(
+    storage_options: dict[str, Any], image_options: ImageOptions, max_source_bytes: int
+) -> Iterator[None]:
+    """`init_worker` for this process (a build with --workers 0), undone afterwards: a loader in the same process
+    keeps PIL's decompression-bomb limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    init_worker(storage_options, image_options, max_source_bytes)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_source(source: str, storage_options: dict[str, Any], max_bytes: int) -> bytes:
+    """Read a whole file of at most `max_bytes`; transient errors are retried with backoff, a missing or too large
+    file is not (a manifest row naming /dev/zero read 2.7 GB, three times, before this limit)."""
     for attempt in range(READ_ATTEMPTS):
         try:
-            with fsspec.open(source, "rb", **options) as handle:
-                return handle.read()
+            with open_url(source, "rb", storage_options) as handle:
+                data = handle.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise SampleError("too_large", f"more than --max-source-bytes {max_bytes}")
+            return data
+        except SampleError:
+            raise
         except FileNotFoundError:
             raise SampleError("unreadable", "no such file") from None
         except (IsADirectoryError, PermissionError) as error:
@@ -80,7 +105,7 @@ def process(task: EncodeJob) -> Outcome:
     if task.failure is not None:
         return Outcome(task.position, None, task.failure)
     try:
-        image = encode_image(read_source(task.source, _storage_options), _image_options)
+        image = encode_image(read_source(task.source, _storage_options, _max_source_bytes), _image_options)
     except SampleError as error:
         return Outcome(task.position, None, error.reason, error.detail)
     width, height = image.original_size

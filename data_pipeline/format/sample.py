@@ -28,12 +28,23 @@ def encode_members(jpeg: bytes, cls: int | None, record: dict[str, Any]) -> dict
     return members
 
 
+def record(members: dict[str, Any]) -> dict[str, Any]:
+    """The sample's .json as an object; a malformed one is a skipped sample, never an exception out of the loader."""
+    try:
+        value = json.loads(members["json"])
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise SkippedSample("bad_metadata", f".json is not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise SkippedSample("bad_metadata", f".json is a {type(value).__name__}, not an object")
+    return value
+
+
 def single_label(members: dict[str, Any], num_classes: int | None) -> int:
     if "cls" not in members:
         raise SkippedSample("missing_label", "no .cls member")
     try:
         label = int(members["cls"])
-    except ValueError:
+    except (ValueError, TypeError):
         raise SkippedSample("bad_label", f".cls is {members['cls'][:20]!r}") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise SkippedSample("bad_label", f"label {label} outside 0..{(num_classes or 1) - 1}")
@@ -43,7 +54,7 @@ def single_label(members: dict[str, Any], num_classes: int | None) -> int:
 def multi_labels(members: dict[str, Any], num_classes: int) -> list[int]:
     if "json" not in members:
         raise SkippedSample("missing_label", "no .json with labels")
-    labels = json.loads(members["json"]).get("labels")
+    labels = record(members).get("labels")
     if not isinstance(labels, list) or not labels:
         raise SkippedSample("missing_label", ".json has no labels list")
     for label in labels:

@@ -24,6 +24,9 @@ EMPTY_BLOCK = bytes(BLOCK)
 COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 REGULAR = (b"0", b"\x00", b"7")  # file, old-style file, contiguous file
 GNU_LONG_NAME, GNU_LONG_LINK, PAX_ONE, PAX_GLOBAL = b"L", b"K", b"x", b"g"
+MAX_MEMBER_BYTES = 1 << 30
+"""A member header declaring more is damaged (a sample's member is an image of megabytes): refused before reading,
+where a huge declared size raised MemoryError or OverflowError."""
 SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default: members such as __index__ are not samples
 
 
@@ -46,6 +49,8 @@ def tar_members(stream: BinaryIO) -> Iterator[dict[str, Any]]:
             raise EOFError("the stream ends inside a member header")
         _check_checksum(header)
         size, kind = _number(header[124:136]), header[156:157]
+        if size > MAX_MEMBER_BYTES:
+            raise tarfile.ReadError(f"a member header declares {size} bytes (damaged, or not a shard)")
         data = reader.read(size)
         if len(data) < size or len(reader.read(-size % BLOCK)) < -size % BLOCK:
             raise EOFError("the stream ends inside a member")

@@ -12,6 +12,7 @@ states of all old ranks (or just this rank's when the job shape is unchanged) to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -256,6 +257,7 @@ def make_loader(
     retry: RetryPolicy | None = None,
     max_error_fraction: float = 0.01,
     prefetch_shards: int = 1,
+    num_classes: int | None = None,
 ) -> StreamingLoader:
     """Batches {"image": uint8 N x 3 x H x W, "label", "key", "valid"} from `source`, an index.json URL written by
     build-shards or a brace pattern of shard URLs. Images are channels-last in memory (torch.channels_last).
@@ -263,9 +265,12 @@ def make_loader(
     `batch_size` is per rank. `train` selects random-resized crops, flips and shuffling; otherwise a centre crop in
     stored order and, unless `epochs` says otherwise, one padded epoch. `open_shards` pieces of shards are read and
     interleaved at once per worker, each shuffled through `shuffle_buffer` samples (memory: about open_shards x
-    shuffle_buffer encoded images per worker).
+    shuffle_buffer encoded images per worker). `num_classes` (a classifier's outputs) bounds the labels of shards
+    without a class table: a label outside it is skipped as bad_label, not handed to a loss that would index with it.
     """
     shards = resolve(source, split=split, storage_options=storage_options)
+    if shards.num_classes is None and num_classes:
+        shards = dataclasses.replace(shards, num_classes=num_classes)
     if labels and shards.multi_label and not shards.num_classes:
         raise SourceError(f"{source}: multi-label shards need the number of classes; build them with build-shards")
     config = StreamConfig(

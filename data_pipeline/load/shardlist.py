@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,8 @@ def resolve(source: str, *, split: str = "train", storage_options: dict[str, Any
             counts.append(_count_samples(url, storage_options))
         except FileNotFoundError:
             raise SourceError(f"{url}: shard not found; check the pattern {source}") from None
+        except (tarfile.TarError, EOFError, ValueError, OSError) as error:
+            raise SourceError(f"{url}: not a readable tar shard ({type(error).__name__}: {error})") from None
     return ShardList(urls, counts, True, _class_count(urls[0], storage_options), multi_label=False)
 
 
@@ -112,9 +115,14 @@ def read_classes(source: str, storage_options: dict[str, Any] | None = None) -> 
     first = next(iter(braceexpand.braceexpand(source)))
     fs, path = filesystem(f"{_parent(first)}/classes.json", storage_options)
     try:
-        return json.loads(fs.cat_file(path))
+        classes = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SourceError(f"{fs.unstrip_protocol(path)}: not JSON ({error}); rebuild the shards") from None
+    if not isinstance(classes, dict) or not all(isinstance(index, int) for index in classes.values()):
+        raise SourceError(f"{fs.unstrip_protocol(path)}: not a class table (name -> index); rebuild the shards")
+    return classes
 
 
 def _class_count(url: str, storage_options: dict[str, Any] | None) -> int | None:

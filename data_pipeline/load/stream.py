@@ -117,7 +117,7 @@ class WorkerStream:
         protocol = fsspec.utils.get_protocol(url)
         if protocol not in self.filesystems:
             options = {**(self.config.storage_options or {}), "skip_instance_cache": True}
-            self.filesystems[protocol] = filesystem(url, options if protocol not in ("file", "local") else None)
+            self.filesystems[protocol] = filesystem(url, options)  # it gives options only to object stores
         fs = self.filesystems[protocol][0]
         path = fs._strip_protocol(url)
         return PrefetchedShard(RetryingReader(fs, path, url, self.config.retry, self.read_counters))

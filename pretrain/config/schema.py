@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, PlainSerializer, Tag, model_validator
 
+from data_pipeline.storage import masked
 from pretrain.model.description import ModelDescription
 from pretrain.model.variants import parse_variant, stem_stride
 from pretrain.model.vit import VisionTransformer
@@ -25,29 +26,34 @@ class FieldError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: no field of a run means anything at infinity or NaN (a NaN learning rate validated, then
+    # trained to NaN)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
-StorageOptions = dict[str, JsonValue]
+Size = Annotated[int, Field(gt=0, le=1 << 16)]
+"""A model dimension (pixels, width, depth, heads): above 2^16 it is a typo that would fail inside torch instead."""
+StorageOptions = Annotated[dict[str, JsonValue], PlainSerializer(masked, when_used="json")]
+"""fsspec options; written out (trainer.json, results.json, vit-config's output) with secret-looking values masked."""
 
 
 class ModelConfig(Section):
     variant: str
     """Size and patch size in the paper's notation: Ti/16, S/16, B/32, B/16, L/16, H/14, g/14, G/14, any SIZE/PATCH,
     or the hybrid R50+B/16 (ResNet-50 stages (3, 4, 9), patch size 1 on its stride-16 feature map)."""
-    image_size: PositiveInt = 224
+    image_size: Size = 224
     """Training resolution in pixels (square). Position embeddings are learned for this grid and resized for others."""
-    patch_size: PositiveInt | None = None
+    patch_size: Size | None = None
     """Overrides the variant's patch size; must divide image_size."""
-    width: PositiveInt | None = None
+    width: Size | None = None
     """Overrides the variant's hidden size D (for small debugging models)."""
-    depth: PositiveInt | None = None
+    depth: Size | None = None
     """Overrides the variant's number of transformer blocks."""
-    mlp_dim: PositiveInt | None = None
+    mlp_dim: Size | None = None
     """Overrides the variant's MLP hidden size."""
-    num_heads: PositiveInt | None = None
+    num_heads: Size | None = None
     """Overrides the variant's number of attention heads; must divide the width."""
     num_classes: Annotated[int, Field(ge=0)] = 1000
     """Classifier outputs; 0 builds no classifier (the masked-patch objective brings its own head)."""
@@ -56,7 +62,7 @@ class ModelConfig(Section):
     which in the paper needs a different learning rate)."""
     pos_embed: Literal["learned", "sincos"] = "learned"
     """Learned 1-D position embeddings (the paper's default) or fixed 2-D sin-cos."""
-    representation_size: PositiveInt | None = None
+    representation_size: Size | None = None
     """Width of the representation layer (dense + tanh "pre-logits") before the classifier, as in the paper's
     pre-training head; null for none (the paper's fine-tuning head)."""
     dropout: Probability = 0.0
@@ -294,7 +300,7 @@ class RunConfig(Section):
     """Free text: where the recipe comes from, what the run is for."""
     output_dir: str | None = None
     """Run folder for metrics.jsonl, monitors and (by default) checkpoints; null for runs/<name>."""
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     """Seed of model initialisation, data order and augmentation."""
     eval_every_steps: PositiveInt | None = None
     """Evaluate on data.val every this many steps (and at the end); null to evaluate at the end only."""

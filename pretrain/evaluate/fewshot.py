@@ -192,12 +192,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     from pretrain.model import model_input
+    from pretrain.weights.surgery import check_weights
     from pretrain.weights.trainer_checkpoint import read_checkpoint
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     options = storage_options(args)
     weights = read_checkpoint(args.checkpoint, options)
+    check_weights(weights, args.checkpoint)  # the converter's one line, not load_state_dict's dump
     model = weights.model.build()
     model.load_state_dict(weights.state)
     model.eval()

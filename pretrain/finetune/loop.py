@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipeline.commands import UserError, add_storage_option, json_or_text, reports_user_errors, storage_options
 from data_pipeline.load.shardlist import read_classes
 from pretrain.config.load import read_json
-from pretrain.config.schema import SupervisedObjective
+from pretrain.config.schema import StorageOptions, SupervisedObjective
 from pretrain.model import model_input
 from pretrain.weights.hf import from_hf, to_hf, write_preprocessor
 from pretrain.weights.surgery import choose_head, resize_positions
@@ -45,7 +45,7 @@ class FinetuneConfig(BaseModel):
     """A fine-tuning run; every field is also a command-line option (`lr` is `--lr`, `micro_batch_size` is
     `--micro-batch-size`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
     model: str
     """transformers ViT folder to start from (`convert-checkpoint ... --to hf --out DIR`)."""
@@ -93,7 +93,7 @@ class FinetuneConfig(BaseModel):
     """Print the loss, learning rate and images/s every this many steps."""
     seed: int = 0
     """Seeds the head-independent randomness: data order, crops, flips."""
-    storage_options: dict[str, JsonValue] = {}
+    storage_options: StorageOptions = {}
     """fsspec options for s3:// shards, e.g. {"endpoint_url": "http://..."}."""
 
 
@@ -297,7 +297,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                 f"{result['images']:.0f} images",
                 flush=True,
             )
-    results = {**history[-1], "history": history, "config": config.model_dump()}
+    results = {**history[-1], "history": history, "config": config.model_dump(mode="json")}
     if accelerator.is_main_process:
         out = Path(config.out)
         accelerator.unwrap_model(model).save_pretrained(out)

@@ -30,6 +30,7 @@ from data_pipeline.commands import UserError
 from data_pipeline.storage import filesystem, is_local, join, write_bytes_atomic
 from pretrain.train import distributed
 from pretrain.weights.model_weights import MODEL_FILE
+from pretrain.weights.safe_load import load_trusted
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,14 @@ class CheckpointStore:
             return []
         return sorted(name for name in names if name.startswith(PREFIX))
 
+    def _delete_all(self) -> None:
+        """Every checkpoint and the `latest` pointer, removed by rank 0 (`latest` first: never a dangling one)."""
+        if self.placement.is_main:
+            self.fs.rm(join(self.fs, self.root, LATEST))
+            for tag in self.tags():
+                self.fs.rm(join(self.fs, self.root, tag), recursive=True)
+        dist.barrier()
+
     def _prune(self, newest: str) -> None:
         complete = [tag for tag in self.tags() if tag <= newest]
         for tag in complete[: -self.keep_last]:
@@ -163,9 +172,20 @@ class CheckpointStore:
 
     # -- loading -----------------------------------------------------------------------------------------------
 
-    def resolve(self, resume: str) -> str | None:
-        """The checkpoint to start from: 'none', 'auto' (the newest complete one, if any) or a tag or path."""
+    def resolve(self, resume: str, overwrite: bool = False) -> str | None:
+        """The checkpoint to start from: 'none', 'auto' (the newest complete one, if any) or a tag or path. Starting
+        afresh where another run's checkpoints are is refused (it would interleave the two runs' steps and records),
+        unless `overwrite`: then they are deleted first."""
         if resume == "none":
+            newest = read_latest(self.fs, self.root)
+            if newest is not None and not overwrite:
+                raise CheckpointError(
+                    f"{self.url}: holds the checkpoints of a run (newest {newest}); --resume none would overwrite "
+                    "them: continue it with --resume auto, start in a new folder (run.output_dir or checkpoint.dir),"
+                    " or add --overwrite to delete them and start afresh here"
+                )
+            if newest is not None:
+                self._delete_all()
             return None
         if resume == "auto":
             return read_latest(self.fs, self.root)
@@ -205,5 +225,5 @@ class CheckpointStore:
                     loader_states.append(json.load(handle))
         rng_file = os.path.join(folder, f"rng-rank{self.placement.rank}.pt")
         if os.path.exists(rng_file) and trainer.get("world_size") == self.placement.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_trusted(rng_file))
         return Restored(step=trainer["step"], trainer=trainer, loader_states=loader_states)

@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto: continue from the newest complete checkpoint if there is one (default); "
         "none: start afresh; or a checkpoint name such as step-00001000",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --resume none where a run's checkpoints already are: delete them and its metrics, start afresh",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return parser.parse_args(argv)
 
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.set)
         placement = distributed.init()
-        code = Trainer(config, placement, resume=args.resume).train()
+        code = Trainer(config, placement, resume=args.resume, overwrite=args.overwrite).train()
     except UserError as error:
         code = report(error) if is_main else USER_ERROR
     # Not on an unexpected exception: another rank may still be inside a collective with this one.

@@ -8,6 +8,7 @@ exits with EXIT_PREEMPTED.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -30,10 +31,11 @@ from pretrain.train import distributed
 from pretrain.train.checkpoint import CheckpointStore
 from pretrain.train.compute import step_seconds, training_flops_per_image
 from pretrain.train.engine_config import batch_sizes, deepspeed_config, parameter_groups
-from pretrain.train.metrics import MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
+from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
 from pretrain.train.schedule import total_steps
 from pretrain.weights.formats import read_init_state
 from pretrain.weights.model_weights import WeightsError, encoder_prefix, model_file
+from pretrain.weights.safe_load import guard_engine_loads
 from pretrain.weights.surgery import load_matching
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class TrainingError(UserError):
 
 
 class Trainer:
-    def __init__(self, config: Config, placement: distributed.Placement, resume: str = "auto"):
+    def __init__(self, config: Config, placement: distributed.Placement, resume: str = "auto", overwrite: bool = False):
         self.config = config
         self.placement = placement
         self.output_dir = config.run_dir
@@ -80,6 +82,11 @@ class Trainer:
             placement,
         )
         self.checkpoints.check_writable()
+        # before the model is built: a refused --resume none costs seconds, not a model's initialisation
+        tag = self.checkpoints.resolve(resume, overwrite)
+        if overwrite and resume == "none" and placement.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.output_dir, METRICS_FILE))  # the old run's records
 
         ds_config = deepspeed_config(config, placement.world_size, self.steps, os.path.join(self.output_dir, "monitor"))
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
@@ -99,6 +106,7 @@ class Trainer:
             parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        guard_engine_loads(self.engine)  # DeepSpeed unpickles checkpoint files with weights_only=False
         torch.manual_seed(config.run.seed + 1 + placement.rank)  # dropout and stochastic depth differ per rank
 
         self.train_flops_per_image = training_flops_per_image(config)
@@ -116,7 +124,6 @@ class Trainer:
         self.samples_seen = 0
         self.nonfinite_steps = 0
         self.preempt_requested = False
-        tag = self.checkpoints.resolve(resume)
         if tag is not None:
             self.restore(tag)
 
@@ -147,6 +154,7 @@ class Trainer:
             hflip=data.hflip,
             max_error_fraction=data.max_error_fraction,
             labels=self.task.labels,
+            num_classes=self.config.model.num_classes or None,
         )
 
     def _init_from(self, model: torch.nn.Module, url: str) -> None:

@@ -2,27 +2,21 @@
 
 A checkpoint is a folder written by `CheckpointStore` (local or on object storage): its root with a `latest`
 pointer, or one `step-XXXXXXXX` folder inside it. Its weights are consolidated into one fp32 state dict by
-DeepSpeed's own `zero_to_fp32` (any ZeRO stage, any number of ranks). That utility unpickles with
-`torch.load(weights_only=False)`; here every load it makes is forced to `weights_only=True`, allowing only the three
-DeepSpeed classes its files hold, so a tampered checkpoint cannot run code. What the weights are is read from the
+DeepSpeed's own `zero_to_fp32` (any ZeRO stage, any number of ranks), whose every load goes through
+pretrain/weights/safe_load.py, so a tampered checkpoint cannot run code. What the weights are is read from the
 step folder's `model.json` (pretrain/weights/model_weights.py), never from the run config, except for checkpoints
 written before model.json existed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import zero_to_fp32
-from deepspeed.utils.tensor_fragment import fragment_address
 
 from data_pipeline.storage import filesystem, is_local, join
 from pretrain.config import ConfigError, validate
@@ -36,26 +30,9 @@ from pretrain.weights.model_weights import (
     parse_model_file,
     vit_weights,
 )
+from pretrain.weights.safe_load import load_trusted, weights_only_loads
 
-DEEPSPEED_CHECKPOINT_TYPES = [LossScaler, ZeroStageEnum, fragment_address]
-"""The only non-tensor classes DeepSpeed's model and optimizer state files contain (DeepSpeed 0.19)."""
 MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-@contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    load = torch.load
-
-    def restricted(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(DEEPSPEED_CHECKPOINT_TYPES):
-            return load(*args, **kwargs)
-
-    zero_to_fp32.torch.load = restricted
-    try:
-        yield
-    finally:
-        zero_to_fp32.torch.load = load
 
 
 def _locate(url: str, storage_options: dict[str, Any]) -> tuple[Any, str, str]:
@@ -128,7 +105,7 @@ def _consolidate(root: str, tag: str, url: str) -> dict[str, torch.Tensor]:
     partitioned = any("optim_states" in name for name in os.listdir(folder))
     # no_grad: the fp32 partitions are saved as parameters (requires_grad), so without it the merged tensors' autograd
     # graph keeps every memory-mapped partition alive: one more fp32 copy of the model resident while converting.
-    with _weights_only_loads(), torch.no_grad():
+    with weights_only_loads(), torch.no_grad():
         if partitioned:
             try:
                 return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
@@ -138,6 +115,5 @@ def _consolidate(root: str, tag: str, url: str) -> dict[str, torch.Tensor]:
     path = os.path.join(folder, MODEL_STATES)
     if not os.path.exists(path):
         raise WeightsError(f"{url}/{tag}: no {MODEL_STATES}; the checkpoint is incomplete")
-    with torch.serialization.safe_globals(DEEPSPEED_CHECKPOINT_TYPES):
-        module = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    module = load_trusted(path)["module"]
     return {name: tensor.float() for name, tensor in module.items()}
