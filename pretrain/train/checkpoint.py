@@ -178,6 +178,7 @@ class CheckpointStore:
         unless `overwrite`: then they are deleted first."""
         if resume == "none":
             newest = read_latest(self.fs, self.root)
+            dist.barrier()  # every rank has read `latest` before rank 0 may delete it (else they disagree, and hang)
             if newest is not None and not overwrite:
                 raise CheckpointError(
                     f"{self.url}: holds the checkpoints of a run (newest {newest}); --resume none would overwrite "
