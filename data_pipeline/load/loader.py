@@ -1,7 +1,7 @@
 """`make_loader`: WebDataset shards from any fsspec URL to augmented uint8 batches, deterministic and resumable.
 
 The loader of one rank runs `num_workers` data workers (torch DataLoader processes; none with num_workers=0). The
-whole job has ranks x workers workers; each reads its own contiguous part of every epoch (see `epoch_plan`), so
+whole job has ranks x workers workers; each reads its own contiguous part of every epoch (see `epoch_order`), so
 every sample of an epoch is delivered exactly once across ranks. Training runs on across epochs without a break;
 a finite run (`epochs=N`, the default for evaluation) pads its last batches, marked `valid=False`, so that every
 rank gets the same number of batches and no collective waits for a rank that ran out.
