@@ -181,14 +181,15 @@ def read_manifest(
         labels = _label_values(record.get(label_column)) if label_column else None
         extra = {k: v for k, v in record.items() if k not in (path_column, label_column)}
         row = Row(key=row_key(source), source=_resolve(source, url), labels=labels, metadata=extra)
+        file = identity(row.source)
         if not source:
             row.failure = "missing_path"
-        elif row.key in seen_keys or identity(row.source) in seen_files:  # the first occurrence is kept
+        elif row.key in seen_keys or file in seen_files:  # the first occurrence is kept
             row.failure = "duplicate"
         elif label_column and labels is None:
             row.failure = "missing_label"
         seen_keys.add(row.key)
-        seen_files.add(identity(row.source))
+        seen_files.add(file)
         rows.append(row)
     return rows
 

@@ -62,7 +62,7 @@ def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> 
         model, prefix = parse_model_file(_read_json(fs, join(fs, folder, MODEL_FILE), url), f"{url}/{tag}")
     else:
         model, prefix = _described_by_run_config(_read_json(fs, join(fs, folder, TRAINER_FILE), url), url)
-    return vit_weights(model, read_state(url, storage_options), prefix)
+    return vit_weights(model, _state_of(fs, root, tag, url), prefix)
 
 
 def _read_json(fs: Any, path: str, url: str) -> Any:
@@ -87,7 +87,11 @@ def _described_by_run_config(trainer: Any, url: str) -> tuple[ModelDescription, 
 
 def read_state(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The consolidated fp32 state dict of the whole module a run trained (what `model.init_from` loads by name)."""
-    fs, root, tag = _locate(url, storage_options or {})
+    return _state_of(*_locate(url, storage_options or {}), url)
+
+
+def _state_of(fs: Any, root: str, tag: str, url: str) -> dict[str, torch.Tensor]:
+    """The consolidated state of the step folder `tag` (resolved once by the caller: `latest` may move meanwhile)."""
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as staging:
         if is_local(fs):
             local_root = root
