@@ -27,8 +27,11 @@ class UserError(Exception):
 
 
 def report(error: UserError) -> int:
-    """Print `error: <line>` for each line of the message on stderr; returns USER_ERROR."""
-    for line in str(error).splitlines() or [type(error).__name__]:
+    """Print `error: <line>` for each line of the message on stderr, credentials in URLs masked; returns
+    USER_ERROR."""
+    from data_pipeline.storage import masked_urls  # storage imports fsspec: not for every command's start-up
+
+    for line in masked_urls(str(error)).splitlines() or [type(error).__name__]:
         print(f"error: {line}", file=sys.stderr, flush=True)
     return USER_ERROR
 

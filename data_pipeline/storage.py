@@ -74,6 +74,15 @@ def masked(value: Any) -> Any:
     return value
 
 
+_URL_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
+
+
+def masked_urls(text: str) -> str:
+    """`text` with the user (and password) part of every URL in it replaced by MASK: `https://me:pw@host/x` becomes
+    `https://***@host/x`."""
+    return _URL_USERINFO.sub(f"{MASK}@", text)
+
+
 _TEMPORARY = re.compile(r".+\.tmp-[0-9a-f]{32}")
 
 

@@ -57,6 +57,13 @@ def test_a_user_error_is_one_line_per_problem_and_exit_2(capsys):
         "error: a.json: model.width: must be positive\nerror: a.json: run: required but missing; add it\n"
     )
 
+    @reports_user_errors
+    def fetch(argv: list[str] | None = None) -> int:
+        raise UserError("https://me:hunter2@example.org/x.tar: no such file; check the URL")
+
+    assert fetch([]) == 2
+    assert capsys.readouterr().err == "error: https://***@example.org/x.tar: no such file; check the URL\n"
+
 
 def test_convert_checkpoint_reports_a_bad_storage_option_in_one_line(tmp_path: Path):
     result = subprocess.run(

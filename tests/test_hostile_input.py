@@ -33,6 +33,7 @@ from data_pipeline.format.tar_reader import tar_members
 from data_pipeline.format.tar_writer import ShardWriter, sample_blocks
 from data_pipeline.load.augment import Augment, decode
 from data_pipeline.load.shardlist import SourceError
+from data_pipeline.load.stream import LoaderError
 from data_pipeline.storage import options_for
 from pretrain.config import ConfigError, load_config
 
@@ -236,6 +237,30 @@ def test_labels_outside_the_model_and_malformed_metadata_are_skipped_and_counted
         assert skipped.value.reason == "bad_metadata"
     with pytest.raises(SkippedSample, match="outside"):
         single_label({"cls": b"-1"}, None)
+
+
+def test_shards_that_disagree_with_their_index_are_counted_not_silently_cut(tmp_path: Path):
+    image_folder(tmp_path / "img", {"a": 6, "b": 6})
+    out = tmp_path / "out"
+    assert (
+        build_shards([str(tmp_path / "img"), "--output", str(out), "--max-samples-per-shard", "4", "--workers", "0"])
+        == 0
+    )
+    index = index_of(out)
+    shards = index["shards"]
+    assert [shard["num_samples"] for shard in shards] == [4, 4, 4]
+    shards[0]["num_samples"] = 5  # the index promises a sample the shard does not hold
+    shards[1]["num_samples"] = 2  # the shard holds two samples the index does not list
+    (out / "index.json").write_text(json.dumps(index))
+    loader = make_loader(str(out / "index.json"), batch_size=4, num_workers=0, train=False, image_size=16)
+    with pytest.raises(LoaderError, match=r"train-000001.tar: long_shard \(2 more samples than the index lists"):
+        list(loader)  # beyond the default max_error_fraction: one line naming the shard
+    loader = make_loader(
+        str(out / "index.json"), batch_size=4, num_workers=0, train=False, image_size=16, max_error_fraction=0.5
+    )
+    keys = [key for batch in loader for key, valid in zip(batch["key"], batch["valid"], strict=True) if valid]
+    assert len(keys) == len(set(keys)) == 10
+    assert loader.counters()["skipped"] == {"short_shard": 1, "long_shard": 2}
 
 
 def test_the_tar_reader_and_the_decoder_survive_thousands_of_mutated_shards(tmp_path: Path):

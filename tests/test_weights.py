@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pretrain.config.schema import MaskedPatchObjective
+from pretrain.evaluate import analyze, fewshot
 from pretrain.model import ModelDescription, create_model
 from pretrain.objectives.masked_patch import MaskedPatchModel
 from pretrain.weights.formats import read_init_state, read_weights
@@ -119,16 +120,23 @@ class Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
-def plant_checkpoint(root: Path, marker: Path) -> Path:
-    """A checkpoint folder as the trainer writes one, whose module states file runs a command when unpickled."""
-    model = ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL)
+def trainer_checkpoint(root: Path, module_states: dict, described: ModelDescription | None = None) -> Path:
+    """A checkpoint folder as the trainer writes one (one rank, ZeRO 0), holding `module_states` and a model.json
+    describing `described` (default: the model of SMALL)."""
+    described = described or ModelDescription.of_variant("Ti/4", num_classes=3, **SMALL)
     step = root / "step-00000010"
     step.mkdir(parents=True)
     (root / "latest").write_text(step.name)
     (step / "trainer.json").write_text(json.dumps({"format_version": 1, "step": 10}))
-    (step / "model.json").write_text(json.dumps(model_file(model)))
-    torch.save({"module": model.build().state_dict(), "payload": Planted(marker)}, step / "mp_rank_00_model_states.pt")
+    (step / "model.json").write_text(json.dumps(model_file(described)))
+    torch.save(module_states, step / "mp_rank_00_model_states.pt")
     return step
+
+
+def plant_checkpoint(root: Path, marker: Path) -> Path:
+    """A checkpoint folder whose module states file runs a command (creates `marker`) when unpickled."""
+    state = create_model("Ti/4", num_classes=3, **SMALL).state_dict()
+    return trainer_checkpoint(root, {"module": state, "payload": Planted(marker)})
 
 
 def test_a_planted_checkpoint_is_refused_in_one_line_and_never_runs(tmp_path: Path):
@@ -160,3 +168,26 @@ def test_a_pickle_saved_as_model_safetensors_is_refused_in_one_line(tmp_path: Pa
     torch.save(model.build().state_dict(), tmp_path / "model.safetensors")
     with pytest.raises(WeightsError, match=r"model.safetensors: not a safetensors file .*damaged"):
         read_weights(str(tmp_path))
+
+
+def test_the_evaluation_commands_refuse_tampered_checkpoints_in_one_line(tmp_path: Path, capsys):
+    """vit-analyze, the few-shot probe and model.init_from read checkpoints through the same guarded loaders as the
+    converter: a planted pickle never runs, and tensors that contradict model.json are named, not dumped."""
+    marker = tmp_path / "ran"
+    planted = tmp_path / "planted"
+    plant_checkpoint(planted, marker)
+    shallow = create_model("Ti/4", num_classes=3, **SMALL).state_dict()
+    deeper = ModelDescription.of_variant("Ti/4", num_classes=3, **{**SMALL, "depth": 2})
+    mismatched = tmp_path / "mismatched"
+    trainer_checkpoint(mismatched, {"module": shallow}, described=deeper)
+    for checkpoint, expected in [(planted, "refused to load"), (mismatched, "blocks.1.norm1.weight is missing")]:
+        for main, args in [
+            (analyze.main, ["--images", "x", "--out", str(tmp_path / "y")]),
+            (fewshot.main, ["--train", "x", "--test", "y"]),
+        ]:
+            assert main(["--checkpoint", str(checkpoint), *args]) == 2
+            errors = capsys.readouterr().err.strip().splitlines()
+            assert len(errors) == 1 and errors[0].startswith(f"error: {checkpoint}") and expected in errors[0], errors
+    with pytest.raises(UntrustedCheckpointError, match="refused to load"):
+        read_init_state(str(planted))
+    assert not marker.exists() and not (tmp_path / "y").exists()

@@ -172,6 +172,8 @@ class WorkerStream:
             current.pos += 1
             piece = current.piece
             if current.pos == piece.end:
+                if piece.end == self.config.shards.num_samples[piece.shard]:
+                    self._count_unlisted(current)
                 self._close_slot(i)
             else:
                 cursor.slots[i] = piece._replace(start=current.pos)
@@ -202,6 +204,19 @@ class WorkerStream:
         self.seen += lost
         self._skip(reason, url, f"{detail}; {lost} samples skipped", count=lost)
         return None
+
+    def _count_unlisted(self, current: OpenPiece) -> None:
+        """A shard holding more samples than its index lists: the index decides what an epoch is, so the extra ones
+        are not delivered; they are counted as skipped rather than lost silently. In a shard that matches its index
+        this reads only the end-of-archive blocks."""
+        try:
+            extra = sum(1 for _ in current.samples)
+        except (ShardReadError, tarfile.TarError, EOFError, ValueError, OSError):
+            return  # damage past the listed samples: everything the index promised was delivered
+        if extra:
+            url = self.config.shards.urls[current.piece.shard]
+            detail = f"{extra} more samples than the index lists; rebuild the index (build-shards) to read them"
+            self._skip("long_shard", url, detail, count=extra)
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
