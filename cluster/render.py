@@ -1,7 +1,8 @@
 """`python -m cluster.render {slurm,pytorchjob,jobset} --nodes N --gpus-per-node G --config CONFIG ...`: a
 ready-to-submit job file from the templates in cluster/slurm and cluster/k8s.
 
-The run config is validated first (a typo fails here, not after the job has waited in a queue). Slurm gets a copy of
+The run config is validated first, and its batch against the number of ranks (a typo or a batch that does not
+divide fails here, not after the job has waited in a queue). Slurm gets a copy of
 pretrain.sbatch with its #SBATCH lines set (nodes, one task per GPU, GPUs and CPUs per node, time, partition, the
 preemption signal's lead time) and the config as its default argument. Kubernetes gets the manifest with every
 placeholder filled, checked to be complete YAML.
@@ -20,6 +21,7 @@ import yaml
 
 from data_pipeline.commands import UserError, reports_user_errors
 from pretrain.config import load_config
+from pretrain.config.batch import BatchError, batch_sizes
 
 ROOT = Path(__file__).resolve().parent
 TEMPLATES = {
@@ -143,6 +145,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
+    world = args.nodes * args.gpus_per_node
+    try:
+        batch_sizes(config, world)  # what the trainer checks at start-up, before the job waits in a queue
+    except BatchError as error:
+        raise UserError(f"{args.config}: {error}") from None
     name = args.name or config.run.name
     job_name = name if args.target == "slurm" else kubernetes_name(name)
     if args.target == "slurm":
@@ -152,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         text, out = render_kubernetes(args, job_name), args.out or f"{job_name}-{args.target}.yaml"
         submit = f"kubectl apply -f {out}"
     Path(out).write_text(text)
-    world = args.nodes * args.gpus_per_node
     print(
         f"{out}: {args.target} job {job_name}, {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} "
         f"ranks; submit with: {submit}"

@@ -202,7 +202,7 @@ def containers(manifest: dict) -> list[dict]:
 
 @pytest.mark.parametrize("target", ["pytorchjob", "jobset"])
 def test_rendered_manifests_validate_against_the_published_api_models(target: str, tmp_path: Path):
-    for nodes in (1, 3):
+    for nodes in (1, 4):
         manifest = rendered(
             target,
             tmp_path,
@@ -229,7 +229,7 @@ def test_rendered_manifests_validate_against_the_published_api_models(target: st
             assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
         if target == "pytorchjob":
             replicas = {role: spec["replicas"] for role, spec in manifest["spec"]["pytorchReplicaSpecs"].items()}
-            assert replicas == ({"Master": 1} if nodes == 1 else {"Master": 1, "Worker": 2})
+            assert replicas == ({"Master": 1} if nodes == 1 else {"Master": 1, "Worker": 3})
             assert manifest["spec"]["runPolicy"]["backoffLimit"] == 10
         else:
             job = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]
@@ -260,6 +260,15 @@ def test_render_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: configs/vit_h14_jft.json: model.") and "\n" not in error
     assert not (tmp_path / "x").exists()
+    # the README's command with a micro-batch the trainer would refuse on 256 ranks
+    command = ["slurm", "--nodes", "32", "--gpus-per-node", "8", "--config", "configs/vit_h14_jft.json"]
+    assert render([*command, "--set", "deepspeed.micro_batch_size=64", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: configs/vit_h14_jft.json: data.batch_size 4096 is not a multiple of deepspeed.micro_batch_size 64 x "
+        "256 ranks; set deepspeed.micro_batch_size to 16 (or null: 16 per rank) for 256 ranks"
+    )
+    assert not (tmp_path / "x").exists()
+    assert render([*command, "--out", str(tmp_path / "x")]) == 0
 
 
 def test_rendered_sbatch_sets_the_allocation_and_the_default_config(tmp_path: Path):

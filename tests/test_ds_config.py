@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from pretrain.config.batch import BatchError, batch_sizes
 from pretrain.config.load import validate
 from pretrain.model import create_model
 from pretrain.train.distributed import first_host, map_slurm_environment
-from pretrain.train.engine_config import BatchError, batch_sizes, deepspeed_config, parameter_groups
+from pretrain.train.engine_config import deepspeed_config, parameter_groups
 from pretrain.train.schedule import total_steps
 
 BASE = {

@@ -98,9 +98,8 @@ def test_h14_on_jft_flops_days_and_cost_by_hand():
     assert result["communication"]["gb_per_second_per_gpu"] * 8 == pytest.approx(moved / (seconds / steps) * 8 / 1e9)
     assert 380 < result["communication"]["gb_per_second_per_gpu"] * 8 < 400
     assert not any(w.startswith("communication-bound") for w in result["warnings"])
-    # 4096 images over 256 GPUs leave 16 per GPU, not the configured 64: planned so, and said
-    assert result["run"]["micro_batch"] == 16
-    assert any("deepspeed.micro_batch_size=16" in warning for warning in result["warnings"])
+    # the config leaves the micro-batch to the trainer: 4096 images over 256 GPUs
+    assert result["run"]["micro_batch"] == 16 and result["run"]["gradient_accumulation"] == 1
 
 
 def test_b16_on_imagenet_flops_by_hand_without_checkpointing():
@@ -446,6 +445,21 @@ def test_report_and_one_line_errors(tmp_path: Path):
     assert code == 2 and "--train-samples" in err and "nowhere/index.json" in err and len(err.splitlines()) == 1
     code, _, err = plan("--config", JFT, "--gpus", "3", "--gpu-type", "H100", "--train-samples", "1000")
     assert code == 2 and "data.batch_size 4096" in err
+    # a job the trainer would refuse at start-up is refused here, with the micro-batch that would run
+    code, _, err = plan(
+        "--config",
+        JFT,
+        "--gpus",
+        "256",
+        "--gpu-type",
+        "H100",
+        "--train-samples",
+        "1",
+        "--set",
+        "deepspeed.micro_batch_size=64",
+    )
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "micro_batch_size 64 x 256 ranks; set deepspeed.micro_batch_size to 16 (or null: 16 per rank)" in err
     # offloading is not modelled, and the plan says so
     _, offloaded, _ = plan(
         "--config",

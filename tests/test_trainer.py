@@ -463,8 +463,8 @@ def test_user_errors_are_one_line_on_rank_0(s3_digits: dict, tmp_path: Path):
     assert code == 2
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: data.batch_size 31 does not divide over 2 ranks; choose a multiple of 2 or set "
-        "deepspeed.micro_batch_size"
+        "error: data.batch_size 31 does not divide over 2 ranks; choose a batch that is a multiple of 2, or a number "
+        "of ranks that divides 31"
     ], output
     code, output = finish(launch(config))
     errors = [line for line in output.splitlines() if line.startswith("error:")]

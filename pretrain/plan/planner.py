@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_pipeline.commands import UserError
+from pretrain.config.batch import batch_sizes
 from pretrain.config.schema import Config
 from pretrain.plan.gpus import DEFAULT_HEADROOM
 from pretrain.plan.memory_model import (
@@ -37,7 +38,7 @@ from pretrain.plan.memory_model import (
     offloads,
 )
 from pretrain.train.compute import forward_flops_per_image, passes_per_image, step_seconds
-from pretrain.train.engine_config import BatchError, batch_sizes, deepspeed_config
+from pretrain.train.engine_config import deepspeed_config
 from pretrain.train.schedule import total_steps
 
 GB = 1e9
@@ -92,28 +93,12 @@ def read_data_facts(config: Config, train_samples: int | None, bytes_per_sample:
     return DataFacts(totals.num_samples, per_sample, source)
 
 
-def planned_micro_batch(config: Config, gpus: int, warnings: list[str]) -> tuple[int, int]:
-    """(micro-batch, accumulation) on `gpus` GPUs; a configured micro-batch that cannot divide the global batch over
-    that many GPUs is replaced by global / gpus, with a warning, when that is whole."""
-    try:
-        return batch_sizes(config, gpus)
-    except BatchError as error:
-        batch = config.data.batch_size
-        configured = config.deepspeed.micro_batch_size or batch
-        if batch % gpus:
-            raise PlanError(f"{error} (or plan for a GPU count that divides {batch})") from None
-        per_gpu = batch // gpus
-        micro = max(d for d in range(1, min(configured, per_gpu) + 1) if per_gpu % d == 0)
-        warnings.append(f"{error}: planned with --set deepspeed.micro_batch_size={micro}")
-        return micro, per_gpu // micro
-
-
 def make_plan(
     config: Config, hardware: Hardware, data: DataFacts, headroom: float = DEFAULT_HEADROOM
 ) -> dict[str, Any]:
     """Every number of the report, as plain data (the --json output)."""
     warnings: list[str] = []
-    micro, accumulation = planned_micro_batch(config, hardware.gpus, warnings)
+    micro, accumulation = batch_sizes(config, hardware.gpus)  # a job that would be refused: exit 2 here
     config = _with_deepspeed(config, micro_batch_size=micro)
     batch = config.data.batch_size
     if config.schedule.steps is None and data.train_samples is None:

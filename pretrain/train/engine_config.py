@@ -1,7 +1,7 @@
 """The DeepSpeed JSON of a run, built from our config, and the optimizer's parameter groups.
 
-Batch sizes: data.batch_size is global; the micro-batch is deepspeed.micro_batch_size (or global / world size);
-gradient accumulation is what is left, and must be whole. The learning-rate schedule is in pretrain/train/schedule.py.
+How the batch divides over the ranks is pretrain/config/batch.py; the learning-rate schedule is
+pretrain/train/schedule.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.commands import UserError
+from pretrain.config.batch import batch_sizes
 from pretrain.config.schema import Config
 from pretrain.train.schedule import scheduler
 
@@ -22,29 +22,6 @@ STAGE3_LEAN = {
     # the optimizer steps one sub-group of the partition at a time; its temporaries scale with this
     "sub_group_size": 1e8,
 }
-
-
-class BatchError(UserError):
-    """The batch sizes do not divide over the ranks; the message names the fields."""
-
-
-def batch_sizes(config: Config, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, gradient-accumulation steps) for `world_size` ranks."""
-    total = config.data.batch_size
-    micro = config.deepspeed.micro_batch_size
-    if micro is None:
-        if total % world_size:
-            raise BatchError(
-                f"data.batch_size {total} does not divide over {world_size} ranks; choose a multiple of "
-                f"{world_size} or set deepspeed.micro_batch_size"
-            )
-        return total // world_size, 1
-    if total % (micro * world_size):
-        raise BatchError(
-            f"data.batch_size {total} is not a multiple of deepspeed.micro_batch_size {micro} x "
-            f"{world_size} ranks; change one of them"
-        )
-    return micro, total // (micro * world_size)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

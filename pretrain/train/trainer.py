@@ -23,6 +23,7 @@ from data_pipeline.commands import UserError
 from data_pipeline.load.loader import StreamingLoader
 from data_pipeline.load.synthetic import SOURCE as SYNTHETIC
 from data_pipeline.load.synthetic import SyntheticLoader
+from pretrain.config.batch import batch_sizes
 from pretrain.config.schema import Config
 from pretrain.evaluate.fewshot import extract_features, fewshot_accuracy, probe_batches
 from pretrain.model import model_input
@@ -30,7 +31,7 @@ from pretrain.objectives import ObjectiveError, build_model, build_task
 from pretrain.train import distributed
 from pretrain.train.checkpoint import CheckpointStore
 from pretrain.train.compute import step_seconds, training_flops_per_image
-from pretrain.train.engine_config import batch_sizes, deepspeed_config, parameter_groups
+from pretrain.train.engine_config import deepspeed_config, parameter_groups
 from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
 from pretrain.train.schedule import total_steps
 from pretrain.weights.formats import read_init_state
