@@ -5,11 +5,14 @@ schedule picks fail in one of three ways:
 - `reset`: the status line, the headers and half of the body are sent, then the connection is closed;
 - `503`: an S3 `SlowDown` error instead of the object;
 - `stall`: nothing is sent for longer than the client's read timeout, then the connection is closed.
-Writes (PUT, POST) of keys containing `fail_writes_to` get a 503 every time: an upload that cannot succeed.
+Writes (PUT, POST) of keys containing `fail_writes_to` get a 503 every time: an upload that cannot succeed. Writes
+take `write_seconds_per_mb` per MB of body (a store's time to take a large file). Every object upload that starts (a
+single PUT, or the POST that opens a multipart upload) is counted by key in `uploads`, every GET in `downloads`.
 """
 
 from __future__ import annotations
 
+import collections
 import http.client
 import threading
 import time
@@ -24,10 +27,20 @@ SLOW_DOWN = (
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, every: int = 2, stall_seconds: float = 3.0, fail_writes_to: str | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        every: int = 2,
+        stall_seconds: float = 3.0,
+        fail_writes_to: str | None = None,
+        write_seconds_per_mb: float = 0.0,
+    ):
         """Fault every `every`-th GET of a shard (0: none), cycling through FAULTS."""
         self.upstream = urlsplit(upstream)
         self.fail_writes_to = fail_writes_to
+        self.write_seconds_per_mb = write_seconds_per_mb
+        self.uploads: collections.Counter[str] = collections.Counter()
+        self.downloads: collections.Counter[str] = collections.Counter()
         self.every, self.stall_seconds = every, stall_seconds
         self.lock = threading.Lock()
         self.shard_gets = 0
@@ -47,6 +60,16 @@ class FaultyProxy:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def _count(self, method: str, path: str) -> None:
+        parts = urlsplit(path)
+        key = parts.path.lstrip("/")
+        single = method == "PUT" and "partNumber" not in parts.query
+        with self.lock:
+            if single or (method == "POST" and parts.query.startswith("uploads")):
+                self.uploads[key] += 1
+            elif method == "GET":
+                self.downloads[key] += 1
 
     def _fault_for(self, method: str, path: str) -> str | None:
         if method in ("PUT", "POST") and self.fail_writes_to and self.fail_writes_to in path:
@@ -74,6 +97,9 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault_for(self.command, self.path)
+                if self.command in ("PUT", "POST") and body:
+                    time.sleep(proxy.write_seconds_per_mb * len(body) / 1e6)
+                proxy._count(self.command, self.path)
                 if fault == "503":
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")

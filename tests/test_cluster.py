@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -13,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import s3fs
 import yaml
 from conftest import free_port
+from faulty_proxy import FaultyProxy
 from k8s_schema import problems_of
 from slurm_cluster import SlurmCluster, install_reason
 
@@ -116,21 +120,44 @@ def test_sbatch_job_checkpoints_on_the_preemption_signal_requeues_and_resumes_to
     assert logged[-1] == steps and logged == sorted(logged)  # the second start continued, it did not start over
 
 
-def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> list[str]:
-    """Start one process per "node", wait for all; their outputs (each must exit 0).
+def slurm_task(node: int, port: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The trainer as one task of a 2-node job with one task (one CPU) per node: what srun gives it, plus what
+    pretrain.sbatch exports."""
+    env = {
+        "SLURM_PROCID": str(node),
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": str(node),
+        "SLURM_JOB_NODELIST": "node[0-1]",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "OMP_NUM_THREADS": "1",
+    }
+    return [sys.executable, "pretrain/run.py", *args], env
 
-    Each node writes to its own file, not to a pipe: a pipe that is not read while another node is waited for fills
-    up (64 KiB of warnings suffice), blocks that node's writes and so, through the collectives, every node."""
-    with tempfile.TemporaryDirectory() as logs:
-        paths = [Path(logs) / f"node{n}.log" for n in range(len(commands_and_envs))]
-        processes = []
-        for path, (command, env) in zip(paths, commands_and_envs, strict=True):
-            with path.open("w") as log:
-                processes.append(
-                    subprocess.Popen(
-                        command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, text=True
-                    )
+
+def start_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], logs: Path) -> list[subprocess.Popen]:
+    """One process per "node", each writing to its own file in `logs`, not to a pipe: a pipe that is not read while
+    another node is waited for fills up (64 KiB of warnings suffice), blocks that node's writes and so, through the
+    collectives, every node."""
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for n, (command, env) in enumerate(commands_and_envs):
+        with (logs / f"node{n}.log").open("w") as log:
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, text=True
                 )
+            )
+    return processes
+
+
+def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> list[str]:
+    """Start one process per "node", wait for all; their outputs (each must exit 0)."""
+    with tempfile.TemporaryDirectory() as logs:
+        processes = start_nodes(commands_and_envs, Path(logs))
         deadline = time.monotonic() + timeout
         timed_out = ""
         try:
@@ -141,7 +168,7 @@ def run_nodes(commands_and_envs: list[tuple[list[str], dict[str, str]]], timeout
                 process.kill()
                 process.wait()
             codes = [process.returncode for process in processes]
-        outputs = [path.read_text() for path in paths]
+        outputs = [(Path(logs) / f"node{n}.log").read_text() for n in range(len(processes))]
     report = [
         f"== node {n} exited {code}:\n{output[-3000:]}"
         for n, (code, output) in enumerate(zip(codes, outputs, strict=True))
@@ -155,33 +182,66 @@ def replicas(run_dir: Path) -> dict:
     return record
 
 
+def upload_windows(output: str) -> list[tuple[int, int]]:
+    """(step saved, step at whose end its upload was complete) for each checkpoint uploaded in the background."""
+    written = {tag: int(tag[5:]) for tag in re.findall(r"checkpoint s3://\S+/(step-\d+) written", output)}
+    uploaded = re.findall(r"checkpoint s3://\S+/(step-\d+) uploaded at step (\d+)", output)
+    return [(written[tag], int(step)) for tag, step in uploaded if tag in written]
+
+
 @pytest.mark.slow
-def test_two_slurm_nodes_on_loopback_train_together_to_identical_weights(tmp_path: Path):
-    """What srun gives each task of a 2-node job with one task (one CPU) per node, plus what pretrain.sbatch
-    exports."""
+def test_two_slurm_nodes_train_together_and_checkpoint_to_s3_while_training(s3: dict, tmp_path: Path):
+    """Two nodes on loopback (one task each, their own staging folders, one shared run folder) train one model and
+    checkpoint to S3 through a proxy that takes 2 s per MB written. The first job is killed while step 40 uploads:
+    `latest` stays at step 20. The second resumes from there and finishes: each object was uploaded exactly once,
+    each rank's partitions downloaded only by its node, training went on during the uploads, and both ranks end
+    with the same weights."""
     run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, steps=30)
-    port = str(free_port())
-    nodes = [
-        (
-            [sys.executable, "pretrain/run.py", "--config", str(config), "--resume", "auto"],
-            {
-                "SLURM_PROCID": str(node),
-                "SLURM_LOCALID": "0",
-                "SLURM_NTASKS": "2",
-                "SLURM_NTASKS_PER_NODE": "1",
-                "SLURM_NNODES": "2",
-                "SLURM_NODEID": str(node),
-                "SLURM_JOB_NODELIST": "node[0-1]",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "OMP_NUM_THREADS": "1",
-            },
-        )
-        for node in (0, 1)
-    ]
-    outputs = run_nodes(nodes)
-    assert "step 30/30" in outputs[0]
+    config = tiny_config(run_dir, steps=60)
+    store = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    with FaultyProxy(s3["endpoint_url"], every=0, write_seconds_per_mb=2.0) as proxy:
+        sections = json.loads(config.read_text())
+        options = {**s3, "endpoint_url": proxy.url}
+        sections["checkpoint"] = {"dir": "s3://bucket/ckpt", "storage_options": options, "every_steps": 20}
+        sections["logging"]["every_steps"] = 1
+        config.write_text(json.dumps(sections))
+
+        def job() -> list[tuple[list[str], dict[str, str]]]:
+            port = str(free_port())
+            staging = [f"checkpoint.staging_dir={tmp_path / f'node{node}'}" for node in (0, 1)]
+            return [slurm_task(node, port, "--config", str(config), "--set", staging[node]) for node in (0, 1)]
+
+        first = start_nodes(job(), tmp_path / "first")
+        deadline = time.monotonic() + 180
+        while not any("step-00000040" in key for key in proxy.uploads):
+            assert all(p.poll() is None for p in first) and time.monotonic() < deadline, "no upload of step 40"
+            time.sleep(0.02)
+        for process in first:
+            process.kill()
+            process.wait()
+        assert store.cat_file("bucket/ckpt/latest") == b"step-00000020"
+        proxy.uploads.clear()
+        proxy.downloads.clear()
+        outputs = run_nodes(job())
+    assert "resumed from s3://bucket/ckpt/step-00000020 at step 20" in outputs[0]
+    assert store.cat_file("bucket/ckpt/latest") == b"step-00000060"
+    written = {key: count for key, count in proxy.uploads.items() if "/step-" in key}
+    assert set(written.values()) == {1}, written
+    assert set(store.find("bucket/ckpt/step-00000060")) <= set(written)
+    read = {key.rsplit("/", 1)[-1]: n for key, n in proxy.downloads.items() if "step-00000020/" in key}
+    assert read["zero_pp_rank_0_mp_rank_00_optim_states.pt"] == read["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1
+    assert read["rng-rank0.pt"] == read["rng-rank1.pt"] == 1 and read["mp_rank_00_model_states.pt"] == 2
+    assert not list((tmp_path / "node0").glob("step-*")) and not list((tmp_path / "node1").glob("step-*"))
+
+    # the steps while an upload ran (not the step after the save, which wrote the files, nor the one after the
+    # commit) against the job's other steps
+    step_s = {record["step"]: record["step_s"] for record in read_metrics(run_dir, "train") if record["step"] > 20}
+    windows = upload_windows(outputs[0])
+    assert windows and windows[0][0] == 40 and windows[0][1] >= 43, windows
+    during = [step_s[n] for saved, done in windows for n in range(saved + 2, done + 1)]
+    busy = {n for saved, done in windows for n in range(saved + 1, done + 2)}
+    others = [seconds for n, seconds in step_s.items() if n not in busy and n > 21]
+    assert statistics.median(during) <= 1.5 * statistics.median(others), (during, others)
     record = replicas(run_dir)
     assert record["identical"] and len(record["sha256"]) == 2, record
 

@@ -6,14 +6,19 @@ test here launches as few runs as it can.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ import s3fs
 import timm
 import torch
 from conftest import free_port, s3_bucket
+from deepspeed.utils import safe_get_full_fp32_param
 from faulty_proxy import FaultyProxy
 
 from data_pipeline.build.builder import BuildOptions, build
@@ -30,8 +36,11 @@ from pretrain.config import ConfigError, validate
 from pretrain.config.load import load_config
 from pretrain.demos.digits import write_digits
 from pretrain.model import create_model
+from pretrain.train import distributed
+from pretrain.train.checkpoint import CheckpointError, CheckpointStore
 from pretrain.train.compute import step_seconds, training_flops_per_image
 from pretrain.train.metrics import read_metrics
+from pretrain.train.trainer import Trainer
 from pretrain.weights.native import read_native
 from pretrain.weights.surgery import load_matching
 from pretrain.weights.trainer_checkpoint import read_checkpoint, read_state
@@ -103,7 +112,8 @@ def write_config(path: Path, s3: dict, run_dir: Path, **sections: dict) -> Path:
     return path
 
 
-def launch(config: Path, *args: str) -> subprocess.Popen:
+def launch(config: Path, *args: str, max_file_bytes: int | None = None) -> subprocess.Popen:
+    """The two-rank job; with `max_file_bytes`, no file it writes may grow beyond that (a full disk)."""
     port = free_port()
     command = [
         DEEPSPEED,
@@ -116,8 +126,15 @@ def launch(config: Path, *args: str) -> subprocess.Popen:
         str(config),
         *args,
     ]
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes,) * 2)) if max_file_bytes else None
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=limit,
     )
     process.master_port = port  # type: ignore[attr-defined]
     return process
@@ -192,6 +209,28 @@ def finished_run(zero_stage_run: Run) -> Run:
             pytrace=False,
         )
     return zero_stage_run
+
+
+@contextlib.contextmanager
+def one_rank_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The environment of a one-rank job in pytest's own process (quicker than a launcher); the preemption handlers
+    the trainer installs are restored afterwards (they would swallow a SIGTERM meant for pytest)."""
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        distributed.shutdown()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def convert(source: Path, to: str, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -355,6 +394,11 @@ def test_zero_stage_resume_refuses_a_planted_checkpoint_and_never_runs_it(
     states = tmp_path / "run" / "checkpoints" / "step-00000064" / "mp_rank_00_model_states.pt"
     saved = torch.load(states, weights_only=False)  # our own file, written by this test's run
     torch.save({**saved, "payload": Planted(marker)}, states)
+    # and its size in trainer.json's file list, as an attacker would (else the file counts as damaged, not loaded)
+    trainer_file = states.parent / "trainer.json"
+    trainer = json.loads(trainer_file.read_text())
+    trainer["files"][states.name] = states.stat().st_size
+    trainer_file.write_text(json.dumps(trainer))
     code, output = finish(launch(config, "--resume", "auto"))
     errors = error_lines(output)
     assert code == 2 and len(errors) == 1 and f"{states}: refused to load" in errors[0], output
@@ -379,6 +423,103 @@ def test_zero_stage_resume_none_refuses_to_overwrite_another_run_unless_asked(
     assert (checkpoints / "latest").read_text() == "step-00000008"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008"]
     assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [8]  # the old run's records are gone
+
+
+def step_noise(records: dict[int, dict]) -> float:
+    """The largest change of the logged loss from one logged step to the next: a run's own step-to-step noise."""
+    losses = [records[step]["loss"] for step in sorted(records)]
+    return max(abs(b - a) for a, b in itertools.pairwise(losses))
+
+
+@pytest.mark.parametrize("zero_stage_run", [2, 3], ids=["zero2", "zero3"], indirect=True)
+def test_zero_stage_checkpoint_of_two_ranks_resumes_on_one(
+    finished_run: Run, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Resumed on one rank from the two-rank run's step 48, through a universal copy: the fp32 master weights are
+    the saved ones exactly, step, learning rate and Adam's step count carry over, the no-decay group stays so, the
+    global batch stays 32 (two accumulation steps of 16), and the run ends as the uninterrupted one did."""
+    config = resumable_copy(finished_run, s3_digits, tmp_path)
+    saved = fp32_weights(tmp_path / "run" / "checkpoints", "step-00000048")  # consolidated from both partitions
+    uninterrupted = {record["step"]: record for record in read_metrics(finished_run.dir, "train")}
+    overrides = ["deepspeed.micro_batch_size=16"]  # what the two-rank run had per rank
+    with one_rank_in_process(monkeypatch):
+        trainer = Trainer(load_config(str(config), overrides), distributed.init(), resume="step-00000048")
+        engine = trainer.engine
+        assert trainer.universal and (trainer.micro_batch, trainer.accumulation) == (16, 2)
+        assert engine.global_steps == 48
+        assert engine.get_lr()[0] == pytest.approx(uninterrupted[48]["lr"], rel=1e-6)
+        for name, parameter in engine.module.named_parameters():
+            assert torch.equal(safe_get_full_fp32_param(parameter), saved[name]), name
+        optimizer = engine.optimizer.optimizer
+        assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+        assert {int(state["step"]) for state in optimizer.state.values()} == {48}
+        assert trainer.train() == 0
+    assert (tmp_path / "run" / "checkpoints" / "universal" / "step-00000048" / "zero").is_dir()
+    resumed = {record["step"]: record for record in read_metrics(tmp_path / "run", "train")}
+    for step in (56, 64):
+        assert resumed[step]["lr"] == pytest.approx(uninterrupted[step]["lr"], rel=1e-6)
+        assert resumed[step]["epoch"] == pytest.approx(uninterrupted[step]["epoch"])
+    assert resumed[56]["loss"] <= uninterrupted[48]["loss"] + step_noise(uninterrupted)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_one_rank_checkpoint_on_s3_resumes_on_two_ranks(
+    stage: int, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A one-rank run checkpointing to S3, resumed from its step 32 on two ranks: each rank downloads what it reads
+    into its node's staging folder, the node converts, and the run continues on the one-rank run's schedule."""
+    from pretrain import run
+
+    run_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "config.json",
+        s3_digits,
+        run_dir,
+        deepspeed={"zero_stage": stage, "micro_batch_size": 16},
+        checkpoint={"dir": "s3://bucket/ckpt", "storage_options": s3_digits, "keep_last": 4},
+    )
+    with one_rank_in_process(monkeypatch):
+        assert run.main(["--config", str(config), "--set", f"checkpoint.staging_dir={tmp_path / 'one'}"]) == 0
+    one_rank = {record["step"]: record for record in read_metrics(run_dir, "train")}
+    staging = tmp_path / "two"
+    code, output = finish(launch(config, "--resume", "step-00000032", "--set", f"checkpoint.staging_dir={staging}"))
+    assert code == 0, output
+    assert "step-00000032 at step 32 (saved on 1 ranks; now 2, 16 images per rank and 1 accumulation steps)" in output
+    assert (staging / "universal" / "step-00000032" / "zero").is_dir()
+    resumed = {record["step"]: record for record in read_metrics(run_dir, "train")}
+    for step in (40, 48, 56, 64):
+        assert resumed[step]["lr"] == pytest.approx(one_rank[step]["lr"], rel=1e-6)
+    assert resumed[40]["loss"] <= one_rank[32]["loss"] + step_noise(one_rank)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits)
+    assert fs.cat_file("bucket/ckpt/latest") == b"step-00000064"
+    assert not list((staging).glob("step-*"))  # uploaded, then removed from the node
+
+
+@pytest.mark.parametrize("zero_stage_run", [2], ids=["zero2"], indirect=True)
+def test_zero_stage_resume_passes_over_a_damaged_checkpoint_and_a_full_disk_keeps_the_last(
+    finished_run: Run, s3_digits: dict, tmp_path: Path
+):
+    """A file of the newest checkpoint cut short: --resume auto warns and takes the one before, --resume with its
+    name refuses in one line. Then the disk fills up at the next save: one line, exit 2, the checkpoint resumed from
+    untouched."""
+    config = resumable_copy(finished_run, s3_digits, tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    partition = next((checkpoints / "step-00000064").glob("*rank_1_*optim_states.pt"))
+    size = partition.stat().st_size
+    partition.write_bytes(partition.read_bytes()[:1000])
+    store = CheckpointStore(str(checkpoints), {}, None, keep_last=2, placement=distributed.Placement(0, 0, 1))
+    with pytest.raises(CheckpointError, match=rf"step-00000064: {partition.name} is 1000 bytes, {size} were written"):
+        store.resolve("step-00000064")
+    before = {path: path.read_bytes() for path in (checkpoints / "step-00000048").iterdir()}
+    # model states of this model are ~160 kB per file: the save at step 64 cannot be written
+    code, output = finish(launch(config, "--resume", "auto", max_file_bytes=64_000))
+    assert f"step-00000064: {partition.name} is 1000 bytes, {size} were written; trying the checkpoint before" in output
+    assert "resumed from" in output and "step-00000048 at step 48" in output
+    errors = error_lines(output)
+    assert code == 2 and len(errors) == 1 and "step-00000064: cannot write the checkpoint" in errors[0], output
+    assert "`latest` still names the previous one" in errors[0]
+    assert {path: path.read_bytes() for path in (checkpoints / "step-00000048").iterdir()} == before
+    assert store.resolve("auto") == "step-00000048"
 
 
 MASKED_PATCH = {"model": {"num_classes": 0}, "objective": {"type": "masked_patch_prediction"}}
@@ -582,15 +723,6 @@ def test_run_leaves_no_process_group_behind(digit_shards: Path, tmp_path: Path, 
 
     from pretrain import run
 
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "1",
-    }.items():
-        monkeypatch.setenv(key, value)
     local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
     config = write_config(
         tmp_path / "config.json",
@@ -600,15 +732,29 @@ def test_run_leaves_no_process_group_behind(digit_shards: Path, tmp_path: Path, 
         schedule={"steps": 4, "warmup_steps": 1},
         checkpoint={"every_steps": 1000},
     )
-    # the trainer installs preemption handlers; in pytest's own process they must not outlive this test (they would
-    # swallow a SIGTERM and keep the finished trainer alive)
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    with one_rank_in_process(monkeypatch):
         assert run.main(["--config", str(config)]) == 0
         assert not dist.is_initialized()
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
         assert run.main(["--config", str(config), "--set", f"data.train={tmp_path / 'nowhere.json'}"]) == 2
         assert not dist.is_initialized()
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+
+
+def test_non_finite_losses_are_skipped_and_ten_in_a_row_stop_the_run(
+    digit_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """A learning rate of 1e30 sends the weights to 1e30 within the first steps; every loss after that is infinite
+    or NaN. Those steps are skipped (no update), and the tenth in a row stops the run naming the step."""
+    from pretrain import run
+
+    local = {"train": str(digit_shards / "index.json"), "val": None, "storage_options": {}}
+    config = write_config(
+        tmp_path / "config.json", {}, tmp_path / "run", data=local, optimizer={"lr": 1e30}, schedule={"warmup_steps": 1}
+    )
+    with one_rank_in_process(monkeypatch):
+        assert run.main(["--config", str(config)]) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1, errors
+    assert re.fullmatch(
+        r"error: loss was not finite 10 times in a row at step \d; lower optimizer.lr or check the data", errors[0]
+    )

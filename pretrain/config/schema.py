@@ -235,8 +235,9 @@ class ScheduleConfig(Section):
     """Training length in passes over the training set (its size comes from the shard index). Set epochs or steps."""
     steps: PositiveInt | None = None
     """Training length in optimizer steps. Set epochs or steps."""
-    warmup_steps: Annotated[int, Field(ge=0)] = 10_000
-    """Steps of linear warm-up from 0 to the peak learning rate."""
+    warmup_steps: Annotated[int, Field(ge=1)] = 10_000
+    """Steps of linear warm-up from 0 to the peak learning rate; at least 1 (DeepSpeed's schedules refuse 0, and
+    with 1 the first step runs at learning rate 0, as it does in every warm-up)."""
     decay: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warm-up, down to min_lr at the last step."""
     min_lr: Annotated[float, Field(ge=0)] = 0.0
@@ -276,6 +277,10 @@ class CheckpointConfig(Section):
     """How many complete checkpoints to keep; older ones are deleted after a newer one is complete."""
     storage_options: StorageOptions = {}
     """fsspec storage options for an s3:// checkpoint dir (credentials from the environment)."""
+    staging_dir: str | None = None
+    """Node-local folder where each node writes its ranks' files of a checkpoint for object storage before they are
+    uploaded (and downloads them on resume); null for a folder in the node's temporary directory. Never a folder
+    shared by the nodes."""
 
 
 class LoggingConfig(Section):

@@ -14,11 +14,13 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import groups
 
 DEFAULT_PORT = 29500
 
@@ -86,10 +88,14 @@ def shutdown() -> None:
     Left to interpreter finalization, gloo's worker threads are still running while the interpreter is torn down, and
     the process aborts after its work is done ("terminate called without an active exception", SIGABRT, exit -6),
     which the launcher reports as a failed job: 9 of 30 two-rank torchrun runs of a small gloo script here, 0 of 30
-    with this call.
+    with this call. DeepSpeed keeps its own handles on the destroyed groups (its clone of the world group): they are
+    dropped too, so that a later run in the same process (a notebook, the tests) builds new ones.
     """
     if dist.is_initialized():
         dist.destroy_process_group()
+    groups._WORLD_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
 
 
 def unlink_shm_allreduce_buffer(rank: int) -> None:
@@ -127,8 +133,18 @@ def all_true(flag: bool) -> bool:
     return value.item() == 0.0
 
 
-def any_true(flag: bool) -> bool:
-    return not all_true(not flag)
+def any_of(flags: list[bool]) -> list[bool]:
+    """For each flag, whether it is true on any rank: several questions in one collective."""
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device())
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [value == 1.0 for value in values.tolist()]
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_sum(values: list[float]) -> list[float]:

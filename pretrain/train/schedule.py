@@ -21,7 +21,7 @@ def total_steps(config: Config, train_samples: int) -> int:
 
 def scheduler(config: Config, steps: int) -> dict[str, Any]:
     schedule, lr = config.schedule, config.optimizer.lr
-    warmup = min(schedule.warmup_steps, steps - 1)
+    warmup = max(1, min(schedule.warmup_steps, steps - 1))  # DeepSpeed refuses 0 (a 1-step run)
     if schedule.decay == "cosine":
         return {
             "type": "WarmupCosineLR",
@@ -47,7 +47,7 @@ def scheduler(config: Config, steps: int) -> dict[str, Any]:
     return {
         "type": "WarmupLR",
         "params": {
-            "warmup_num_steps": max(warmup, 1),
+            "warmup_num_steps": warmup,
             "warmup_min_lr": 0.0,
             "warmup_max_lr": lr,
             "warmup_type": "linear",

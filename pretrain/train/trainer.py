@@ -31,6 +31,7 @@ from pretrain.objectives import ObjectiveError, build_model, build_task
 from pretrain.train import distributed
 from pretrain.train.checkpoint import CheckpointStore
 from pretrain.train.compute import step_seconds, training_flops_per_image
+from pretrain.train.elastic import needs_conversion
 from pretrain.train.engine_config import deepspeed_config, parameter_groups
 from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
 from pretrain.train.schedule import total_steps
@@ -78,7 +79,7 @@ class Trainer:
         self.checkpoints = CheckpointStore(
             config.checkpoint_dir,
             dict(config.checkpoint.storage_options),
-            os.path.join(self.output_dir, "checkpoint-staging"),
+            config.checkpoint.staging_dir,
             config.checkpoint.keep_last,
             placement,
         )
@@ -88,8 +89,12 @@ class Trainer:
         if overwrite and resume == "none" and placement.is_main:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.output_dir, METRICS_FILE))  # the old run's records
+        saved_world_size = (self.checkpoints.trainer_record(tag) or {}).get("world_size") if tag else None
+        self.universal = needs_conversion(config.deepspeed.zero_stage, saved_world_size, placement.world_size)
 
         ds_config = deepspeed_config(config, placement.world_size, self.steps, os.path.join(self.output_dir, "monitor"))
+        if self.universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(config.run.seed)  # the same initial weights on every rank
         if config.deepspeed.zero_stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -103,9 +108,9 @@ class Trainer:
         optim = config.optimizer
         # fused: one kernel over all tensors and no temporaries the size of the model (the foreach default on GPUs
         # allocates a few), which the memory plan (pretrain/plan/memory_model.py) relies on
-        optimizer = torch.optim.AdamW(
-            parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True
-        )
+        groups = parameter_groups(model, optim.weight_decay)
+        self.weight_decays = [group["weight_decay"] for group in groups]
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         guard_engine_loads(self.engine)  # DeepSpeed unpickles checkpoint files with weights_only=False
         torch.manual_seed(config.run.seed + 1 + placement.rank)  # dropout and stochastic depth differ per rank
@@ -228,9 +233,11 @@ class Trainer:
                 self.evaluate(step)
             if probe_every and step % probe_every == 0 and step < self.steps:
                 self.fewshot(step)
-            preempted = distributed.any_true(self.preempt_requested)
+            preempted = self.checkpoints.at_step_boundary(step, self.preempt_requested)
             if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
                 self.save(step)
+            if preempted or step == self.steps:
+                self.checkpoints.finish_upload()
             if preempted:
                 if self.placement.is_main:
                     print(
@@ -361,13 +368,18 @@ class Trainer:
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
         self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict(), model)
-        if self.placement.is_main:
-            print(f"checkpoint {self.checkpoints.url}/step-{step:08d}", flush=True)
 
     def restore(self, tag: str) -> None:
-        restored = self.checkpoints.load(self.engine, tag)
+        restored = self.checkpoints.load(self.engine, tag, self.universal, self.weight_decays)
         self.train_loader.load_state_dict(restored.loader_states)
         self.samples_seen = restored.trainer["samples_seen"]
         self.nonfinite_steps = restored.trainer["nonfinite_steps"]
         if self.placement.is_main:
-            print(f"resumed from {self.checkpoints.url}/{tag} at step {restored.step}", flush=True)
+            saved = restored.trainer.get("world_size", self.placement.world_size)
+            elsewhere = (
+                f" (saved on {saved} ranks; now {self.placement.world_size}, {self.micro_batch} images per rank and "
+                f"{self.accumulation} accumulation steps)"
+                if saved != self.placement.world_size
+                else ""
+            )
+            print(f"resumed from {self.checkpoints.url}/{tag} at step {restored.step}{elsewhere}", flush=True)

@@ -1,9 +1,10 @@
 """The one way checkpoint files are unpickled: `torch.load(weights_only=True)`, allowing only the few DeepSpeed classes
 its files hold, so a tampered checkpoint cannot run code.
 
-DeepSpeed loads its own files with `torch.load(weights_only=False)`, in two places we use: its engine's checkpoint
-engine (resume: module states, optimizer partitions) and `zero_to_fp32` (conversion). The trainer routes the
-engine's loads through `load_trusted` with `guard_engine_loads`; conversion runs `zero_to_fp32` inside
+DeepSpeed loads its own files with `torch.load(weights_only=False)`, in the places we use: its engine's checkpoint
+engine (resume: module states, optimizer partitions), `zero_to_fp32` (conversion), and the universal-checkpoint
+converter and loader (resume on another number of ranks). The trainer routes the engine's loads through
+`load_trusted` with `guard_engine_loads`; the others call `torch.load` directly and run inside
 `weights_only_loads()`. A refused file gives one line naming it.
 """
 
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils import zero_to_fp32
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from pretrain.weights.model_weights import WeightsError
@@ -25,7 +25,7 @@ from pretrain.weights.model_weights import WeightsError
 DEEPSPEED_CHECKPOINT_TYPES = [LossScaler, ZeroStageEnum, fragment_address]
 """The only non-tensor classes DeepSpeed's model and optimizer state files contain (DeepSpeed 0.19)."""
 _torch_load = torch.load
-"""torch.load itself: `weights_only_loads` replaces the module attribute, which is what zero_to_fp32 calls."""
+"""torch.load itself: `weights_only_loads` replaces the module attribute, which is what DeepSpeed's modules call."""
 
 
 class UntrustedCheckpointError(WeightsError):
@@ -54,9 +54,10 @@ def guard_engine_loads(engine: Any) -> None:
 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Inside it, every `torch.load` DeepSpeed's zero_to_fp32 makes goes through `load_trusted`."""
-    zero_to_fp32.torch.load = load_trusted  # the torch module: every torch.load in this process, for this while
+    """Inside it, every `torch.load` of this process (DeepSpeed's zero_to_fp32, its universal-checkpoint converter
+    and loader) goes through `load_trusted`."""
+    torch.load = load_trusted
     try:
         yield
     finally:
-        zero_to_fp32.torch.load = _torch_load
+        torch.load = _torch_load
