@@ -97,9 +97,9 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault_for(self.command, self.path)
+                proxy._count(self.command, self.path)
                 if self.command in ("PUT", "POST") and body:
                     time.sleep(proxy.write_seconds_per_mb * len(body) / 1e6)
-                proxy._count(self.command, self.path)
                 if fault == "503":
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
