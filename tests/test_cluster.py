@@ -192,17 +192,17 @@ def upload_windows(output: str) -> list[tuple[int, int]]:
 @pytest.mark.slow
 def test_two_slurm_nodes_train_together_and_checkpoint_to_s3_while_training(s3: dict, tmp_path: Path):
     """Two nodes on loopback (one task each, their own staging folders, one shared run folder) train one model and
-    checkpoint to S3 through a proxy that takes 1.2 s per MB written. The first job is killed while step 40 uploads:
-    `latest` stays at step 20. The second resumes from there and finishes: each object was uploaded exactly once,
+    checkpoint to S3 through a proxy that takes 1.2 s per MB written. The first job is killed while step 60 uploads:
+    `latest` stays at step 30. The second resumes from there and finishes: each object was uploaded exactly once,
     each rank's partitions downloaded only by its node, training went on during the uploads, and both ranks end
     with the same weights."""
     run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, steps=60)
+    config = tiny_config(run_dir, steps=90)
     store = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
     with FaultyProxy(s3["endpoint_url"], every=0, write_seconds_per_mb=1.2) as proxy:
         sections = json.loads(config.read_text())
         options = {**s3, "endpoint_url": proxy.url}
-        sections["checkpoint"] = {"dir": "s3://bucket/ckpt", "storage_options": options, "every_steps": 20}
+        sections["checkpoint"] = {"dir": "s3://bucket/ckpt", "storage_options": options, "every_steps": 30}
         sections["logging"]["every_steps"] = 1
         config.write_text(json.dumps(sections))
 
@@ -213,34 +213,34 @@ def test_two_slurm_nodes_train_together_and_checkpoint_to_s3_while_training(s3: 
 
         first = start_nodes(job(), tmp_path / "first")
         deadline = time.monotonic() + 180
-        while not any("step-00000040" in key for key in proxy.uploads):
-            assert all(p.poll() is None for p in first) and time.monotonic() < deadline, "no upload of step 40"
+        while not any("step-00000060" in key for key in proxy.uploads):
+            assert all(p.poll() is None for p in first) and time.monotonic() < deadline, "no upload of step 60"
             time.sleep(0.02)
         for process in first:
             process.kill()
             process.wait()
-        assert store.cat_file("bucket/ckpt/latest") == b"step-00000020"
+        assert store.cat_file("bucket/ckpt/latest") == b"step-00000030"
         proxy.uploads.clear()
         proxy.downloads.clear()
         outputs = run_nodes(job())
-    assert "resumed from s3://bucket/ckpt/step-00000020 at step 20" in outputs[0]
-    assert store.cat_file("bucket/ckpt/latest") == b"step-00000060"
+    assert "resumed from s3://bucket/ckpt/step-00000030 at step 30" in outputs[0]
+    assert store.cat_file("bucket/ckpt/latest") == b"step-00000090"
     written = {key: count for key, count in proxy.uploads.items() if "/step-" in key}
     assert set(written.values()) == {1}, written
-    assert set(store.find("bucket/ckpt/step-00000060")) <= set(written)
-    read = {key.rsplit("/", 1)[-1]: n for key, n in proxy.downloads.items() if "step-00000020/" in key}
+    assert set(store.find("bucket/ckpt/step-00000090")) <= set(written)
+    read = {key.rsplit("/", 1)[-1]: n for key, n in proxy.downloads.items() if "step-00000030/" in key}
     assert read["zero_pp_rank_0_mp_rank_00_optim_states.pt"] == read["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1
     assert read["rng-rank0.pt"] == read["rng-rank1.pt"] == 1 and read["mp_rank_00_model_states.pt"] == 2
     assert not list((tmp_path / "node0").glob("step-*")) and not list((tmp_path / "node1").glob("step-*"))
 
     # the steps while an upload ran (not the step after the save, which wrote the files, nor the one after the
     # commit) against the job's other steps
-    step_s = {record["step"]: record["step_s"] for record in read_metrics(run_dir, "train") if record["step"] > 20}
+    step_s = {record["step"]: record["step_s"] for record in read_metrics(run_dir, "train") if record["step"] > 30}
     windows = upload_windows(outputs[0])
-    assert windows and windows[0][0] == 40 and windows[0][1] >= 43, outputs[0][-6000:]
+    assert windows and windows[0][0] == 60 and windows[0][1] >= 63, outputs[0][-6000:]
     during = [step_s[n] for saved, done in windows for n in range(saved + 2, done + 1)]
     busy = {n for saved, done in windows for n in range(saved + 1, done + 2)}
-    others = [seconds for n, seconds in step_s.items() if n not in busy and n > 21]
+    others = [seconds for n, seconds in step_s.items() if n not in busy and n > 31]
     assert statistics.median(during) <= 1.5 * statistics.median(others), (during, others)
     record = replicas(run_dir)
     assert record["identical"] and len(record["sha256"]) == 2, record
