@@ -60,7 +60,12 @@ def universal_copy(folder: str, out: str) -> float | None:
     # per-parameter progress printing replaced by the trainer's one line
     with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal.main(args)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # a staging folder shared by nodes (a misconfiguration): another node's copy was first
+        if not os.path.isdir(out):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):  # the converter's pointer to its output: we name tags ourselves
         os.remove(os.path.join(os.path.dirname(out), "latest_universal"))
     return time.perf_counter() - start
