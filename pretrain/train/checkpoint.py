@@ -25,6 +25,7 @@ ranks ZeRO 1-3 checkpoints are loaded through DeepSpeed's universal format (pret
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,11 @@ def owner(name: str) -> int | None:
 
 
 def default_staging_dir(url: str) -> str:
-    """A node-local folder for the checkpoints of `url`: the same on every rank of a node, never on shared storage."""
-    return os.path.join(tempfile.gettempdir(), "vit-pretrain-staging", re.sub(r"[^A-Za-z0-9._-]+", "_", url))
+    """A node-local folder for the checkpoints of `url`: the same on every rank of a node, never on shared storage,
+    one per user (a shared /tmp) and per URL (readable, and a hash so that a/b_c and a/b/c differ)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-64:]
+    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return os.path.join(tempfile.gettempdir(), f"vit-pretrain-staging-{os.getuid()}", f"{readable}-{digest}")
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -118,17 +122,18 @@ class Upload:
     def __init__(self, fs: fsspec.AbstractFileSystem, folder: str, remote: str, names: list[str]):
         self.folder = folder
         self.names = names
-        pool = ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="checkpoint-upload")
+        self.pool = ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="checkpoint-upload")
         self.futures: list[Future] = [
-            pool.submit(fs.put_file, os.path.join(folder, name), join(fs, remote, name)) for name in names
+            self.pool.submit(fs.put_file, os.path.join(folder, name), join(fs, remote, name)) for name in names
         ]
-        pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False)
 
     def done(self) -> bool:
         return all(future.done() for future in self.futures)
 
-    def wait(self) -> None:
-        wait(self.futures)
+    def cancel(self) -> None:
+        """Drop the files not yet started (the run stops; the process exits once the ones in flight end)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def failure(self) -> str | None:
         """The first failed file's error, once it has failed."""
@@ -229,7 +234,7 @@ class CheckpointStore:
     def _clear(self, tag: str) -> None:
         """Remove what an earlier save of the same step left (a run resumed from an older checkpoint saves its steps
         again, maybe on another number of ranks, whose leftover partitions would be read as part of the new one)."""
-        if self.placement.local_rank == 0:
+        if self.placement.is_main if self.local else self.placement.local_rank == 0:  # one per copy of the folder
             shutil.rmtree(os.path.join(self.staging, tag), ignore_errors=True)
             shutil.rmtree(os.path.join(self.staging, elastic.UNIVERSAL, tag), ignore_errors=True)
         if self.placement.is_main and not self.local and self.fs.exists(join(self.fs, self.root, tag)):
@@ -253,8 +258,8 @@ class CheckpointStore:
         (returned), whether an upload failed anywhere (the run stops, one line) and whether every rank's upload has
         finished (then the checkpoint is committed)."""
         upload = self.upload
+        pending = upload is not None and not upload.done()  # first: a file failing in between counts as pending
         failed = upload is not None and upload.failure() is not None
-        pending = upload is not None and not upload.done()
         preempt, any_failed, any_pending = distributed.any_of([preempt_requested, failed, pending])
         if upload is not None and any_failed:
             self._upload_failed()
@@ -267,13 +272,14 @@ class CheckpointStore:
         if self.upload is None:
             return
         start = time.perf_counter()
-        self.upload.wait()
+        distributed.wait_for(self.upload.done)
         if not distributed.all_true(self.upload.failure() is None):
             self._upload_failed()
         self._commit_upload(f"after waiting {time.perf_counter() - start:.1f} s")
 
     def _upload_failed(self) -> None:
         assert self.upload is not None
+        self.upload.cancel()
         failure = self.upload.failure()
         if failure:
             log.error("%s/%s: upload failed on rank %d: %s", self.url, self.uploading_tag, self.placement.rank, failure)
@@ -283,7 +289,7 @@ class CheckpointStore:
         )
 
     def _commit_upload(self, when: str) -> None:
-        assert self.upload is not None and self.uploading_tag is not None
+        assert self.upload is not None and self.uploading_tag is not None and self.upload.failure() is None
         self.upload.remove_local_files()
         tag, self.upload, self.uploading_tag = self.uploading_tag, None, None
         self._commit(tag)
@@ -292,9 +298,24 @@ class CheckpointStore:
 
     def _commit(self, tag: str) -> None:
         """Every rank's files of `tag` are in place: rank 0 points `latest` at it and prunes older checkpoints."""
+        error = None
         if self.placement.is_main:
-            write_bytes_atomic(self.fs, join(self.fs, self.root, LATEST), tag.encode())
-            self._prune(tag)
+            try:
+                write_bytes_atomic(self.fs, join(self.fs, self.root, LATEST), tag.encode())
+            except Exception as failure:  # any storage failure: every rank stops together, in one line
+                error = f"{type(failure).__name__}: {failure}"
+        if not distributed.all_true(error is None):
+            raise CheckpointError(
+                f"{self.url}/{LATEST}: cannot point it at {tag} ({error or 'on rank 0'}); it still names the previous "
+                "checkpoint: check the store and resume"
+            )
+        if self.placement.is_main:
+            try:
+                self._prune(tag)
+            except Exception as failure:  # older checkpoints left in place cost space, not correctness
+                log.warning(
+                    "%s: pruning checkpoints before %s failed: %s: %s", self.url, tag, type(failure).__name__, failure
+                )
 
     def tags(self) -> list[str]:
         try:
@@ -426,7 +447,7 @@ class CheckpointStore:
             raise CheckpointError(
                 f"{self.url}/{tag}: DeepSpeed could not load it (incomplete?); pass --resume with an older checkpoint"
             )
-        if universal and self._zero_stage(engine) == 3:
+        if universal and int(engine.zero_optimization_stage()) == 3:
             elastic.repair_stage3_optimizer(engine.optimizer, weight_decays)
         loader_states = []
         for name in sorted(os.listdir(folder)):
@@ -442,29 +463,24 @@ class CheckpointStore:
                 shutil.rmtree(folder, ignore_errors=True)
         return Restored(step=trainer["step"], trainer=trainer, loader_states=loader_states)
 
-    @staticmethod
-    def _zero_stage(engine: Any) -> int:
-        return int(engine.zero_optimization_stage())
-
     def _convert(self, folder: str, out: str, saved_world_size: int | None) -> None:
         """The universal copy, made by one process per copy of the checkpoint while the others wait."""
         converter = self.placement.is_main if self.local else self.placement.local_rank == 0
         error = None
-        if converter:
-            try:
-                seconds = elastic.universal_copy(folder, out)
-            except UserError:
-                raise
-            except Exception as failure:
-                error = f"{type(failure).__name__}: {failure}"
-            else:
-                if self.placement.is_main:
-                    done = "reused" if seconds is None else f"converted in {seconds:.1f} s"
-                    print(
-                        f"{self.url}/{os.path.basename(out)}: saved on {saved_world_size} ranks, resumed on "
-                        f"{self.placement.world_size}: universal copy {out} {done}",
-                        flush=True,
-                    )
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-convert") as pool:
+            conversion = pool.submit(elastic.universal_copy, folder, out) if converter else None
+            distributed.wait_for(lambda: conversion is None or conversion.done())
+        if conversion is not None and conversion.exception() is not None:
+            failure = conversion.exception()
+            error = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {failure}"
+        elif conversion is not None and self.placement.is_main:
+            seconds = conversion.result()
+            done = "reused" if seconds is None else f"converted in {seconds:.1f} s"
+            print(
+                f"{self.url}/{os.path.basename(out)}: saved on {saved_world_size} ranks, resumed on "
+                f"{self.placement.world_size}: universal copy {out} {done}",
+                flush=True,
+            )
         if not distributed.all_true(error is None):
             raise CheckpointError(
                 f"{self.url}/{os.path.basename(out)}: cannot convert it for {self.placement.world_size} ranks "
@@ -478,8 +494,11 @@ class CheckpointStore:
         folder = os.path.join(self.staging, tag)
         if self.local:
             return folder
-        os.makedirs(folder, exist_ok=True)
         first_of_node = self.placement.local_rank == 0
+        if first_of_node:  # what a crash left of an earlier download or upload of this step
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+        dist.barrier()
         names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(join(self.fs, self.root, tag))]
 
         def reads(name: str) -> bool:
@@ -492,12 +511,12 @@ class CheckpointStore:
             self.fs.get_file(join(self.fs, self.root, tag, name), tmp)
             os.replace(tmp, os.path.join(folder, name))  # another node sharing this folder may fetch it too
 
-        error = None
         with ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="checkpoint-download") as pool:
-            try:
-                list(pool.map(download, [name for name in names if reads(name)]))
-            except Exception as failure:  # any storage failure: reported in one line on every rank
-                error = f"{type(failure).__name__}: {failure}"
+            downloads = [pool.submit(download, name) for name in names if reads(name)]
+            distributed.wait_for(lambda: all(future.done() for future in downloads))
+        # any storage failure: reported in one line on every rank
+        failures = [future.exception() for future in downloads if future.exception() is not None]
+        error = f"{type(failures[0]).__name__}: {failures[0]}" if failures else None
         if not distributed.all_true(error is None):
             raise CheckpointError(
                 f"{self.url}/{tag}: download failed ({error or 'on another rank'}); check the store and resume"

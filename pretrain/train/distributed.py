@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +133,14 @@ def all_true(flag: bool) -> bool:
     value = torch.tensor([0.0 if flag else 1.0], device=device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item() == 0.0
+
+
+def wait_for(done: Callable[[], bool], interval: float = 1.0) -> None:
+    """Wait until `done()` is true on every rank, asking all of them every `interval` seconds. For work that takes
+    some ranks minutes (an upload, a download, a conversion): a rank blocked in one collective that long would be
+    aborted by the process group's timeout (DeepSpeed's default: 10 minutes), short collectives are not."""
+    while not all_true(done()):
+        time.sleep(interval)
 
 
 def any_of(flags: list[bool]) -> list[bool]:

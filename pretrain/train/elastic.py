@@ -8,7 +8,7 @@ of ranks as it is (DeepSpeed skips its world-size check there, and its universal
 
 The trainer converts on one process per copy of the checkpoint (rank 0 for a shared folder, each node's first rank
 for object storage) into `<checkpoint folder>/universal/<tag>`, outside the `step-*` names, and reuses that copy
-when the run is resumed again before its next checkpoint.
+when the run is resumed again from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import io
 import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pretrain.weights.safe_load import weights_only_loads
 
 UNIVERSAL = "universal"
 """Sub-folder of the checkpoint folder (or of a node's staging folder) holding converted copies, by tag."""
+SOURCE_FILE = "source-trainer.sha256"
+"""In a converted copy: the digest of the trainer.json of the checkpoint it was made from."""
 
 
 def needs_conversion(zero_stage: int, saved_world_size: int | None, world_size: int) -> bool:
@@ -36,9 +40,14 @@ def needs_conversion(zero_stage: int, saved_world_size: int | None, world_size: 
 
 def universal_copy(folder: str, out: str) -> float | None:
     """Convert the DeepSpeed checkpoint in `folder` into the universal format at `out`: the seconds it took, or None
-    when `out` exists (a complete conversion: it is renamed into place at the end) and is reused."""
-    if os.path.isdir(out):
+    when `out` is a complete conversion of this very checkpoint (it is renamed into place at the end, with the
+    digest of the trainer.json it came from) and is reused. A copy of an earlier checkpoint saved under the same
+    step (a run restarted afresh, or from an older checkpoint) is replaced."""
+    source = hashlib.sha256(Path(folder, "trainer.json").read_bytes()).hexdigest()
+    marker = Path(out, SOURCE_FILE)
+    if marker.is_file() and marker.read_text() == source:
         return None
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     for stale in glob.glob(f"{glob.escape(out)}.tmp-*"):  # a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -57,9 +66,10 @@ def universal_copy(folder: str, out: str) -> float | None:
         inject_missing_state=True,
     )
     # its files are unpickled with weights_only=False: routed through load_trusted like every other load; its
-    # per-parameter progress printing replaced by the trainer's one line
-    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
+    # per-parameter printing and progress bars replaced by the trainer's one line (its errors are exceptions)
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ds_to_universal.main(args)
+    Path(tmp, SOURCE_FILE).write_text(source)
     try:
         os.replace(tmp, out)
     except OSError:  # a staging folder shared by nodes (a misconfiguration): another node's copy was first
