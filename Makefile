@@ -27,7 +27,7 @@ demo-mpp: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not bench"
+	$(BIN)/python -m pytest -m "not bench" --durations=25
 
 # Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.
 bench: $(VENV)/.installed-test

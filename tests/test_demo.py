@@ -6,6 +6,7 @@ schedule, which checks every stage without waiting for the accuracy.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -31,10 +32,15 @@ def test_demo_runs_every_stage(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    # every stage as `make demo` runs it, on batches of 16 instead of 128: a bf16 step here is emulated (no AVX-512)
+    finetune = json.loads((ROOT / "configs" / "finetune" / "demo_digits.json").read_text())
+    (tmp_path / "finetune.json").write_text(json.dumps({**finetune, "batch_size": 16}))
     code = main(
         [
             "--config",
             CONFIG,
+            "--set",
+            "data.batch_size=16",
             "--set",
             "schedule.steps=4",
             "--set",
@@ -44,7 +50,7 @@ def test_demo_runs_every_stage(
             "--set",
             "data.num_workers=0",
             "--finetune-config",
-            str(ROOT / "configs" / "finetune" / "demo_digits.json"),
+            "finetune.json",
             "--finetune-steps",
             "1",
         ]

@@ -237,7 +237,7 @@ TINY = {
     "num_heads": 2,
     "num_classes": 10,
 }
-SMALL = {"variant": "S/16", "image_size": 224, "num_classes": 10}
+SMALL = {"variant": "S/16", "image_size": 224, "depth": 6, "num_classes": 10}
 TWO_EPOCHS = {"epochs": 2, "warmup_steps": 1}
 
 
@@ -255,7 +255,7 @@ def run_config(
         "model": model,
         "data": {"train": train, "batch_size": 2 * micro_batch, "num_workers": 0},
         "optimizer": {"lr": 1e-4},
-        "schedule": schedule or {"steps": 3, "warmup_steps": 1},
+        "schedule": schedule or {"steps": 2, "warmup_steps": 1},
         # small reduction buckets: a CPU process only holds the pages of a buffer it has written, a GPU the whole
         "deepspeed": {
             "zero_stage": stage,
@@ -264,7 +264,7 @@ def run_config(
             "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000}},
         },
         "checkpoint": {"every_steps": 1000},
-        "logging": {"every_steps": 3, "tensorboard": False, "peak_tflops": 1.0},
+        "logging": {"every_steps": 2, "tensorboard": False, "peak_tflops": 1.0},
     }
     path.write_text(json.dumps(config))
     return path
@@ -321,6 +321,7 @@ def test_predicted_peak_memory_matches_two_cpu_ranks_within_15_percent(stage: in
     small = run_config(tmp_path / "small.json", SMALL, stage, micro_batch=8, precision=precision)
     measured = measured_peak_gb(small) - measured_peak_gb(baseline)
     predicted = predicted_peak_gb(small) - predicted_peak_gb(baseline)
+    print(f"predicted {predicted:.3f} GB, measured {measured:.3f} GB")
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
 
 

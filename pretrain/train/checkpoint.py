@@ -45,8 +45,9 @@ from deepspeed.accelerator import get_accelerator
 
 from data_pipeline.commands import UserError
 from data_pipeline.storage import filesystem, is_local, join, write_bytes_atomic
+from pretrain.model.description import ModelDescription
 from pretrain.train import distributed, elastic
-from pretrain.weights.model_weights import MODEL_FILE
+from pretrain.weights.model_weights import MODEL_FILE, parse_model_file
 from pretrain.weights.safe_load import load_trusted, weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class Upload:
 
     def remove_local_files(self) -> None:
         for name in self.names:
-            os.remove(os.path.join(self.folder, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.folder, name))
         with contextlib.suppress(OSError):  # another rank of the node still has files in it (the last one removes it)
             os.rmdir(self.folder)
 
@@ -208,7 +210,11 @@ class CheckpointStore:
                     json.dump(model_file, handle, indent=1)
         except (OSError, RuntimeError) as failure:  # a full or read-only disk (torch.save's writer raises
             error = failure  # RuntimeError): the previous checkpoint stays the one to resume
-        written = distributed.all_gather_object(None if error else self._own_files(folder))
+            # in this rank's log too: a rank failing inside DeepSpeed's save may leave the others in its barrier,
+            # and then the launcher ends the job before rank 0 could print the line below
+            log.error("%s/%s: cannot write the checkpoint on rank %d: %s", self.url, tag, rank, failure)
+        own = None if error else self._own_files(folder)
+        written = distributed.all_gather_object(own)
         if any(files is None for files in written):
             raise CheckpointError(
                 f"{self.url}/{tag}: cannot write the checkpoint ({error or 'on another rank'}); `latest` still names "
@@ -225,7 +231,7 @@ class CheckpointStore:
             if self.placement.is_main:
                 print(f"checkpoint {self.url}/{tag}", flush=True)
             return
-        names = sorted(self._own_files(folder)) + ([TRAINER_FILE] if self.placement.is_main else [])
+        names = sorted(own) + ([TRAINER_FILE] if self.placement.is_main else [])
         self.upload = Upload(self.fs, folder, join(self.fs, self.root, tag), names)
         self.uploading_tag = tag
         if self.placement.is_main:
@@ -250,7 +256,7 @@ class CheckpointStore:
             if entry.is_file()
             and entry.name != TRAINER_FILE  # written after this list, which it holds
             and not entry.name.startswith(".")  # a download in progress
-            and (owner(entry.name) if owner(entry.name) is not None else 0) == rank
+            and (owner(entry.name) or 0) == rank
         }
 
     def at_step_boundary(self, step: int, preempt_requested: bool) -> bool:
@@ -280,6 +286,7 @@ class CheckpointStore:
     def _upload_failed(self) -> None:
         assert self.upload is not None
         self.upload.cancel()
+        self.upload.remove_local_files()  # never committed: the staged copy is of no use (uploads in flight end)
         failure = self.upload.failure()
         if failure:
             log.error("%s/%s: upload failed on rank %d: %s", self.url, self.uploading_tag, self.placement.rank, failure)
@@ -309,6 +316,8 @@ class CheckpointStore:
                 f"{self.url}/{LATEST}: cannot point it at {tag} ({error or 'on rank 0'}); it still names the previous "
                 "checkpoint: check the store and resume"
             )
+        if self.placement.is_main if self.local else self.placement.local_rank == 0:
+            self._remove_universal_copies(before=tag)
         if self.placement.is_main:
             try:
                 self._prune(tag)
@@ -337,7 +346,16 @@ class CheckpointStore:
         complete = [tag for tag in self.tags() if tag <= newest]
         for tag in complete[: -self.keep_last]:
             self.fs.rm(join(self.fs, self.root, tag), recursive=True)
-            shutil.rmtree(os.path.join(self.staging, elastic.UNIVERSAL, tag), ignore_errors=True)
+
+    def _remove_universal_copies(self, before: str) -> None:
+        """Converted copies of checkpoints older than `before`, which this number of ranks has just saved: a resume
+        starts from it (or a newer one) and needs no conversion. Object storage: one copy per node, each removed
+        by its node's first rank."""
+        folder = os.path.join(self.staging, elastic.UNIVERSAL)
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(folder):
+                if TAG.fullmatch(name) and name < before:
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
     # -- loading -----------------------------------------------------------------------------------------------
 
@@ -393,6 +411,18 @@ class CheckpointStore:
         except ValueError:
             return {}
         return record if isinstance(record, dict) else {}
+
+    def model_record(self, tag: str) -> tuple[ModelDescription, str] | None:
+        """What the weights of the checkpoint `tag` are (its model.json: architecture, encoder prefix), or None for a
+        checkpoint from before model.json was written."""
+        source = f"{self.url}/{tag}"
+        try:
+            data = json.loads(self.fs.cat_file(join(self.fs, self.root, tag, MODEL_FILE)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise CheckpointError(f"{source}/{MODEL_FILE} is not JSON; is it damaged?") from None
+        return parse_model_file(data, source)
 
     def incomplete(self, tag: str) -> str | None:
         """What is wrong with the checkpoint `tag` (no trainer.json, a file missing or of another size than written),

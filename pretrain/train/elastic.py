@@ -8,7 +8,7 @@ of ranks as it is (DeepSpeed skips its world-size check there, and its universal
 
 The trainer converts on one process per copy of the checkpoint (rank 0 for a shared folder, each node's first rank
 for object storage) into `<checkpoint folder>/universal/<tag>`, outside the `step-*` names, and reuses that copy
-when the run is resumed again from the same checkpoint.
+when the run is resumed again from the same checkpoint before it saved one of its own (which removes the copy).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ exits with EXIT_PREEMPTED.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -89,6 +90,8 @@ class Trainer:
         if overwrite and resume == "none" and placement.is_main:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.output_dir, METRICS_FILE))  # the old run's records
+        if tag is not None:
+            self._check_same_model(tag)
         saved_world_size = (self.checkpoints.trainer_record(tag) or {}).get("world_size") if tag else None
         self.universal = needs_conversion(config.deepspeed.zero_stage, saved_world_size, placement.world_size)
 
@@ -134,6 +137,26 @@ class Trainer:
             self.restore(tag)
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
+
+    def _check_same_model(self, tag: str) -> None:
+        """A resumed run trains the checkpoint's model: a config that builds another one (a changed width, image size,
+        class count or objective) is refused here, naming the fields, not by DeepSpeed's state-dict dump."""
+        saved = self.checkpoints.model_record(tag)
+        if saved is None:
+            return
+        (model, prefix), current = saved, self.config.model.description()
+        changed = [
+            f"model.{field.name} {getattr(model, field.name)!r} there, {getattr(current, field.name)!r} here"
+            for field in dataclasses.fields(current)
+            if getattr(model, field.name) != getattr(current, field.name)
+        ]
+        if prefix != encoder_prefix(self.config):
+            changed.append(f"objective.type {self.config.objective.type!r} here keeps its weights elsewhere")
+        if changed:
+            raise TrainingError(
+                f"{self.checkpoints.url}/{tag}: holds another model ({'; '.join(changed)}); resume with the settings "
+                "it was trained with, or start a new run in another run.output_dir"
+            )
 
     def _loader(self, source: str, split: str, train: bool) -> StreamingLoader | SyntheticLoader:
         data = self.config.data
