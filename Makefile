@@ -32,6 +32,7 @@ test: $(VENV)/.installed-test
 # Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.
 bench: $(VENV)/.installed-test
 	-$(BIN)/python -m benchmarks.bench_build_shards
+	-$(BIN)/python -m benchmarks.bench_build_remote
 	-$(BIN)/python -m benchmarks.bench_loader
 	-$(BIN)/python -m benchmarks.bench_trainer
 	-$(BIN)/python -m benchmarks.bench_convert

@@ -4,7 +4,7 @@ Both read 2,000 photo-like 800x600 JPEGs over HTTP from a local server that wait
 (object storage's and the web's first-byte latency), resize the shorter side to 384 at JPEG quality 95 and write
 WebDataset tars, with the same number of processes. img2dataset runs with its own defaults otherwise (256 download
 threads per process) in its own virtual environment (benchmarks/peer_env.py); build-shards with its defaults
-(16 reads in flight per worker). Each system is timed end to end as a user runs it, start-up included. Target: our
+(32 reads in flight per worker). Each system is timed end to end as a user runs it, start-up included. Target: our
 images/s at least 1.0x img2dataset's at 1 and 2 processes with latency (the median over rounds of the ratio within a
 round); the figures without added latency are recorded alongside.
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,25 @@ def report(error: UserError) -> int:
     for line in masked_urls(str(error)).splitlines() or [type(error).__name__]:
         print(f"error: {line}", file=sys.stderr, flush=True)
     return USER_ERROR
+
+
+class _MaskedUrls(logging.Filter):
+    """Masks the credentials of URLs in every record a handler emits, ours and libraries' alike."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from data_pipeline.storage import masked_urls
+
+        record.msg, record.args = masked_urls(record.getMessage()), None
+        return True
+
+
+def configure_logging(format: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Warnings and errors on stderr, for a command's `main`: the one place log lines get their URLs masked, as
+    `report` masks error lines (a shard URL with a user and password appears in the loader's warnings)."""
+    logging.basicConfig(level=logging.WARNING, format=format)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(existing, _MaskedUrls) for existing in handler.filters):
+            handler.addFilter(_MaskedUrls())
 
 
 def reports_user_errors(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

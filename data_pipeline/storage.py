@@ -54,6 +54,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def is_remote_url(url: str) -> bool:
+    """Whether reading `url` waits on a network (s3://, http(s)://, ...) rather than on a local disk."""
+    return fsspec.utils.get_protocol(url) not in ("file", "local")
+
+
 def join(fs: fsspec.AbstractFileSystem, *parts: str) -> str:
     return fs.sep.join(part.rstrip(fs.sep) for part in parts)
 

@@ -1,7 +1,8 @@
 """An HTTP proxy in front of the S3 server that breaks object reads the way real networks and object stores do.
 
-Every request is forwarded to the upstream endpoint. GETs of `.tar` objects are numbered, and the ones that the
-schedule picks fail in one of three ways:
+Every request is forwarded to the upstream endpoint. GETs of `.tar` objects (or of another `faulted_suffix`) are
+numbered, and the ones that the schedule picks fail in one of three ways (with `transient`, an object only the first
+time it is picked: a client's retry then gets it, whatever the order concurrent requests arrive in):
 - `reset`: the status line, the headers and half of the body are sent, then the connection is closed;
 - `503`: an S3 `SlowDown` error instead of the object;
 - `stall`: nothing is sent for longer than the client's read timeout, then the connection is closed.
@@ -34,9 +35,13 @@ class FaultyProxy:
         stall_seconds: float = 3.0,
         fail_writes_to: str | None = None,
         write_seconds_per_mb: float = 0.0,
+        faulted_suffix: str = ".tar",
+        transient: bool = False,
     ):
         """Fault every `every`-th GET of a shard (0: none), cycling through FAULTS."""
         self.upstream = urlsplit(upstream)
+        self.faulted_suffix, self.transient = faulted_suffix, transient
+        self.faulted_keys: set[str] = set()
         self.fail_writes_to = fail_writes_to
         self.write_seconds_per_mb = write_seconds_per_mb
         self.uploads: collections.Counter[str] = collections.Counter()
@@ -74,12 +79,16 @@ class FaultyProxy:
     def _fault_for(self, method: str, path: str) -> str | None:
         if method in ("PUT", "POST") and self.fail_writes_to and self.fail_writes_to in path:
             return "503"
-        if method != "GET" or not self.every or not urlsplit(path).path.endswith(".tar"):
+        key = urlsplit(path).path
+        if method != "GET" or not self.every or not key.endswith(self.faulted_suffix):
             return None
         with self.lock:
+            if self.transient and key in self.faulted_keys:
+                return None
             self.shard_gets += 1
             if self.shard_gets % self.every:
                 return None
+            self.faulted_keys.add(key)
             fault = FAULTS[(self.shard_gets // self.every) % len(FAULTS)]
             self.injected[fault] += 1
             return fault

@@ -65,6 +65,17 @@ def test_a_user_error_is_one_line_per_problem_and_exit_2(capsys):
     assert capsys.readouterr().err == "error: https://***@example.org/x.tar: no such file; check the URL\n"
 
 
+def test_log_lines_of_a_command_mask_the_credentials_of_urls():
+    # as the trainer, few-shot and fine-tuning commands set up logging; the loader warns about a shard by its URL
+    script = (
+        "import logging; from data_pipeline.commands import configure_logging; configure_logging(); "
+        "logging.getLogger('data_pipeline.load.stream').warning("
+        "'%s: skipped %s', 'https://me:hunter2@example.org/x.tar', 'corrupt_image')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stderr == ("WARNING data_pipeline.load.stream: https://***@example.org/x.tar: skipped corrupt_image\n")
+
+
 def test_convert_checkpoint_reports_a_bad_storage_option_in_one_line(tmp_path: Path):
     result = subprocess.run(
         [

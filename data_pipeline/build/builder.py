@@ -39,7 +39,7 @@ from data_pipeline.build.sources import (
     read_image_folder,
     read_manifest,
 )
-from data_pipeline.build.worker import EncodeJob, Outcome, encoding_here, init_worker, process, process_chunk
+from data_pipeline.build.worker import EncodeJob, Outcome, encoding_here, init_worker, process_chunk
 from data_pipeline.commands import UserError
 from data_pipeline.format.index import (
     BUILD_DIR,
@@ -54,6 +54,7 @@ from data_pipeline.storage import (
     commit_file,
     filesystem,
     is_local,
+    is_remote_url,
     join,
     remove_stale_temporaries,
     write_bytes_atomic,
@@ -92,12 +93,15 @@ class BuildOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_source_bytes: int = 256 << 20
     """A source file larger than this is skipped as too_large, unread beyond it (a row naming /dev/zero)."""
+    reads_in_flight: int = 32
+    """Remote sources each worker reads (and encodes) at once."""
 
     def recorded(self) -> dict[str, Any]:
         """The options that determine the shards' content, as written into index.json (no credentials; not the
         output location, so a copied or moved build still describes itself)."""
         options = asdict(self)
-        del options["output"], options["workers"], options["storage_options"], options["max_source_bytes"]
+        for name in ("output", "workers", "storage_options", "max_source_bytes", "reads_in_flight"):
+            del options[name]
         return options
 
 
@@ -418,10 +422,13 @@ def task(position: int, row: Row, corpus: Corpus) -> EncodeJob:
 
 def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome]:
     """Encode in worker processes, yielding results in plan order (workers=0: in this process)."""
-    setup = (options.storage_options, options.image, options.max_source_bytes)
+    setup = (options.storage_options, options.image, options.max_source_bytes, options.reads_in_flight)
+    # remote rows: enough per chunk to keep every reader thread busy past the chunk's slowest read
+    chunk = max(CHUNK, 4 * options.reads_in_flight) if any(is_remote_url(t.source) for t in tasks[:CHUNK]) else CHUNK
     if options.workers == 0:
         with encoding_here(*setup):
-            yield from map(process, tasks)
+            for start in range(0, len(tasks), chunk):
+                yield from process_chunk(tasks[start : start + chunk])
         return
     # concurrent.futures, not multiprocessing.Pool: Pool's worker-handler thread also waits on the result pipe and
     # spins while a result sits in it (0.2 ms of this process's CPU per image, half of it, plus the GIL it takes
@@ -436,8 +443,8 @@ def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome
     )
     in_flight: deque[Future] = deque()
     try:
-        for start in range(0, len(tasks), CHUNK):
-            in_flight.append(pool.submit(process_chunk, tasks[start : start + CHUNK]))
+        for start in range(0, len(tasks), chunk):
+            in_flight.append(pool.submit(process_chunk, tasks[start : start + chunk]))
             if len(in_flight) == CHUNKS_IN_FLIGHT_PER_WORKER * options.workers:
                 yield from in_flight.popleft().result()
         while in_flight:

@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=1, help="encoding processes (0: encode in this process)")
     parser.add_argument(
+        "--reads-in-flight",
+        type=int,
+        default=32,
+        help="remote sources (s3://, http(s)://) each worker reads and encodes at once, on threads; raise it for "
+        "slow servers (the web: hundreds of ms per image); local files are read one at a time (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-error-fraction",
         type=float,
         default=0.01,
@@ -114,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--quality must be in [1, 100]")
     if args.workers < 0:
         parser.error("--workers must be 0 or more")
+    if args.reads_in_flight < 1:
+        parser.error("--reads-in-flight must be at least 1")
     return args
 
 
@@ -135,6 +144,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         workers=args.workers,
         storage_options=storage_options(args),
         max_source_bytes=args.max_source_bytes,
+        reads_in_flight=args.reads_in_flight,
     )
 
 

@@ -8,13 +8,14 @@ failure reason along, so they are counted and listed like every other skipped sa
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
-import io
+import itertools
 import json
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ from data_pipeline.storage import filesystem, open_url
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PATH_COLUMNS = ("path", "url", "image", "image_path", "file", "filepath")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+PARQUET_BATCH_ROWS = 65_536
+"""Rows per record batch read from a Parquet manifest: a few MB of keys and labels at a time."""
 
 
 class InputError(UserError):
@@ -94,41 +97,61 @@ def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[R
     return rows, ignored
 
 
-def _read_table(url: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
-    suffix = _suffix(url)
+def _records(url: str, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The manifest's rows one at a time, never the whole file in memory: Parquet by record batches, CSV, TSV and
+    JSONL by lines."""
     try:
         with open_url(url, "rb", storage_options) as handle:
-            data = handle.read()
+            if _suffix(url) == ".parquet":
+                yield from _parquet_records(url, handle)
+            elif _suffix(url) == ".jsonl":
+                yield from _jsonl_records(url, _text_lines(url, handle))
+            else:
+                yield from csv.DictReader(_text_lines(url, handle), delimiter="\t" if _suffix(url) == ".tsv" else ",")
     except FileNotFoundError:
         raise InputError(f"{url}: no such manifest file") from None
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        try:
-            return pq.read_table(io.BytesIO(data)).to_pylist()
-        except pa.ArrowException as error:
-            raise InputError(f"{url}: not a readable Parquet file ({error})") from None
+
+def _parquet_records(url: str, handle: Any) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InputError(f"{url}: not UTF-8 text (byte {error.start}); save the manifest as UTF-8") from None
-    if suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{url}:{number}: invalid JSON line ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise InputError(
-                        f"{url}:{number}: a {type(record).__name__}, not a JSON object; each line must be one row "
-                        'such as {"path": "a.jpg", "label": "cat"}'
-                    )
-                records.append(record)
-        return records
-    return list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
+    except pa.ArrowException as error:
+        raise InputError(f"{url}: not a readable Parquet file ({error})") from None
+
+
+def _text_lines(url: str, handle: Any) -> Iterator[str]:
+    """The lines of a text manifest, decoded as UTF-8 (a leading byte-order mark dropped)."""
+    offset = 0
+    for number, raw in enumerate(handle):
+        if number == 0 and raw.startswith(codecs.BOM_UTF8):
+            raw, offset = raw[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"{url}: not UTF-8 text (byte {offset + error.start}); save the manifest as UTF-8"
+            ) from None
+        offset += len(raw)
+
+
+def _jsonl_records(url: str, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{url}:{number}: invalid JSON line ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(
+                f"{url}:{number}: a {type(record).__name__}, not a JSON object; each line must be one row "
+                'such as {"path": "a.jpg", "label": "cat"}'
+            )
+        yield record
 
 
 def _label_values(value: Any) -> list[Any] | None:
@@ -161,10 +184,11 @@ def identity(source: str) -> str:
 def read_manifest(
     url: str, storage_options: dict[str, Any], path_column: str | None, label_column: str | None
 ) -> list[Row]:
-    table = _read_table(url, storage_options)
-    if not table:
+    records = _records(url, storage_options)
+    first = next(records, None)
+    if first is None:
         raise InputError(f"{url}: the manifest has no rows")
-    columns = list(table[0])
+    columns = list(first)
     path_column = path_column or next((name for name in PATH_COLUMNS if name in columns), None)
     if path_column not in columns:
         raise InputError(f"{url}: no path column; found {', '.join(columns)}; pass --path-column NAME")
@@ -176,7 +200,8 @@ def read_manifest(
     rows: list[Row] = []
     seen_keys: set[str] = set()
     seen_files: set[str] = set()
-    for record in table:  # a row may lack a column the first row has (JSONL): skipped and counted, not a crash
+    # a row may lack a column the first row has (JSONL): skipped and counted, not a crash
+    for record in itertools.chain([first], records):
         source = str(record.get(path_column) or "")
         labels = _label_values(record.get(label_column)) if label_column else None
         extra = {k: v for k, v in record.items() if k not in (path_column, label_column)}

@@ -4,6 +4,11 @@ out as tar blocks.
 Runs in worker processes; the options arrive once through `init_worker`, the rows as small `EncodeJob`s. Everything
 per sample that can be done apart from the shard it goes into is done here, because the process that writes the
 shards is shared by all workers.
+
+Remote sources (s3://, http(s)://) are read `reads_in_flight` rows at a time, each row read and encoded on a thread
+of the worker: a request's latency is waiting, not work, and PIL releases the GIL while it decodes, resizes and
+encodes, so the threads also share the cores. Local files are read one after another (threads gain nothing there,
+and one worker per core is what --workers already gives).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +25,14 @@ from PIL import Image
 from data_pipeline.build.images import ImageOptions, SampleError, encode_image
 from data_pipeline.format.sample import encode_members
 from data_pipeline.format.tar_writer import sample_blocks
-from data_pipeline.storage import open_url
+from data_pipeline.storage import is_remote_url, open_url
 
 READ_ATTEMPTS = 3
 
 _storage_options: dict[str, Any] = {}
 _image_options = ImageOptions()
 _max_source_bytes = 0
+_readers: ThreadPoolExecutor | None = None
 
 
 @dataclass(frozen=True)
@@ -51,26 +58,33 @@ class Outcome:
     detail: str = ""
 
 
-def init_worker(storage_options: dict[str, Any], image_options: ImageOptions, max_source_bytes: int) -> None:
+def init_worker(
+    storage_options: dict[str, Any], image_options: ImageOptions, max_source_bytes: int, reads_in_flight: int
+) -> None:
     """Set up a process that encodes rows. PIL's process-wide decompression-bomb limit is lifted in it: the
     --max-pixels check in images.py replaces it, with a reason the build counts."""
-    global _storage_options, _image_options, _max_source_bytes
+    global _storage_options, _image_options, _max_source_bytes, _readers
     _storage_options, _image_options, _max_source_bytes = storage_options, image_options, max_source_bytes
+    _readers = ThreadPoolExecutor(reads_in_flight, thread_name_prefix="read") if reads_in_flight > 1 else None
     Image.MAX_IMAGE_PIXELS = None
 
 
 @contextlib.contextmanager
 def encoding_here(
-    storage_options: dict[str, Any], image_options: ImageOptions, max_source_bytes: int
+    storage_options: dict[str, Any], image_options: ImageOptions, max_source_bytes: int, reads_in_flight: int
 ) -> Iterator[None]:
     """`init_worker` for this process (a build with --workers 0), undone afterwards: a loader in the same process
     keeps PIL's decompression-bomb limit."""
+    global _readers
     limit = Image.MAX_IMAGE_PIXELS
-    init_worker(storage_options, image_options, max_source_bytes)
+    init_worker(storage_options, image_options, max_source_bytes, reads_in_flight)
     try:
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+        if _readers is not None:
+            _readers.shutdown()
+            _readers = None
 
 
 def read_source(source: str, storage_options: dict[str, Any], max_bytes: int) -> bytes:
@@ -97,8 +111,11 @@ def read_source(source: str, storage_options: dict[str, Any], max_bytes: int) ->
 
 
 def process_chunk(tasks: list[EncodeJob]) -> list[Outcome]:
-    """Several rows per message to a worker and back: the pipes' per-message cost is then small."""
-    return [process(task) for task in tasks]
+    """Several rows per message to a worker and back (the pipes' per-message cost is then small), in order; remote
+    ones on the reader threads."""
+    if _readers is None or not any(is_remote_url(task.source) for task in tasks):
+        return [process(task) for task in tasks]
+    return list(_readers.map(process, tasks))
 
 
 def process(task: EncodeJob) -> Outcome:

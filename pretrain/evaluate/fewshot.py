@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import make_loader
-from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
+from data_pipeline.commands import add_storage_option, configure_logging, reports_user_errors, storage_options
 from data_pipeline.load.shardlist import SourceError
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.weights.trainer_checkpoint import read_checkpoint
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging("%(message)s")
     options = storage_options(args)
     weights = read_checkpoint(args.checkpoint, options)
     check_weights(weights, args.checkpoint)  # the converter's one line, not load_state_dict's dump

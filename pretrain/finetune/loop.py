@@ -28,7 +28,14 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_pipeline.commands import UserError, add_storage_option, json_or_text, reports_user_errors, storage_options
+from data_pipeline.commands import (
+    UserError,
+    add_storage_option,
+    configure_logging,
+    json_or_text,
+    reports_user_errors,
+    storage_options,
+)
 from data_pipeline.load.shardlist import read_classes
 from pretrain.config.load import read_json
 from pretrain.config.schema import StorageOptions, SupervisedObjective
@@ -309,7 +316,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     config = parse_args(argv)
     results = finetune(config)
     print(f"held-out top-1 {results['top1']:.4f} on {results['images']:.0f} images; model in {config.out}")

@@ -9,11 +9,10 @@ with 75.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from data_pipeline.commands import USER_ERROR, UserError, report
+from data_pipeline.commands import USER_ERROR, UserError, configure_logging, report
 from pretrain.config.load import load_config
 from pretrain.train import distributed
 from pretrain.train.host_memory import fix_mmap_threshold
@@ -48,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fix_mmap_threshold()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     distributed.map_slurm_environment()
     is_main = os.environ.get("RANK", "0") == "0"
     try:

@@ -151,7 +151,9 @@ class Trainer:
             if getattr(model, field.name) != getattr(current, field.name)
         ]
         if prefix != encoder_prefix(self.config):
-            changed.append(f"objective.type {self.config.objective.type!r} here keeps its weights elsewhere")
+            changed.append(
+                f"objective.type: the ViT's weights under {prefix!r} there, {encoder_prefix(self.config)!r} here"
+            )
         if changed:
             raise TrainingError(
                 f"{self.checkpoints.url}/{tag}: holds another model ({'; '.join(changed)}); resume with the settings "
