@@ -43,7 +43,13 @@ class _MaskedUrls(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from data_pipeline.storage import masked_urls
 
-        record.msg, record.args = masked_urls(record.getMessage()), None
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: left to the handler, which reports it as logging always does
+            return True
+        record.msg, record.args = masked_urls(message), None
+        if record.exc_info and not record.exc_text:  # a traceback names URLs too
+            record.exc_text = masked_urls(logging.Formatter().formatException(record.exc_info))
         return True
 
 

@@ -42,6 +42,7 @@ class FaultyProxy:
         self.upstream = urlsplit(upstream)
         self.faulted_suffix, self.transient = faulted_suffix, transient
         self.faulted_keys: set[str] = set()
+        self.active_gets = self.most_active_gets = 0  # GETs being answered at once, and the most seen
         self.fail_writes_to = fail_writes_to
         self.write_seconds_per_mb = write_seconds_per_mb
         self.uploads: collections.Counter[str] = collections.Counter()
@@ -103,6 +104,18 @@ class FaultyProxy:
                 pass
 
             def _forward(self) -> None:
+                if self.command != "GET":
+                    return self._answer()
+                with proxy.lock:
+                    proxy.active_gets += 1
+                    proxy.most_active_gets = max(proxy.most_active_gets, proxy.active_gets)
+                try:
+                    self._answer()
+                finally:
+                    with proxy.lock:
+                        proxy.active_gets -= 1
+
+            def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault_for(self.command, self.path)

@@ -10,7 +10,6 @@ size: the final resize then only ever shrinks, which is as exact as decoding in 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,9 +108,9 @@ def encode_image(data: bytes, options: ImageOptions) -> EncodedImage:
         if image.format == "JPEG" and target != original:
             scale = target[0] / original[0]
             image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()  # full decode: truncated files fail here, not later in a training run
+        # full decode: truncated files fail here, not later in a training run (no decompression-bomb warning can
+        # come: workers lift PIL's limit, the --max-pixels check above replaces it)
+        image.load()
     except (OSError, SyntaxError, ValueError) as error:
         raise SampleError("truncated", f"{type(error).__name__}: {error}") from None
     if keep_original:

@@ -9,8 +9,10 @@ failure reason along, so they are counted and listed like every other skipped sa
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -29,6 +31,8 @@ PATH_COLUMNS = ("path", "url", "image", "image_path", "file", "filepath")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 PARQUET_BATCH_ROWS = 65_536
 """Rows per record batch read from a Parquet manifest: a few MB of keys and labels at a time."""
+TEXT_READ_BYTES = 4 << 20
+"""Bytes per read of a CSV, TSV or JSONL manifest."""
 
 
 class InputError(UserError):
@@ -116,6 +120,11 @@ def _parquet_records(url: str, handle: Any) -> Iterator[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:  # Parquet is read from its footer; seekable() says yes for fsspec's streaming HTTP files, which cannot
+        handle.seek(0, os.SEEK_END)
+        handle.seek(0)
+    except (ValueError, OSError):  # a server without ranges or sizes: the file is read whole
+        handle = io.BytesIO(handle.read())
     try:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_BATCH_ROWS):
             yield from batch.to_pylist()
@@ -123,10 +132,24 @@ def _parquet_records(url: str, handle: Any) -> Iterator[dict[str, Any]]:
         raise InputError(f"{url}: not a readable Parquet file ({error})") from None
 
 
+def _binary_lines(handle: Any) -> Iterator[bytes]:
+    """The lines of a file, each with its b"\\n", read in large blocks: fsspec's readline on s3:// and http(s)://
+    files fetches a whole block per line and seeks back (quadratic in the file), and a non-seekable HTTP stream
+    cannot seek at all."""
+    rest = b""
+    while block := handle.read(TEXT_READ_BYTES):
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
 def _text_lines(url: str, handle: Any) -> Iterator[str]:
     """The lines of a text manifest, decoded as UTF-8 (a leading byte-order mark dropped)."""
     offset = 0
-    for number, raw in enumerate(handle):
+    for number, raw in enumerate(_binary_lines(handle)):
         if number == 0 and raw.startswith(codecs.BOM_UTF8):
             raw, offset = raw[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
         try:
@@ -184,7 +207,13 @@ def identity(source: str) -> str:
 def read_manifest(
     url: str, storage_options: dict[str, Any], path_column: str | None, label_column: str | None
 ) -> list[Row]:
-    records = _records(url, storage_options)
+    with contextlib.closing(_records(url, storage_options)) as records:  # the file is closed on an error too
+        return _manifest_rows(url, records, path_column, label_column)
+
+
+def _manifest_rows(
+    url: str, records: Iterator[dict[str, Any]], path_column: str | None, label_column: str | None
+) -> list[Row]:
     first = next(records, None)
     if first is None:
         raise InputError(f"{url}: the manifest has no rows")

@@ -286,8 +286,8 @@ class CheckpointStore:
     def _upload_failed(self) -> None:
         assert self.upload is not None
         self.upload.cancel()
+        failure = self.upload.failure()  # before the files go: a read cut short by their removal is not the cause
         self.upload.remove_local_files()  # never committed: the staged copy is of no use (uploads in flight end)
-        failure = self.upload.failure()
         if failure:
             log.error("%s/%s: upload failed on rank %d: %s", self.url, self.uploading_tag, self.placement.rank, failure)
         raise CheckpointError(

@@ -145,10 +145,12 @@ class Trainer:
         if saved is None:
             return
         (model, prefix), current = saved, self.config.model.description()
+        # fixed sin-cos position embeddings hold no tensor: such a model resumes at another resolution
+        free = {"image_size"} if model.pos_embed == current.pos_embed == "sincos" else set()
         changed = [
             f"model.{field.name} {getattr(model, field.name)!r} there, {getattr(current, field.name)!r} here"
             for field in dataclasses.fields(current)
-            if getattr(model, field.name) != getattr(current, field.name)
+            if field.name not in free and getattr(model, field.name) != getattr(current, field.name)
         ]
         if prefix != encoder_prefix(self.config):
             changed.append(
