@@ -120,10 +120,12 @@ def _parquet_records(url: str, handle: Any) -> Iterator[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:  # Parquet is read from its footer; seekable() says yes for fsspec's streaming HTTP files, which cannot
+    # Parquet is read from its footer, so the file must seek; fsspec's streaming HTTP files (a server without
+    # ranges or sizes) say seekable() and then cannot
+    try:
         handle.seek(0, os.SEEK_END)
         handle.seek(0)
-    except (ValueError, OSError):  # a server without ranges or sizes: the file is read whole
+    except (ValueError, OSError):  # then the file is read whole
         handle = io.BytesIO(handle.read())
     try:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_BATCH_ROWS):
