@@ -170,6 +170,12 @@ class CheckpointStore:
         self.upload: Upload | None = None
         self.uploading_tag: str | None = None
 
+    @property
+    def keeps_folder(self) -> bool:
+        """Whether this process tends its copy of the staging folder (clears, converts, prunes): one per copy, rank 0
+        for a local checkpoint folder (one shared copy), each node's first rank for object storage."""
+        return self.placement.is_main if self.local else self.placement.local_rank == 0
+
     # -- saving ------------------------------------------------------------------------------------------------
 
     def check_writable(self) -> None:
@@ -240,7 +246,7 @@ class CheckpointStore:
     def _clear(self, tag: str) -> None:
         """Remove what an earlier save of the same step left (a run resumed from an older checkpoint saves its steps
         again, maybe on another number of ranks, whose leftover partitions would be read as part of the new one)."""
-        if self.placement.is_main if self.local else self.placement.local_rank == 0:  # one per copy of the folder
+        if self.keeps_folder:
             shutil.rmtree(os.path.join(self.staging, tag), ignore_errors=True)
             shutil.rmtree(os.path.join(self.staging, elastic.UNIVERSAL, tag), ignore_errors=True)
         if self.placement.is_main and not self.local and self.fs.exists(join(self.fs, self.root, tag)):
@@ -316,7 +322,7 @@ class CheckpointStore:
                 f"{self.url}/{LATEST}: cannot point it at {tag} ({error or 'on rank 0'}); it still names the previous "
                 "checkpoint: check the store and resume"
             )
-        if self.placement.is_main if self.local else self.placement.local_rank == 0:
+        if self.keeps_folder:
             self._remove_universal_copies(before=tag)
         if self.placement.is_main:
             try:
@@ -495,7 +501,7 @@ class CheckpointStore:
 
     def _convert(self, folder: str, out: str, saved_world_size: int | None) -> None:
         """The universal copy, made by one process per copy of the checkpoint while the others wait."""
-        converter = self.placement.is_main if self.local else self.placement.local_rank == 0
+        converter = self.keeps_folder
         error = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-convert") as pool:
             conversion = pool.submit(elastic.universal_copy, folder, out) if converter else None
