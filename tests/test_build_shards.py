@@ -302,6 +302,56 @@ def test_killed_build_resumes_to_identical_output(tmp_path: Path, killed: str) -
     assert output_files(resumed) == output_files(clean)
 
 
+def dataset_files(output: Path) -> dict[str, bytes]:
+    """Every file of an output but those of how it was built: the parts' markers and the builders' lock files."""
+    files = output_files(output)
+    return {name: data for name, data in files.items() if not name.startswith("_build/part-") and ".lock" not in name}
+
+
+@pytest.mark.slow
+def test_three_parts_in_any_order_one_killed_equal_the_one_machine_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = [*_corpus_and_options(tmp_path), "--max-samples-per-shard", "4"]
+    command = [sys.executable, "-m", "data_pipeline.build.cli", *arguments]
+    clean, parts = tmp_path / "clean", tmp_path / "parts"
+    subprocess.run([*command, "--output", str(clean)], check=True, capture_output=True, cwd=ROOT)
+
+    def part(number: int, *extra: str, output: Path = parts) -> list[str]:
+        return [*arguments, "--output", str(output), "--num-parts", "3", "--part", str(number), *extra]
+
+    killed = subprocess.Popen(
+        [*command[:3], *part(0)], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for_records(parts, 2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (parts / "_build/part-000000-of-000003.json").exists(), "part 0 finished before it could be killed"
+    assert build(*part(2)) == 0
+    capsys.readouterr()
+    finalize = [*arguments, "--output", str(parts), "--num-parts", "3", "--finalize"]
+    assert build(*finalize) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {parts}: part(s) 0, 1 of 3 not built (no _build/part-000000-of-000003.json); run build-shards with "
+        "--num-parts 3 --part K for each, then --finalize again"
+    )
+    assert build(*part(1)) == 0 and build(*part(0)) == 0
+    assert not (parts / "index.json").exists()
+    assert build(*finalize) == 0
+    assert dataset_files(parts) == dataset_files(clean)
+
+    # a part built with another seed (each part alone cannot know) is refused by the finalize step
+    mixed = tmp_path / "mixed"
+    for number, seed in ((0, "0"), (1, "1"), (2, "0")):
+        assert build(*part(number, "--seed", seed, "--workers", "0", output=mixed)) == 0
+    capsys.readouterr()
+    assert build(*arguments, "--output", str(mixed), "--num-parts", "3", "--finalize") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {mixed}: part 1 of 3 was built with seed=1, this command has seed=0; build every part with the same "
+        "options"
+    )
+
+
 @pytest.mark.slow
 def test_failed_shard_upload_stops_with_one_line_and_a_rerun_finishes(
     tmp_path: Path, s3: dict[str, str], capsys: pytest.CaptureFixture[str]
@@ -393,12 +443,12 @@ def test_text_manifests_are_read_in_blocks_whatever_falls_on_a_block_boundary(
     (tmp_path / "m.jsonl").write_text("\n".join(lines), encoding="utf-8")
     whole = list(csv.DictReader(io.StringIO(text)))
     monkeypatch.setattr(sources, "TEXT_READ_BYTES", 7)
-    rows = sources.read_manifest(str(tmp_path / "m.csv"), {}, None, "label")
+    rows = list(sources.read_manifest(str(tmp_path / "m.csv"), {}, None, "label"))
     assert [(r.source, r.labels, r.metadata) for r in rows] == [
         (str(tmp_path / w["path"]), [w["label"]], {"caption": w["caption"]}) for w in whole
     ]
     assert rows[0].metadata["caption"] == "two\r\nlines, and a comma"
-    rows = sources.read_manifest(str(tmp_path / "m.jsonl"), {}, None, "label")
+    rows = list(sources.read_manifest(str(tmp_path / "m.jsonl"), {}, None, "label"))
     assert [(r.labels, r.metadata) for r in rows] == [(["ünï"], {}), (["x"], {"n": 3})]
 
 

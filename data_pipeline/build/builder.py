@@ -1,10 +1,14 @@
 """Build WebDataset shards from a corpus: plan, resume, encode in parallel, write shards in order, index.
 
-The plan is a pure function of the inputs and options: rows sorted, shuffled with the seed, each assigned to a
-split by a hash of its key. Worker processes encode images and lay each sample out as tar blocks; results come
-back in plan order and this process appends them to one open shard per split, so shard boundaries (by sample count
-and bytes) are deterministic. A background thread commits finished shards in order, each followed by its record
-under `_build/`; a re-run skips the rows those records account for.
+The plan (plan.py) puts every input row at a rank of its split, in an order fixed by the inputs and the seed;
+shard n of a split holds what it can of ranks [n*M, (n+1)*M) for M = max_samples_per_shard. Worker processes
+encode images and lay each sample out as tar blocks; results come back in plan order and this process appends them
+to the open shard of their split. A background thread commits finished shards, each followed by its record under
+`_build/`; a re-run skips the shards those records account for.
+
+A build can be cut into parts (`num_parts`, `part`): each part builds a contiguous run of every split's shards and
+records itself in `_build/part-K-of-N.json`; `finalize` checks the parts agree and writes the final files. A
+one-machine build is part 0 of 1 followed by its finalize step.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -30,15 +34,17 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from data_pipeline.build.images import ImageOptions
-from data_pipeline.build.sources import (
-    MANIFEST_SUFFIXES,
-    Corpus,
-    Row,
-    assign_classes,
-    load_classes,
-    read_image_folder,
-    read_manifest,
+from data_pipeline.build.plan import (
+    PLANNING_FAILURES,
+    SPLITS,
+    Census,
+    PlanInput,
+    PlannedRow,
+    part_ranks,
+    planned_rows,
+    take_census,
 )
+from data_pipeline.build.sources import MANIFEST_SUFFIXES, Row, load_classes, read_image_folder, read_manifest
 from data_pipeline.build.worker import EncodeJob, Outcome, encoding_here, init_worker, process_chunk
 from data_pipeline.commands import UserError
 from data_pipeline.format.index import (
@@ -60,7 +66,6 @@ from data_pipeline.storage import (
     write_bytes_atomic,
 )
 
-SPLITS = ("train", "val")
 CHUNK = 16
 """Rows per message to a worker process."""
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
@@ -75,12 +80,15 @@ class BuildStopped(Exception):
     """The build stopped part-way (a worker died, a commit failed); committed shards are kept. One line, exit 3."""
 
 
+NOT_RECORDED = ("output", "workers", "storage_options", "max_source_bytes", "reads_in_flight", "num_parts", "part")
+"""BuildOptions that change how a build runs, not the bytes of its shards."""
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     input: str
     output: str
     max_samples_per_shard: int = 10_000
-    max_bytes_per_shard: int = 1 << 30
     val_fraction: float = 0.0
     seed: int = 0
     image: ImageOptions = field(default_factory=ImageOptions)
@@ -95,68 +103,66 @@ class BuildOptions:
     """A source file larger than this is skipped as too_large, unread beyond it (a row naming /dev/zero)."""
     reads_in_flight: int = 32
     """Remote sources each worker reads (and encodes) at once."""
+    num_parts: int = 1
+    part: int = 0
+    """This process builds part `part` (0-based) of `num_parts` slices of the shards."""
 
     def recorded(self) -> dict[str, Any]:
         """The options that determine the shards' content, as written into index.json (no credentials; not the
         output location, so a copied or moved build still describes itself)."""
         options = asdict(self)
-        for name in ("output", "workers", "storage_options", "max_source_bytes", "reads_in_flight"):
+        for name in NOT_RECORDED:
             del options[name]
         return options
 
 
 @dataclass
 class BuildResult:
-    index: ShardIndex
+    index: ShardIndex | None
+    """None for a part of a build (finalize writes the index)."""
     written_samples: int
     elapsed: float
     already_complete: bool = False
 
     @property
     def skipped(self) -> int:
-        return sum(self.index.skipped.values())
+        return sum(self.index.skipped.values()) if self.index else 0
 
     @property
     def skipped_fraction(self) -> float:
-        return self.skipped / max(self.index.input_rows, 1)
+        return self.skipped / max(self.index.input_rows, 1) if self.index else 0.0
 
 
-def split_of(key: str, val_fraction: float) -> str:
-    """A fixed function of the key: the split of a sample never changes between runs or seeds."""
-    unit = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-    return "val" if unit < val_fraction else "train"
-
-
-def load_corpus(options: BuildOptions) -> Corpus:
+def plan_input(options: BuildOptions) -> PlanInput:
+    """The input as a stream of rows, read afresh for each pass of the plan."""
     if options.input.lower().endswith(MANIFEST_SUFFIXES):
         label_column = None if options.no_labels else options.label_column
-        rows = read_manifest(options.input, options.storage_options, options.path_column, label_column)
-        ignored = 0
+
+        def rows() -> Iterator[Row | None]:
+            return read_manifest(options.input, options.storage_options, options.path_column, label_column)
     else:
-        rows, ignored = read_image_folder(options.input, options.storage_options)
-        if options.no_labels:
-            for row in rows:
-                row.labels = None
-                if row.failure == "missing_label":
-                    row.failure = None
-    labelled = not options.no_labels
+
+        def rows() -> Iterator[Row | None]:
+            for row in read_image_folder(options.input, options.storage_options):
+                if row is not None and options.no_labels:
+                    row.labels = None
+                    if row.failure == "missing_label":
+                        row.failure = None
+                yield row
+
+    return PlanInput(options.input, rows, options.seed, options.val_fraction)
+
+
+def census_of(source: PlanInput, options: BuildOptions) -> Census:
     given = load_classes(options.classes, options.storage_options) if options.classes else None
-    classes = assign_classes(rows, given) if labelled else {}
-    multi_label = any(row.labels is not None and len(row.labels) > 1 for row in rows)
-    return Corpus(rows=rows, classes=classes, multi_label=multi_label, labelled=labelled, ignored_files=ignored)
+    return take_census(source, labelled=not options.no_labels, given_classes=given)
 
 
-def shuffled_rows(corpus: Corpus, seed: int) -> list[Row]:
-    """The build order: input order (sorted paths or manifest order) shuffled with the seed."""
-    rows = list(corpus.rows)
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
-def fingerprint(options: BuildOptions, ordered: list[Row]) -> str:
+def fingerprint(options: BuildOptions, census: Census) -> str:
+    """Of everything that decides the shards' bytes: the options, every input row, the class table."""
     digest = hashlib.sha256(json.dumps(options.recorded(), sort_keys=True).encode())
-    for row in ordered:
-        digest.update(f"{row.key}:{row.label_indices}:{row.failure}\n".encode())
+    digest.update(census.digest.encode())
+    digest.update(json.dumps(census.classes, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -164,8 +170,12 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
-def record_name(split: str, number: int | None) -> str:
-    return f"{split}-tail.json" if number is None else f"{split}-{number:06d}.json"
+def record_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.json"
+
+
+def part_marker(part: int, num_parts: int) -> str:
+    return f"{BUILD_DIR}/part-{part:06d}-of-{num_parts:06d}.json"
 
 
 class Output:
@@ -175,13 +185,15 @@ class Output:
         self.url = options.output
         self.fs, self.root = filesystem(options.output, options.storage_options)
         self.build_dir = join(self.fs, self.root, BUILD_DIR)
+        # parts run side by side into one output, each with its own work folder and lock
+        tmp = "tmp" if options.num_parts == 1 else f"tmp-part-{options.part:06d}"
         # Shards are written here before they are committed: beside the output when it is local (a rename commits),
         # else in a folder named after the output URL, so that a re-run finds and removes what a killed run left.
         if is_local(self.fs):
-            self.work_dir = join(self.fs, self.build_dir, "tmp")
+            self.work_dir = join(self.fs, self.build_dir, tmp)
         else:
             digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-            self.work_dir = os.path.join(tempfile.gettempdir(), f"build-shards-{digest}")
+            self.work_dir = os.path.join(tempfile.gettempdir(), f"build-shards-{digest}-{tmp}")
         self._local_tmp: str | None = None
 
     def check_writable(self) -> None:
@@ -200,8 +212,8 @@ class Output:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Refuse a second build into the same output on this machine (two raced: one traceback, one exit 3). Builds
-        on several machines into one object-store prefix are not detected."""
+        """Refuse a second build of the same part into the same output on this machine (two raced: one traceback,
+        one exit 3). Builds on several machines into one object-store prefix are not detected."""
         os.makedirs(os.path.dirname(self.work_dir), exist_ok=True)
         with open(f"{self.work_dir}.lock", "w") as lock:
             try:
@@ -237,39 +249,50 @@ class Output:
         write_bytes_atomic(self.fs, self.path(name), data)
 
     def commit(self, writer: ShardWriter | None, record: ShardRecord) -> None:
-        """Move a finished shard into place, then write its record (a record alone for failures past the last
-        shard): a record never points at a shard that is not all there."""
+        """Move a finished shard into place, then write its record (a record alone when every row of the shard
+        failed): a record never points at a shard that is not all there."""
         if writer is not None:
             commit_file(writer.path, self.fs, self.path(record.name))
         self.write_record(record)
 
     def write_record(self, record: ShardRecord) -> None:
-        self.write(
-            f"{BUILD_DIR}/{record_name(record.split, record.number if record.name else None)}",
-            record.model_dump_json().encode(),
-        )
+        self.write(f"{BUILD_DIR}/{record_name(record.split, record.number)}", record.model_dump_json().encode())
 
     def remove_stale_temporaries(self) -> None:
         """Half-written files of a killed run go, so that a finished re-run equals an uninterrupted run."""
         for folder in (self.root, self.build_dir):
             remove_stale_temporaries(self.fs, folder)
 
-    def records(self) -> list[ShardRecord]:
-        """Every readable build record; a record whose shard is missing or short is dropped (it is redone)."""
+    def _sizes(self, folder: str) -> dict[str, int]:
+        """File name -> size of the files in `folder`, from one listing (a part of a build with 30,000 shards on
+        S3 pays a few listing pages, not a request per shard)."""
+        self.fs.invalidate_cache(folder)  # other parts wrote here since this process last looked
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in entries}
+
+    def records(self, wanted: set[str] | None = None) -> list[ShardRecord]:
+        """The readable build records (those named in `wanted`, else all); a record whose shard is missing or short
+        is dropped (it is redone)."""
+        names = [
+            name
+            for name in self._sizes(self.build_dir)
+            if (name in wanted if wanted is not None else name.startswith(tuple(f"{s}-" for s in SPLITS)))
+        ]
+        paths = [join(self.fs, self.build_dir, name) for name in names]
+        contents = self.fs.cat(paths, on_error="omit") if paths else {}
+        shard_sizes = self._sizes(self.root)
         records = []
-        for path in sorted(self.fs.glob(join(self.fs, self.build_dir, "*.json"))):
+        for data in contents.values():
             try:
-                record = ShardRecord.model_validate_json(self.fs.cat_file(path))
+                record = ShardRecord.model_validate_json(data)
             except (ValidationError, ValueError):
                 continue  # a record cut short by a crash: its shard is redone
-            if record.name is not None:
-                try:
-                    if self.fs.size(self.path(record.name)) != record.bytes:
-                        continue
-                except FileNotFoundError:
-                    continue
-            records.append(record)
-        return records
+            if record.name is None or shard_sizes.get(record.name) == record.bytes:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.split, r.number))
 
 
 class BackgroundCommitter:
@@ -311,20 +334,12 @@ class BackgroundCommitter:
         self._thread.shutdown(wait=True, cancel_futures=True)
 
 
-def committed_prefix(records: list[ShardRecord], split: str) -> list[ShardRecord]:
-    """The split's shards 0, 1, 2, ... without a gap (shards are committed in order, so this is all of them)."""
-    numbered = {r.number: r for r in records if r.split == split and r.name is not None and not r.retried}
-    prefix = []
-    while len(prefix) in numbered:
-        prefix.append(numbered[len(prefix)])
-    return prefix
-
-
 @dataclass
 class OpenShard:
     split: str
     number: int
     first_row: int
+    end_row: int
     writer: ShardWriter | None = None
     class_counts: Counter = field(default_factory=Counter)
     failures: list[SampleFailure] = field(default_factory=list)
@@ -332,24 +347,33 @@ class OpenShard:
 
 
 class ShardAssembler:
-    """Appends encoded samples, in plan order, to one open shard per split and commits full shards."""
+    """Appends encoded samples, in plan order, to the open shard of their split and commits each shard when the
+    plan moves past it."""
 
-    def __init__(self, output: Output, corpus: Corpus, options: BuildOptions, fingerprint: str, retried: bool):
-        self.output, self.corpus, self.options = output, corpus, options
+    def __init__(
+        self, output: Output, options: BuildOptions, fingerprint: str, first_number: dict[str, int], retried: bool
+    ):
+        self.output, self.options, self.fingerprint = output, options, fingerprint
+        self.first_number = first_number
+        """Shard number of rank 0 in each split: 0, or after the existing shards for --retry-failed."""
+        self.retried = retried
         self.committer = BackgroundCommitter(output)
-        self.fingerprint, self.retried = fingerprint, retried
         self.open: dict[str, OpenShard] = {}
         self.written = 0
 
-    def start(self, split: str, number: int, first_row: int) -> None:
-        self.open[split] = OpenShard(split, number, first_row)
-
-    def add(self, row: Row, split: str, outcome: Outcome) -> None:
-        shard = self.open[split]
+    def add(self, planned: PlannedRow, outcome: Outcome) -> None:
+        split, row = planned.split, planned.row
+        number = self.first_number[split] + planned.rank // self.options.max_samples_per_shard
+        shard = self.open.get(split)
+        if shard is None or shard.number != number:
+            if shard is not None:
+                self._commit(shard)
+            shard = self.open[split] = OpenShard(split, number, first_row=planned.rank, end_row=planned.rank)
+        shard.end_row = planned.rank + 1
         if outcome.sample is None:
             shard.failures.append(
                 SampleFailure(
-                    row=outcome.position,
+                    row=planned.position,
                     key=row.key,
                     source=row.source,
                     split=split,
@@ -358,77 +382,78 @@ class ShardAssembler:
                 )
             )
             return
-        if shard.writer is not None and shard.writer.size_with(outcome.sample) > self.options.max_bytes_per_shard:
-            self.commit(split, end_row=outcome.position)
-            shard = self.open[split]
         if shard.writer is None:
-            shard.writer = ShardWriter(self.output.tmp_path(shard_name(split, shard.number)))
+            shard.writer = ShardWriter(self.output.tmp_path(shard_name(split, number)))
         shard.writer.add(outcome.sample)
         shard.class_counts.update(str(index) for index in row.label_indices)
         if self.retried:
             shard.recovered.append(row.key)
         self.written += 1
-        if shard.writer.num_samples >= self.options.max_samples_per_shard:
-            self.commit(split, end_row=outcome.position + 1)
 
-    def commit(self, split: str, end_row: int) -> None:
-        """Commit the split's open shard and open the next one at end_row."""
-        shard = self.open[split]
+    def _commit(self, shard: OpenShard) -> None:
         size, sha256 = shard.writer.close() if shard.writer else (0, "")
         record = ShardRecord(
             fingerprint=self.fingerprint,
-            split=split,
+            split=shard.split,
             number=shard.number,
-            name=shard_name(split, shard.number) if shard.writer else None,
+            name=shard_name(shard.split, shard.number) if shard.writer else None,
             num_samples=(shard.writer.num_samples if shard.writer else 0),
             bytes=size,
             sha256=sha256,
             first_row=shard.first_row,
-            end_row=end_row,
+            end_row=shard.end_row,
             class_counts=dict(sorted(shard.class_counts.items())),
             failures=shard.failures,
             retried=self.retried,
             recovered_keys=shard.recovered,
         )
-        if shard.writer or shard.failures:  # a record alone: failures after the split's last shard
-            self.committer.commit(shard.writer, record)
-        self.start(split, shard.number + 1, end_row)
+        self.committer.commit(shard.writer, record)
 
-    def finish(self, end_row: int) -> None:
-        """Commit the last shard of each split and wait until every commit is done."""
-        for split in list(self.open):
-            shard = self.open[split]
-            if shard.writer or shard.failures:
-                self.commit(split, end_row)
+    def finish(self) -> None:
+        """Commit the open shard of each split and wait until every commit is done."""
+        for shard in self.open.values():
+            self._commit(shard)
+        self.open.clear()
         self.committer.drain()
 
     def close(self) -> None:
         self.committer.close()
 
 
-def task(position: int, row: Row, corpus: Corpus) -> EncodeJob:
+def task(planned: PlannedRow, census: Census) -> EncodeJob:
     """What a worker needs to make the row's sample: its source, key and everything for .cls and .json."""
+    row = planned.row
     if row.failure is not None:
-        return EncodeJob(position, row.source, row.failure)
+        return EncodeJob(row.source, row.failure)
     metadata: dict[str, Any] = {"source": row.source, **row.metadata}
     cls = None
-    if corpus.labelled:
+    if census.labelled:
         metadata["labels"] = row.label_indices
         metadata["label_names"] = [str(value) for value in row.labels]
-        if not corpus.multi_label:
+        if not census.multi_label:
             cls = row.label_indices[0]
-    return EncodeJob(position, row.source, None, row.key, metadata, cls)
+    return EncodeJob(row.source, None, row.key, metadata, cls)
 
 
-def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome]:
+def _chunks(planned: Iterator[PlannedRow], options: BuildOptions) -> Iterator[list[PlannedRow]]:
+    first = list(itertools.islice(planned, CHUNK))
+    # remote rows: enough per chunk to keep every reader thread busy past the chunk's slowest read
+    remote = any(is_remote_url(p.row.source) for p in first)
+    size = max(CHUNK, 4 * options.reads_in_flight) if remote else CHUNK
+    rows = itertools.chain(first, planned)
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+def _encoded(
+    planned: Iterator[PlannedRow], census: Census, options: BuildOptions
+) -> Iterator[tuple[PlannedRow, Outcome]]:
     """Encode in worker processes, yielding results in plan order (workers=0: in this process)."""
     setup = (options.storage_options, options.image, options.max_source_bytes, options.reads_in_flight)
-    # remote rows: enough per chunk to keep every reader thread busy past the chunk's slowest read
-    chunk = max(CHUNK, 4 * options.reads_in_flight) if any(is_remote_url(t.source) for t in tasks[:CHUNK]) else CHUNK
     if options.workers == 0:
         with encoding_here(*setup):
-            for start in range(0, len(tasks), chunk):
-                yield from process_chunk(tasks[start : start + chunk])
+            for chunk in _chunks(planned, options):
+                yield from zip(chunk, process_chunk([task(p, census) for p in chunk]), strict=True)
         return
     # concurrent.futures, not multiprocessing.Pool: Pool's worker-handler thread also waits on the result pipe and
     # spins while a result sits in it (0.2 ms of this process's CPU per image, half of it, plus the GIL it takes
@@ -441,14 +466,16 @@ def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome
         initializer=init_worker,
         initargs=setup,
     )
-    in_flight: deque[Future] = deque()
+    in_flight: deque[tuple[list[PlannedRow], Future]] = deque()
     try:
-        for start in range(0, len(tasks), chunk):
-            in_flight.append(pool.submit(process_chunk, tasks[start : start + chunk]))
+        for chunk in _chunks(planned, options):
+            in_flight.append((chunk, pool.submit(process_chunk, [task(p, census) for p in chunk])))
             if len(in_flight) == CHUNKS_IN_FLIGHT_PER_WORKER * options.workers:
-                yield from in_flight.popleft().result()
+                done, future = in_flight.popleft()
+                yield from zip(done, future.result(), strict=True)
         while in_flight:
-            yield from in_flight.popleft().result()
+            done, future = in_flight.popleft()
+            yield from zip(done, future.result(), strict=True)
     except BrokenProcessPool:
         raise BuildStopped(
             f"{options.output}: a worker process died (killed, or out of memory); the shards committed so far are "
@@ -458,23 +485,31 @@ def _outcomes(tasks: list[EncodeJob], options: BuildOptions) -> Iterator[Outcome
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run(assembler: ShardAssembler, ordered: list[Row], tasks: list[EncodeJob], options: BuildOptions) -> None:
-    splits = {task.position: split_of(ordered[task.position].key, options.val_fraction) for task in tasks}
-    with tqdm(total=len(tasks), unit="img", desc="build-shards", smoothing=0.05) as progress:
-        for outcome in _outcomes(tasks, options):
-            assembler.add(ordered[outcome.position], splits[outcome.position], outcome)
-            progress.update()
+def _run(
+    assembler: ShardAssembler, planned: Iterator[PlannedRow], total: int, census: Census, options: BuildOptions
+) -> None:
+    try:
+        with tqdm(total=total, unit="img", desc="build-shards", smoothing=0.05) as progress:
+            for row, outcome in _encoded(planned, census, options):
+                assembler.add(row, outcome)
+                progress.update()
+        assembler.finish()
+    finally:
+        assembler.close()
 
 
-def _index(corpus: Corpus, records: list[ShardRecord], options: BuildOptions) -> tuple[ShardIndex, list[str]]:
+def _index(summary: dict[str, Any], records: list[ShardRecord], options: BuildOptions) -> tuple[ShardIndex, list[str]]:
     """index.json and the lines of errors.jsonl from the build records."""
     recovered = {key for record in records for key in record.recovered_keys}
-    failures: dict[str, SampleFailure] = {}
+    failures: dict[int, SampleFailure] = {}
     for record in sorted(records, key=lambda r: (r.retried, r.split, r.number)):
         for failure in record.failures:
-            failures[failure.key] = failure  # a retry's failure replaces the original one
-    failures = {key: failure for key, failure in failures.items() if key not in recovered}
-    shards = sorted((r for r in records if r.name), key=lambda r: (r.split, r.number))
+            failures[failure.row] = failure  # a retry's failure replaces the original one
+    ordered = sorted(
+        (f for f in failures.values() if f.key not in recovered or f.reason in PLANNING_FAILURES),
+        key=lambda f: f.row,
+    )
+    shards = [r for r in records if r.name]
     splits = {}
     for split in SPLITS:
         mine = [r for r in shards if r.split == split]
@@ -488,19 +523,18 @@ def _index(corpus: Corpus, records: list[ShardRecord], options: BuildOptions) ->
                 bytes=sum(r.bytes for r in mine),
                 class_counts=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
             )
-    ordered = sorted(failures.values(), key=lambda f: f.row)
     index = ShardIndex(
-        num_classes=len(corpus.classes),
-        multi_label=corpus.multi_label,
-        labelled=corpus.labelled,
+        num_classes=len(summary["classes"]),
+        multi_label=summary["multi_label"],
+        labelled=summary["labelled"],
         splits=splits,
         shards=[
             ShardInfo(name=r.name, split=r.split, num_samples=r.num_samples, bytes=r.bytes, sha256=r.sha256)
             for r in shards
         ],
         skipped=dict(sorted(Counter(f.reason for f in ordered).items())),
-        ignored_files=corpus.ignored_files,
-        input_rows=len(corpus.rows),
+        ignored_files=summary["ignored_files"],
+        input_rows=summary["input_rows"],
         options=options.recorded(),
     )
     lines = [
@@ -512,9 +546,11 @@ def _index(corpus: Corpus, records: list[ShardRecord], options: BuildOptions) ->
     return index, lines
 
 
-def _write_final(output: Output, corpus: Corpus, records: list[ShardRecord], options: BuildOptions) -> ShardIndex:
-    index, error_lines = _index(corpus, records, options)
-    classes = dict(sorted(corpus.classes.items(), key=lambda kv: (kv[1], kv[0])))
+def _write_final(
+    output: Output, summary: dict[str, Any], records: list[ShardRecord], options: BuildOptions
+) -> ShardIndex:
+    index, error_lines = _index(summary, records, options)
+    classes = dict(sorted(summary["classes"].items(), key=lambda kv: (kv[1], kv[0])))
     output.write("classes.json", (json.dumps(classes, indent=1) + "\n").encode())
     output.write("errors.jsonl", "".join(line + "\n" for line in error_lines).encode())
     output.write("index.json", (index.model_dump_json(indent=1) + "\n").encode())  # last: marks completion
@@ -522,59 +558,151 @@ def _write_final(output: Output, corpus: Corpus, records: list[ShardRecord], opt
 
 
 def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
-    """Build (or finish building) the shards; raise InputError / OutputError before any work on bad arguments."""
+    """Build (or finish building) the shards, or one part of them; raise InputError / OutputError before any work
+    on bad arguments."""
     start = time.perf_counter()
     output = Output(options)
     output.check_writable()
     with output.locked():
-        return _build(output, options, retry_failed, start)
+        if retry_failed:
+            return _retry_failed(output, options, start)
+        return _build(output, options, start)
 
 
-def _build(output: Output, options: BuildOptions, retry_failed: bool, start: float) -> BuildResult:
-    output.remove_stale_temporaries()
-    corpus = load_corpus(options)
-    ordered = shuffled_rows(corpus, options.seed)
-    build_id = fingerprint(options, ordered)
-    records = output.records()
+def _shards_of(ranks: dict[str, range], per_shard: int) -> set[tuple[str, int]]:
+    return {
+        (split, number)
+        for split, wanted in ranks.items()
+        if len(wanted)
+        for number in range(wanted.start // per_shard, (wanted.stop - 1) // per_shard + 1)
+    }
+
+
+def _build(output: Output, options: BuildOptions, start: float) -> BuildResult:
+    one_machine = options.num_parts == 1
+    if one_machine:
+        existing = output.read_json("index.json")
+        if existing is not None and existing.get("options") == options.recorded() and output.records():
+            return BuildResult(ShardIndex.model_validate(existing), 0, time.perf_counter() - start, True)
+        output.remove_stale_temporaries()  # a part leaves them to the finalize step: its neighbours write there
+    source = plan_input(options)
+    census = census_of(source, options)
+    build_id = fingerprint(options, census)
+    per_shard = options.max_samples_per_shard
+    ranks = part_ranks(census, per_shard, options.num_parts, options.part)
+    mine = _shards_of(ranks, per_shard)
+    records = output.records(None if one_machine else {record_name(*shard) for shard in mine})
     if any(r.fingerprint != build_id for r in records):
         raise OutputError(
             f"{options.output}: holds shards of a build with other inputs or options; write to a new "
             f"--output or remove {BUILD_DIR}/ and the shards there"
         )
-    existing = output.read_json("index.json")
-    if retry_failed:
-        if existing is None:
-            raise OutputError(
-                f"{options.output}: no finished build to retry (index.json missing); run without --retry-failed first"
-            )
-        failed = {json.loads(line)["key"] for line in output.fs.cat_file(output.path("errors.jsonl")).splitlines()}
-        done = {key for r in records if r.retried for key in r.recovered_keys}
-        wanted = [p for p, row in enumerate(ordered) if row.key in failed - done and row.failure is None]
-        assembler = ShardAssembler(output, corpus, options, build_id, retried=True)
-        for split in SPLITS:
-            taken = [r.number for r in records if r.split == split and r.name]
-            assembler.start(split, max(taken, default=-1) + 1, first_row=0)
-        tasks = [task(p, ordered[p], corpus) for p in wanted]
-    else:
-        if existing is not None and existing.get("options") == options.recorded() and records:
-            index = ShardIndex.model_validate(existing)
-            return BuildResult(index, 0, time.perf_counter() - start, already_complete=True)
-        assembler = ShardAssembler(output, corpus, options, build_id, retried=False)
-        next_row = {}
-        for split in SPLITS:
-            prefix = committed_prefix(records, split)
-            next_row[split] = prefix[-1].end_row if prefix else 0
-            assembler.start(split, len(prefix), next_row[split])
-        tasks = [
-            task(p, row, corpus)
-            for p, row in enumerate(ordered)
-            if p >= next_row[split_of(row.key, options.val_fraction)]
-        ]
+    done = {(r.split, r.number) for r in records if not r.retried}
+    todo = {split: [n for s, n in mine - done if s == split] for split in SPLITS}
+    planned = (p for p in planned_rows(source, census, ranks) if (p.split, p.rank // per_shard) not in done)
+    total = sum(
+        len(range(n * per_shard, min((n + 1) * per_shard, ranks[split].stop))) for split in SPLITS for n in todo[split]
+    )
+    assembler = ShardAssembler(output, options, build_id, first_number=dict.fromkeys(SPLITS, 0), retried=False)
     try:
-        _run(assembler, ordered, tasks, options)
-        assembler.finish(end_row=len(ordered))
+        if total:
+            _run(assembler, planned, total, census, options)
     finally:
-        assembler.close()
         output.cleanup()
-    index = _write_final(output, corpus, output.records(), options)
+    if not one_machine:
+        marker = {"fingerprint": build_id, "options": options.recorded(), "census": census.summary()}
+        output.write(part_marker(options.part, options.num_parts), json.dumps(marker, indent=1).encode())
+        return BuildResult(None, assembler.written, time.perf_counter() - start)
+    index = _write_final(output, census.summary(), output.records(), options)
     return BuildResult(index, assembler.written, time.perf_counter() - start)
+
+
+def _retry_failed(output: Output, options: BuildOptions, start: float) -> BuildResult:
+    """Read again the rows that failed to read or decode in a finished build; add what now works as new shards."""
+    existing = output.read_json("index.json")
+    if existing is None:
+        raise OutputError(
+            f"{options.output}: no finished build to retry (index.json missing); run without --retry-failed first"
+        )
+    source = plan_input(options)
+    census = census_of(source, options)
+    build_id = fingerprint(options, census)
+    records = output.records()
+    if any(r.fingerprint != build_id for r in records):
+        raise OutputError(f"{options.output}: was built from other inputs or options; retry with the same command")
+    failed = set()
+    for line in output.fs.cat_file(output.path("errors.jsonl")).splitlines():
+        error = json.loads(line)
+        if error["reason"] not in PLANNING_FAILURES:
+            failed.add(error["key"])
+    failed -= {key for r in records if r.retried for key in [*r.recovered_keys, *(f.key for f in r.failures)]}
+    wanted = [
+        p
+        for p in planned_rows(source, census, part_ranks(census, options.max_samples_per_shard, 1, 0))
+        if p.row.key in failed and p.row.failure is None
+    ]
+    retry_rank = Counter()
+    for planned in wanted:  # retried rows fill new shards of their own, after the split's last one
+        planned.rank = retry_rank[planned.split]
+        retry_rank[planned.split] += 1
+    first = {split: max((r.number + 1 for r in records if r.split == split), default=0) for split in SPLITS}
+    assembler = ShardAssembler(output, options, build_id, first_number=first, retried=True)
+    try:
+        _run(assembler, iter(wanted), len(wanted), census, options)
+    finally:
+        output.cleanup()
+    index = _write_final(output, census.summary(), output.records(), options)
+    return BuildResult(index, assembler.written, time.perf_counter() - start)
+
+
+def finalize(options: BuildOptions) -> BuildResult:
+    """Check that the `num_parts` parts of a build are all there, from the same inputs and options, and write its
+    index.json, classes.json and errors.jsonl: the files a one-machine build ends with."""
+    start = time.perf_counter()
+    output = Output(options)
+    output.check_writable()
+    with output.locked():
+        output.remove_stale_temporaries()
+        parts = options.num_parts
+        markers = [output.read_json(part_marker(part, parts)) for part in range(parts)]
+        missing = [part for part, marker in enumerate(markers) if marker is None]
+        if missing:
+            listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise OutputError(
+                f"{options.output}: part(s) {listed} of {parts} not built (no {part_marker(missing[0], parts)}); "
+                f"run build-shards with --num-parts {parts} --part K for each, then --finalize again"
+            )
+        for part, marker in enumerate(markers):
+            _check_part(options, part, marker, markers[0])
+        summary, build_id = markers[0]["census"], markers[0]["fingerprint"]
+        records = output.records()
+        found = {(r.split, r.number) for r in records if r.fingerprint == build_id}
+        for split in SPLITS:
+            shards = -(-summary["split_rows"][split] // options.max_samples_per_shard)
+            for number in range(shards):
+                if (split, number) not in found:
+                    part = next(k for k in range(parts) if number < shards * (k + 1) // parts)
+                    raise OutputError(
+                        f"{output.path(shard_name(split, number))}: missing, damaged or of another build; run part "
+                        f"{part} again (build-shards ... --num-parts {parts} --part {part}), then --finalize"
+                    )
+        index = _write_final(output, summary, [r for r in records if r.fingerprint == build_id], options)
+        return BuildResult(index, 0, time.perf_counter() - start)
+
+
+def _check_part(options: BuildOptions, part: int, marker: dict[str, Any], first: dict[str, Any]) -> None:
+    """Refuse, in one line, a part built with other options than this command's or from another input."""
+    ours = options.recorded()
+    theirs = marker.get("options", {})
+    differing = [name for name in ours if theirs.get(name) != ours[name]]
+    if differing:
+        name = differing[0]
+        raise OutputError(
+            f"{options.output}: part {part} of {options.num_parts} was built with {name}={theirs.get(name)!r}, this "
+            f"command has {name}={ours[name]!r}; build every part with the same options"
+        )
+    if marker["fingerprint"] != first["fingerprint"]:
+        raise OutputError(
+            f"{options.output}: part {part} of {options.num_parts} was built from other input rows than part 0 (the "
+            f"input changed between them); build the parts again from one version of {options.input}"
+        )

@@ -9,7 +9,7 @@ import argparse
 import signal
 import sys
 
-from data_pipeline.build.builder import BuildOptions, BuildResult, BuildStopped, build
+from data_pipeline.build.builder import BuildOptions, BuildResult, BuildStopped, build, finalize
 from data_pipeline.build.images import ImageOptions
 from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
 
@@ -46,8 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("input", help="image-folder tree or manifest file (local path or URL)")
     parser.add_argument("--output", required=True, help="output folder: a local path or s3://bucket/prefix")
     add_storage_option(parser, "s3:// and other remote URLs")
-    parser.add_argument("--max-samples-per-shard", type=int, default=10_000, help="default: %(default)s")
-    parser.add_argument("--max-bytes-per-shard", type=int, default=1 << 30, help="default: %(default)s (1 GiB)")
+    parser.add_argument(
+        "--max-samples-per-shard",
+        type=int,
+        default=10_000,
+        help="input rows per shard: shard n of a split holds the samples of its rows n*M to (n+1)*M-1 in the build "
+        "order (fewer when rows are skipped); pick M for the shard size you want, e.g. 5000 x 100 KB = 500 MB "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -109,10 +115,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-failed",
         action="store_true",
-        help="re-read only the rows in errors.jsonl of a finished build and add what now works",
+        help="re-read only the rows in errors.jsonl of a finished build that failed to read or decode, and add "
+        "what now works",
+    )
+    parts = parser.add_argument_group(
+        "many machines, one dataset",
+        "Run the same command with --part 0 .. N-1 (anywhere, in any order, side by side; each resumes on its own), "
+        "then once with --finalize: the result is byte-identical to a one-machine build.",
+    )
+    parts.add_argument("--num-parts", type=int, default=1, help="cut the build into N parts (default: %(default)s)")
+    parts.add_argument("--part", type=int, help="build part K (0 to N-1): a contiguous run of every split's shards")
+    parts.add_argument(
+        "--finalize",
+        action="store_true",
+        help="after all N parts: check they are complete and built with these options, then write index.json, "
+        "classes.json and errors.jsonl",
     )
     args = parser.parse_args(argv)
-    for name in ("max_samples_per_shard", "max_bytes_per_shard", "max_side", "max_pixels", "max_source_bytes"):
+    for name in ("max_samples_per_shard", "max_side", "max_pixels", "max_source_bytes", "num_parts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.val_fraction < 1:
@@ -123,6 +143,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--workers must be 0 or more")
     if args.reads_in_flight < 1:
         parser.error("--reads-in-flight must be at least 1")
+    if args.num_parts > 1 and (args.part is None) == (not args.finalize):
+        parser.error(f"--num-parts {args.num_parts} needs either --part K (0 to {args.num_parts - 1}) or --finalize")
+    if args.num_parts == 1 and (args.part is not None or args.finalize):
+        parser.error("--part and --finalize need --num-parts N (more than 1)")
+    if args.part is not None and not 0 <= args.part < args.num_parts:
+        parser.error(f"--part must be in [0, {args.num_parts - 1}]")
+    if args.retry_failed and args.num_parts > 1:
+        parser.error("--retry-failed works on the finished build: drop --num-parts, --part and --finalize")
     return args
 
 
@@ -131,7 +159,6 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         input=args.input,
         output=args.output.rstrip("/"),
         max_samples_per_shard=args.max_samples_per_shard,
-        max_bytes_per_shard=args.max_bytes_per_shard,
         val_fraction=args.val_fraction,
         seed=args.seed,
         image=ImageOptions(
@@ -145,11 +172,19 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         storage_options=storage_options(args),
         max_source_bytes=args.max_source_bytes,
         reads_in_flight=args.reads_in_flight,
+        num_parts=args.num_parts,
+        part=args.part or 0,
     )
 
 
-def summary(result: BuildResult) -> str:
+def summary(result: BuildResult, options: BuildOptions) -> str:
     index = result.index
+    if index is None:
+        rate = result.written_samples / max(result.elapsed, 1e-9)
+        return (
+            f"part {options.part} of {options.num_parts} done: wrote {result.written_samples} samples in "
+            f"{result.elapsed:.1f} s ({rate:.1f} images/s); run --finalize once every part is done"
+        )
     if result.already_complete:
         return f"already complete: {len(index.shards)} shards; nothing to do"
     splits = (
@@ -172,14 +207,15 @@ def summary(result: BuildResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (a scheduler's stop) ends the build through its clean-up, as Ctrl-C does; Python's default ends it at
-    # once, which left a temporary shard of up to --max-bytes-per-shard behind
+    # once, which left a temporary shard behind
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    options = options_from(args)
     try:
-        result = build(options_from(args), retry_failed=args.retry_failed)
+        result = finalize(options) if args.finalize else build(options, retry_failed=args.retry_failed)
     except BuildStopped as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(summary(result))
+    print(summary(result, options))
     if result.skipped_fraction > args.max_error_fraction:
         print(
             f"build-shards: skipped {result.skipped_fraction:.2%} of the input, more than --max-error-fraction "

@@ -1,9 +1,10 @@
-"""Input corpora as a deterministic list of rows: image-folder trees and manifests (CSV, TSV, JSONL, Parquet).
+"""Input corpora as a deterministic stream of rows: image-folder trees and manifests (CSV, TSV, JSONL, Parquet).
 
 A row has a stable key (a hash of where it comes from, so keys are the same in every run and safe as tar member
-names), a source URL, its label(s) and extra metadata. Rows that can be rejected without reading the image (no
-label, an unknown label, a duplicate: the same path written another way counts too, see `identity`) carry their
-failure reason along, so they are counted and listed like every other skipped sample.
+names), a source URL, the file it names (`identity`: how duplicates are found, in plan.py), its label(s) and extra
+metadata. Rows that can be rejected without reading the image (no path, no label, a name that is not UTF-8) carry
+their failure reason along, so they are counted and listed like every other skipped sample. Nothing here holds more
+than one manifest batch or one folder listing: a corpus of 300M rows streams through.
 """
 
 from __future__ import annotations
@@ -48,16 +49,9 @@ class Row:
     metadata: dict[str, Any] = field(default_factory=dict)
     failure: str | None = None
     """A reason this row is skipped before its image is read."""
+    identity: str | None = None
+    """The file the row names (see `identity`); None when it names none (no path, a name that is not UTF-8)."""
     label_indices: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Corpus:
-    rows: list[Row]
-    classes: dict[str, int]
-    multi_label: bool
-    labelled: bool
-    ignored_files: int
 
 
 def row_key(identity: str) -> str:
@@ -77,17 +71,18 @@ def _suffix(path: str) -> str:
     return posixpath.splitext(path)[1].lower()
 
 
-def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[Row], int]:
-    """Every image under `url`; its label is the first-level folder it sits in (deeper folders belong to it)."""
+def read_image_folder(url: str, storage_options: dict[str, Any]) -> Iterator[Row | None]:
+    """Every image under `url` in sorted order, one folder listing at a time; its label is the first-level folder
+    it sits in (deeper folders belong to it). A file that is not an image yields None (ignored, and counted)."""
     fs, root = filesystem(url, storage_options)
     if not fs.isdir(root):
         raise InputError(f"{url}: no such folder; pass an image-folder tree or a manifest file")
     protocol = fsspec.utils.get_protocol(url)
-    rows, ignored = [], 0
-    for path in sorted(fs.find(root)):
-        relative = posixpath.relpath(path, root.rstrip("/"))
+    root = root.rstrip("/")
+    for path in _sorted_files(fs, root):
+        relative = posixpath.relpath(path, root)
         if _suffix(relative) not in IMAGE_EXTENSIONS:
-            ignored += 1
+            yield None
             continue
         parts = relative.split("/")
         source = path if protocol in ("file", "local") else f"{protocol}://{path}"
@@ -95,10 +90,24 @@ def read_image_folder(url: str, storage_options: dict[str, Any]) -> tuple[list[R
         if not _is_utf8(relative):
             row.source, row.labels = relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), None
             row.failure = "bad_file_name"  # no label, no read: the name cannot be written into a shard or a record
-        elif len(parts) == 1:
-            row.failure = "missing_label"
-        rows.append(row)
-    return rows, ignored
+        else:
+            row.identity = identity(source)
+            if len(parts) == 1:
+                row.failure = "missing_label"
+        yield row
+
+
+def _sorted_files(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[str]:
+    """The files under `folder`, depth first, each folder's entries in sorted order: the same order on every run and
+    machine, holding one folder's listing at a time (`find` lists the whole tree at once)."""
+    entries = sorted(fs.ls(folder, detail=True), key=lambda entry: entry["name"])
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if entry["type"] == "directory":
+            if name != folder:  # some object stores list the folder itself
+                yield from _sorted_files(fs, name)
+        else:
+            yield name
 
 
 def _records(url: str, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -208,14 +217,15 @@ def identity(source: str) -> str:
 
 def read_manifest(
     url: str, storage_options: dict[str, Any], path_column: str | None, label_column: str | None
-) -> list[Row]:
+) -> Iterator[Row]:
+    """The manifest's rows in file order; the columns are checked on the first row, before any is yielded."""
     with contextlib.closing(_records(url, storage_options)) as records:  # the file is closed on an error too
-        return _manifest_rows(url, records, path_column, label_column)
+        yield from _manifest_rows(url, records, path_column, label_column)
 
 
 def _manifest_rows(
     url: str, records: Iterator[dict[str, Any]], path_column: str | None, label_column: str | None
-) -> list[Row]:
+) -> Iterator[Row]:
     first = next(records, None)
     if first is None:
         raise InputError(f"{url}: the manifest has no rows")
@@ -228,26 +238,19 @@ def _manifest_rows(
             f"{url}: no label column {label_column!r}; found {', '.join(columns)}; pass --label-column "
             f"NAME or --no-labels"
         )
-    rows: list[Row] = []
-    seen_keys: set[str] = set()
-    seen_files: set[str] = set()
     # a row may lack a column the first row has (JSONL): skipped and counted, not a crash
     for record in itertools.chain([first], records):
         source = str(record.get(path_column) or "")
         labels = _label_values(record.get(label_column)) if label_column else None
         extra = {k: v for k, v in record.items() if k not in (path_column, label_column)}
         row = Row(key=row_key(source), source=_resolve(source, url), labels=labels, metadata=extra)
-        file = identity(row.source)
         if not source:
             row.failure = "missing_path"
-        elif row.key in seen_keys or file in seen_files:  # the first occurrence is kept
-            row.failure = "duplicate"
-        elif label_column and labels is None:
-            row.failure = "missing_label"
-        seen_keys.add(row.key)
-        seen_files.add(file)
-        rows.append(row)
-    return rows
+        else:
+            row.identity = identity(row.source)
+            if label_column and labels is None:
+                row.failure = "missing_label"
+        yield row
 
 
 def _as_int(value: Any) -> int | None:
@@ -260,35 +263,50 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def assign_classes(rows: Iterable[Row], given: dict[str, int] | None) -> dict[str, int]:
-    """Map every row's raw labels to class indices and return the class table (name -> index).
+class LabelCensus:
+    """The class table of a corpus, collected one row at a time: the names in sorted order, or, if every label is
+    an integer, the integers themselves as indices."""
 
-    Without a given table, names are numbered in sorted order; if every label is an integer, integers are the
-    indices themselves. Labels outside a given table fail the row as "unknown_label".
-    """
-    rows = [row for row in rows if row.labels is not None and row.failure is None]
-    values = [value for row in rows for value in row.labels]
-    integers = bool(values) and all(_as_int(value) is not None for value in values)
-    if given is not None:
-        classes = given
-    elif integers:
-        top = max(_as_int(value) for value in values)
-        classes = {str(index): index for index in range(top + 1)}
-    else:
-        classes = {name: index for index, name in enumerate(sorted({str(value) for value in values}))}
-    by_index = set(classes.values())
-    for row in rows:
-        indices = []
-        for value in row.labels:
-            index = classes.get(str(value))
-            if index is None and given is not None and _as_int(value) in by_index:
-                index = _as_int(value)  # integer labels checked against a given table
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.integers = True
+        self.top = -1
+
+    def add(self, labels: list[Any]) -> None:
+        for value in labels:
+            self.names.add(str(value))
+            if self.integers:  # one name settles it for the rest of the corpus
+                number = _as_int(value)
+                if number is None:
+                    self.integers = False
+                else:
+                    self.top = max(self.top, number)
+
+    def table(self) -> dict[str, int]:
+        if self.names and self.integers:
+            return {str(index): index for index in range(self.top + 1)}
+        return {name: index for index, name in enumerate(sorted(self.names))}
+
+
+class ClassTable:
+    """Class name -> index, and the mapping of a row's raw labels through it."""
+
+    def __init__(self, classes: dict[str, int], given: bool):
+        self.classes = classes
+        # integer labels are also taken as indices of a given table
+        self._given_indices = set(classes.values()) if given else set()
+
+    def indices(self, labels: list[Any]) -> list[int] | None:
+        """The sorted class indices of a row's raw labels; None when one is not in the table (an unknown_label)."""
+        indices = set()
+        for value in labels:
+            index = self.classes.get(str(value))
+            if index is None and _as_int(value) in self._given_indices:
+                index = _as_int(value)
             if index is None:
-                row.failure = "unknown_label"
-                break
-            indices.append(index)
-        row.label_indices = sorted(set(indices))
-    return classes
+                return None
+            indices.add(index)
+        return sorted(indices)
 
 
 CLASSES_FORMS = "give a JSON object of name -> index, a JSON list of names, or a text file of one name per line"

@@ -37,8 +37,6 @@ _readers: ThreadPoolExecutor | None = None
 
 @dataclass(frozen=True)
 class EncodeJob:
-    position: int
-    """Position of the row in the build's shuffled order."""
     source: str
     failure: str | None
     """Set when the row was rejected while planning; then nothing is read."""
@@ -51,7 +49,6 @@ class EncodeJob:
 
 @dataclass(frozen=True)
 class Outcome:
-    position: int
     sample: bytes | None
     """The sample's tar blocks, ready to append to a shard; None when it was skipped for `reason`."""
     reason: str = ""
@@ -120,12 +117,12 @@ def process_chunk(tasks: list[EncodeJob]) -> list[Outcome]:
 
 def process(task: EncodeJob) -> Outcome:
     if task.failure is not None:
-        return Outcome(task.position, None, task.failure)
+        return Outcome(None, task.failure)
     try:
         image = encode_image(read_source(task.source, _storage_options, _max_source_bytes), _image_options)
     except SampleError as error:
-        return Outcome(task.position, None, error.reason, error.detail)
+        return Outcome(None, error.reason, error.detail)
     width, height = image.original_size
     # the task's metadata wins over the measured size: a manifest column named width is the user's to keep
     members = encode_members(image.jpeg, task.cls, {"width": width, "height": height, **task.metadata})
-    return Outcome(task.position, sample_blocks(task.key, members))
+    return Outcome(sample_blocks(task.key, members))

@@ -4,9 +4,10 @@
   was skipped; the options used. Written last: its presence means the build is complete. The loader reads it.
 - `classes.json`: class name -> index.
 - `errors.jsonl`: one line per skipped sample: key, source, reason, detail.
-- `_build/{split}-{n:06d}.json`: one record per committed shard, the builder's resume state (which input rows the
-  shard covers and which of them failed). Shards are committed in order within a split, so the records of a split
-  form a prefix, and a re-run continues after the last one.
+- `_build/{split}-{n:06d}.json`: one record per committed shard, the builder's resume state (which ranks of the
+  split's build order the shard covers and which of them failed). A re-run skips the shards that have a record.
+- `_build/part-{k:06d}-of-{n:06d}.json`: written when part k of a build cut into n parts is complete; the finalize
+  step reads them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Strict(BaseModel):
 
 class SampleFailure(Strict):
     row: int
-    """Position of the input row in the shuffled order of the build."""
+    """Position of the input row in the order of the build (both splits)."""
     key: str
     source: str
     split: str
@@ -41,13 +42,13 @@ class ShardRecord(Strict):
     split: str
     number: int
     name: str | None
-    """File name of the shard; None for the failures after a split's last shard."""
+    """File name of the shard; None when every row of it failed."""
     num_samples: int
     bytes: int
     sha256: str
     first_row: int
     end_row: int
-    """The shard accounts for the split's rows in [first_row, end_row) of the shuffled order."""
+    """The shard accounts for the split's rows in [first_row, end_row) of the build order."""
     class_counts: dict[str, int]
     failures: list[SampleFailure]
     retried: bool = False

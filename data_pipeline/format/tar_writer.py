@@ -58,10 +58,6 @@ class ShardWriter:
         self.body_bytes = 0
         self.num_samples = 0
 
-    def size_with(self, blocks: bytes) -> int:
-        """Size of the finished shard if this sample were added."""
-        return _finished(self.body_bytes + len(blocks))
-
     def _write(self, data: bytes) -> None:
         self._file.write(data)
         self._digest.update(data)

@@ -22,7 +22,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from data_pipeline.build.builder import BuildOptions, build, split_of
+from data_pipeline.build.builder import BuildOptions, build
+from data_pipeline.build.plan import split_of
 from data_pipeline.build.sources import row_key
 from data_pipeline.commands import reports_user_errors
 from pretrain.config import load_config
