@@ -33,6 +33,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	-$(BIN)/python -m benchmarks.bench_build_shards
 	-$(BIN)/python -m benchmarks.bench_build_remote
+	-$(BIN)/python -m benchmarks.bench_build_plan
 	-$(BIN)/python -m benchmarks.bench_loader
 	-$(BIN)/python -m benchmarks.bench_trainer
 	-$(BIN)/python -m benchmarks.bench_convert

@@ -174,12 +174,15 @@ def test_bad_inputs_are_skipped_counted_and_listed(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     write_manifest(manifest, rows)
     (tmp_path / "classes.txt").write_text("good\nbad\n")
+    # one row per shard: the 9 rows that fail leave shard numbers without a shard (their records list them)
     common = [str(manifest), "--classes", str(tmp_path / "classes.txt"), "--max-pixels", "100000"]
+    common += ["--max-samples-per-shard", "1"]
 
     strict = tmp_path / "strict"
     assert build(*common, "--output", str(strict)) == 1  # 9 of 29 skipped is over the default 1%
     index = read_index(strict)
-    assert index.splits["train"].num_samples == 20
+    assert index.splits["train"].num_samples == 20 and len(index.shards) == 20
+    assert len(list((strict / "_build").glob("train-*.json"))) == 29
     assert index.skipped == {
         "duplicate": 1,
         "empty": 1,
@@ -337,6 +340,14 @@ def test_three_parts_in_any_order_one_killed_equal_the_one_machine_build(
     )
     assert build(*part(1)) == 0 and build(*part(0)) == 0
     assert not (parts / "index.json").exists()
+    damaged = parts / "train-000015.tar"  # of part 1: train has 31 shards, part 1 builds 10 to 19
+    damaged.write_bytes(damaged.read_bytes()[:-1024])
+    capsys.readouterr()
+    assert build(*finalize) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {damaged}: missing or damaged; run part 1 again (--num-parts 3 --part 1), then --finalize"
+    )
+    assert build(*part(1)) == 0
     assert build(*finalize) == 0
     assert dataset_files(parts) == dataset_files(clean)
 

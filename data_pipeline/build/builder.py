@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -311,7 +312,7 @@ class BackgroundCommitter:
     def commit(self, writer: ShardWriter | None, record: ShardRecord) -> None:
         while len(self._pending) >= self.max_pending:
             self._wait_oldest()
-        what = record.name or f"{BUILD_DIR}/{record_name(record.split, None)}"
+        what = record.name or f"{BUILD_DIR}/{record_name(record.split, record.number)}"
         self._pending.append((what, self._thread.submit(self.output.commit, writer, record)))
 
     def _wait_oldest(self) -> None:
@@ -613,7 +614,8 @@ def _build(output: Output, options: BuildOptions, start: float) -> BuildResult:
         marker = {"fingerprint": build_id, "options": options.recorded(), "census": census.summary()}
         output.write(part_marker(options.part, options.num_parts), json.dumps(marker, indent=1).encode())
         return BuildResult(None, assembler.written, time.perf_counter() - start)
-    index = _write_final(output, census.summary(), output.records(), options)
+    summary = census.summary()
+    index = _write_final(output, summary, _complete_records(output, options, summary, build_id), options)
     return BuildResult(index, assembler.written, time.perf_counter() - start)
 
 
@@ -675,19 +677,35 @@ def finalize(options: BuildOptions) -> BuildResult:
         for part, marker in enumerate(markers):
             _check_part(options, part, marker, markers[0])
         summary, build_id = markers[0]["census"], markers[0]["fingerprint"]
-        records = output.records()
-        found = {(r.split, r.number) for r in records if r.fingerprint == build_id}
-        for split in SPLITS:
-            shards = -(-summary["split_rows"][split] // options.max_samples_per_shard)
-            for number in range(shards):
-                if (split, number) not in found:
-                    part = next(k for k in range(parts) if number < shards * (k + 1) // parts)
-                    raise OutputError(
-                        f"{output.path(shard_name(split, number))}: missing, damaged or of another build; run part "
-                        f"{part} again (build-shards ... --num-parts {parts} --part {part}), then --finalize"
-                    )
-        index = _write_final(output, summary, [r for r in records if r.fingerprint == build_id], options)
+        index = _write_final(output, summary, _complete_records(output, options, summary, build_id), options)
         return BuildResult(index, 0, time.perf_counter() - start)
+
+
+def _complete_records(
+    output: Output, options: BuildOptions, summary: dict[str, Any], build_id: str
+) -> list[ShardRecord]:
+    """The records of the whole build, once every shard of the plan has one: what the final files are made of. Two
+    builds racing into one output (two machines, one prefix) are caught here, before an index lists a mix."""
+    records = output.records()
+    if any(r.fingerprint != build_id for r in records):
+        raise OutputError(
+            f"{options.output}: another build with other inputs or options wrote here at the same time; build into "
+            f"a new --output"
+        )
+    found = {(r.split, r.number) for r in records}
+    parts = options.num_parts
+    for split in SPLITS:
+        shards = math.ceil(summary["split_rows"][split] / options.max_samples_per_shard)
+        for number in range(shards):
+            if (split, number) not in found:
+                part = next(k for k in range(parts) if number < shards * (k + 1) // parts)
+                again = (
+                    "the same command again"
+                    if parts == 1
+                    else f"part {part} again (--num-parts {parts} --part {part}), then --finalize"
+                )
+                raise OutputError(f"{output.path(shard_name(split, number))}: missing or damaged; run {again}")
+    return records
 
 
 def _check_part(options: BuildOptions, part: int, marker: dict[str, Any], first: dict[str, Any]) -> None:
