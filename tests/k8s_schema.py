@@ -2,7 +2,7 @@
 
 - Core types (pods, jobs, volumes, ...) against the official `kubernetes` client's models, which carry every
   field's JSON name and type (`attribute_map`, `openapi_types`) and reject a missing required field or a value
-  outside an enum when built;
+  outside an enum when built; `batch/v1` Jobs whole;
 - `kubeflow.org/v1` PyTorchJob against the Kubeflow training SDK (`kubeflow-training`, the same generated style);
 - `jobset.x-k8s.io/v1alpha2` JobSet against the Kubeflow Trainer API models (`kubeflow-trainer-api`, pydantic),
   handing the Kubernetes types they embed to the core models.
@@ -109,6 +109,8 @@ def problems_of(manifest: dict[str, Any]) -> list[str]:
         _classic(manifest, "KubeflowOrgV1PyTorchJob", kind, problems)
     elif kind == "JobSet" and manifest.get("apiVersion") == "jobset.x-k8s.io/v1alpha2":
         _pydantic(manifest, trainer_models.JobsetV1alpha2JobSet, kind, problems)
+    elif kind == "Job" and manifest.get("apiVersion") == "batch/v1":
+        _classic(manifest, "V1Job", kind, problems)
     elif kind == "Secret" and manifest.get("apiVersion") == "v1":
         _classic(manifest, "V1Secret", kind, problems)
     else:
