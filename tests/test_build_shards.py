@@ -351,6 +351,13 @@ def test_three_parts_in_any_order_one_killed_equal_the_one_machine_build(
     assert build(*finalize) == 0
     assert dataset_files(parts) == dataset_files(clean)
 
+    capsys.readouterr()
+    assert build(*part(1, "--seed", "1")) == 2  # over shards of this build
+    assert capsys.readouterr().err.strip() == (
+        f"error: {parts}/_build/train-000010.json: a shard of part 1 built with other inputs or options; write to a "
+        "new --output, or delete the shards of part 1 and their records (_build/SPLIT-NNNNNN.json) to build them again"
+    )
+
     # a part built with another seed (each part alone cannot know) is refused by the finalize step
     mixed = tmp_path / "mixed"
     for number, seed in ((0, "0"), (1, "1"), (2, "0")):

@@ -468,8 +468,11 @@ def test_zero_stage_checkpoint_of_two_ranks_resumes_on_one(
     assert resumed[56]["loss"] <= uninterrupted[48]["loss"] + step_noise(uninterrupted)
 
 
-# ZeRO 2 and 3 in bf16 go from two ranks to one above; here ZeRO 0 (no conversion) and ZeRO 3 in fp32
-@pytest.mark.parametrize(("stage", "precision"), [(0, "bf16"), (3, "fp32")], ids=["zero0-bf16", "zero3-fp32"])
+# ZeRO 2 and 3 in bf16 go from two ranks to one above; here from one to two: ZeRO 0 (no conversion), ZeRO 2 in bf16
+# (what most runs use) and ZeRO 3 in fp32
+@pytest.mark.parametrize(
+    ("stage", "precision"), [(0, "bf16"), (2, "bf16"), (3, "fp32")], ids=["zero0-bf16", "zero2-bf16", "zero3-fp32"]
+)
 def test_one_rank_checkpoint_on_s3_resumes_on_two_ranks(
     stage: int, precision: str, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -571,12 +571,18 @@ def build(options: BuildOptions, retry_failed: bool = False) -> BuildResult:
 
 
 def _shards_of(ranks: dict[str, range], per_shard: int) -> set[tuple[str, int]]:
+    """The (split, number) of the shards that hold `ranks`."""
     return {
         (split, number)
         for split, wanted in ranks.items()
         if len(wanted)
         for number in range(wanted.start // per_shard, (wanted.stop - 1) // per_shard + 1)
     }
+
+
+def _rows_of(shard: tuple[str, int], ranks: dict[str, range], per_shard: int) -> int:
+    split, number = shard
+    return len(range(number * per_shard, min((number + 1) * per_shard, ranks[split].stop)))
 
 
 def _build(output: Output, options: BuildOptions, start: float) -> BuildResult:
@@ -593,17 +599,17 @@ def _build(output: Output, options: BuildOptions, start: float) -> BuildResult:
     ranks = part_ranks(census, per_shard, options.num_parts, options.part)
     mine = _shards_of(ranks, per_shard)
     records = output.records(None if one_machine else {record_name(*shard) for shard in mine})
-    if any(r.fingerprint != build_id for r in records):
+    foreign = [r for r in records if r.fingerprint != build_id]
+    if foreign:
+        what = "" if one_machine else f" of part {options.part}"
         raise OutputError(
-            f"{options.output}: holds shards of a build with other inputs or options; write to a new "
-            f"--output or remove {BUILD_DIR}/ and the shards there"
+            f"{output.path(BUILD_DIR)}/{record_name(foreign[0].split, foreign[0].number)}: a shard{what} built with "
+            f"other inputs or options; write to a new --output, or delete the shards{what} and their records "
+            f"({BUILD_DIR}/SPLIT-NNNNNN.json) to build them again"
         )
     done = {(r.split, r.number) for r in records if not r.retried}
-    todo = {split: [n for s, n in mine - done if s == split] for split in SPLITS}
     planned = (p for p in planned_rows(source, census, ranks) if (p.split, p.rank // per_shard) not in done)
-    total = sum(
-        len(range(n * per_shard, min((n + 1) * per_shard, ranks[split].stop))) for split in SPLITS for n in todo[split]
-    )
+    total = sum(_rows_of(shard, ranks, per_shard) for shard in mine - done)
     assembler = ShardAssembler(output, options, build_id, first_number=dict.fromkeys(SPLITS, 0), retried=False)
     try:
         if total:
@@ -637,7 +643,7 @@ def _retry_failed(output: Output, options: BuildOptions, start: float) -> BuildR
         error = json.loads(line)
         if error["reason"] not in PLANNING_FAILURES:
             failed.add(error["key"])
-    failed -= {key for r in records if r.retried for key in [*r.recovered_keys, *(f.key for f in r.failures)]}
+    failed -= {key for r in records for key in r.recovered_keys}
     wanted = [
         p
         for p in planned_rows(source, census, part_ranks(census, options.max_samples_per_shard, 1, 0))
