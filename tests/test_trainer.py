@@ -19,9 +19,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -790,6 +792,51 @@ def test_non_finite_losses_are_skipped_and_ten_in_a_row_stop_the_run(
     assert re.fullmatch(
         r"error: loss was not finite 10 times in a row at step \d; lower optimizer.lr or check the data", errors[0]
     )
+
+
+def test_an_optimizer_step_makes_one_collective_and_reads_the_device_once(
+    digit_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """On a GPU every read of a value on the device stops the host from queueing kernels until the device catches
+    up, and every collective is a round trip between ranks: a step of the loop makes one of each (the loss is read at
+    log steps only). Counted by wrapping torch.distributed.all_reduce and the tensor methods that read a value, for
+    calls from pretrain/train/, as the difference between an 8-step and a 4-step run that log and save only at their
+    last step."""
+    from pretrain import run
+
+    calls: Counter = Counter()
+    ours = f"{os.sep}pretrain{os.sep}train{os.sep}"
+
+    def counted(kind: str, original: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if ours in sys._getframe(1).f_code.co_filename:
+                calls[kind] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", counted("collectives", torch.distributed.all_reduce))
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, counted("device reads", getattr(torch.Tensor, method)))
+    local = {"train": str(digit_shards / "index.json"), "val": None, "storage_options": {}}
+    totals = {}
+    for steps in (4, 8):
+        config = write_config(
+            tmp_path / f"{steps}.json",
+            {},
+            tmp_path / f"run-{steps}",
+            data=local,
+            schedule={"steps": steps, "warmup_steps": 1},
+            deepspeed={"micro_batch_size": 32},  # the whole batch: one micro-step per optimizer step
+            checkpoint={"every_steps": steps},
+            logging={"every_steps": steps},
+        )
+        calls.clear()
+        with one_rank_in_process(monkeypatch):
+            assert run.main(["--config", str(config)]) == 0
+        totals[steps] = dict(calls)
+    per_step = {kind: (totals[8][kind] - totals[4][kind]) / 4 for kind in totals[8]}
+    assert per_step == {"collectives": 1, "device reads": 1}, totals
 
 
 def test_a_checkpoint_of_another_model_or_with_a_file_damaged_in_place_is_refused_in_one_line(

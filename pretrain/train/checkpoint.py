@@ -199,7 +199,7 @@ class CheckpointStore:
         model_file: dict[str, Any],
     ) -> None:
         """Write this rank's files of the checkpoint of `step`; a local checkpoint is complete on return, one for
-        object storage once its upload is (`at_step_boundary`, `finish_upload`)."""
+        object storage once its upload is (`step_questions`, `at_step_boundary`, `finish_upload`)."""
         self.finish_upload()  # the previous checkpoint's upload first: `latest` moves in order
         tag = tag_of(step)
         rank = self.placement.rank
@@ -265,17 +265,22 @@ class CheckpointStore:
             and (owner(entry.name) or 0) == rank
         }
 
-    def at_step_boundary(self, step: int, preempt_requested: bool) -> bool:
-        """Called by every rank after every optimizer step: one collective saying whether any rank was asked to stop
-        (returned), whether an upload failed anywhere (the run stops, one line) and whether every rank's upload has
-        finished (then the checkpoint is committed)."""
+    def step_questions(self, preempt_requested: bool) -> list[bool]:
+        """What every rank tells the others once per optimizer step (in the trainer's one collective of the step):
+        whether it was asked to stop, whether its upload failed, whether its upload is still running."""
         upload = self.upload
         pending = upload is not None and not upload.done()  # first: a file failing in between counts as pending
         failed = upload is not None and upload.failure() is not None
-        preempt, any_failed, any_pending = distributed.any_of([preempt_requested, failed, pending])
-        if upload is not None and any_failed:
+        return [preempt_requested, failed, pending]
+
+    def at_step_boundary(self, step: int, answers: list[bool]) -> bool:
+        """Act on the answers to `step_questions` (each: true on any rank) after the optimizer step: a failed upload
+        anywhere stops the run (one line); once no rank's upload runs the checkpoint is committed. Returns whether
+        any rank was asked to stop."""
+        preempt, any_failed, any_pending = answers
+        if self.upload is not None and any_failed:
             self._upload_failed()
-        if upload is not None and not any_pending:
+        if self.upload is not None and not any_pending:
             self._commit_upload(f"at step {step}")
         return preempt
 

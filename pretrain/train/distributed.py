@@ -143,9 +143,11 @@ def wait_for(done: Callable[[], bool], interval: float = 1.0) -> None:
         time.sleep(interval)
 
 
-def any_of(flags: list[bool]) -> list[bool]:
-    """For each flag, whether it is true on any rank: several questions in one collective."""
-    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device())
+def any_of(flags: list[bool | torch.Tensor]) -> list[bool]:
+    """For each flag, whether it is true on any rank: several questions in one collective and one read of the
+    answers. A flag may be a tensor on the device (a loss that is not finite): it joins the collective where it is,
+    so the answers are the only thing the host waits for."""
+    values = torch.stack([torch.as_tensor(flag, device=device()).reshape(()).float() for flag in flags])
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [value == 1.0 for value in values.tolist()]
 

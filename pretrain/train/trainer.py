@@ -221,18 +221,26 @@ class Trainer:
         eval_every = config.run.eval_every_steps
         probe_every = config.fewshot.every_steps
         timer = StepTimer()
-        loss_sum, loss_count, nonfinite_in_a_row = 0.0, 0, 0
+        # the loss is summed where it is computed and read at log steps only: on a GPU every read waits for the
+        # device, and the host could not queue the next kernels meanwhile
+        loss_sum, loss_count, nonfinite_in_a_row = torch.zeros((), device=distributed.device()), 0, 0
         batches = iter(self.train_loader)
         if probe_every and engine.global_steps == 0:
             self.fewshot(0)  # the initial weights' numbers: the baseline every later probe is read against
         while engine.global_steps < self.steps:
             start = time.perf_counter()
             batch = next(batches)
-            timer.waited(time.perf_counter() - start, int(batch["valid"].sum()))
+            timer.waited(time.perf_counter() - start, int(batch["valid"].numpy().sum()))  # host memory: no wait
             steps_before = engine.global_steps
             raw, images = self._images(batch["image"])
             loss = self.task.loss(engine, images, raw, batch)
-            if not distributed.all_true(bool(torch.isfinite(loss))):
+            # the micro-step's one collective and one wait for the device: whether the loss is finite on every rank
+            # (and, before the optimizer step, the checkpoint store's questions: a preemption, the uploads)
+            questions = [~torch.isfinite(loss.detach())]
+            if engine.is_gradient_accumulation_boundary():
+                questions += self.checkpoints.step_questions(self.preempt_requested)
+            nonfinite, *answers = distributed.any_of(questions)
+            if nonfinite:
                 # every rank skips the same micro-batch, so the ranks stay in step
                 self.nonfinite_steps += 1
                 nonfinite_in_a_row += 1
@@ -245,7 +253,7 @@ class Trainer:
             nonfinite_in_a_row = 0
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
             loss_count += 1
             self.samples_seen += self.micro_batch * self.placement.world_size
             if engine.global_steps == steps_before:  # inside a gradient-accumulation cycle
@@ -253,14 +261,14 @@ class Trainer:
             step = engine.global_steps
             timer.stepped()
             if step % config.logging.every_steps == 0 or step == self.steps:
-                self._log_train(step, timer, loss_sum, loss_count)
+                self._log_train(step, timer, loss_sum.item(), loss_count)
                 timer.reset()
-                loss_sum, loss_count = 0.0, 0
+                loss_sum, loss_count = torch.zeros_like(loss_sum), 0
             if eval_every and step % eval_every == 0 and step < self.steps:
                 self.evaluate(step)
             if probe_every and step % probe_every == 0 and step < self.steps:
                 self.fewshot(step)
-            preempted = self.checkpoints.at_step_boundary(step, self.preempt_requested)
+            preempted = self.checkpoints.at_step_boundary(step, answers)
             if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
                 self.save(step)
             if preempted or step == self.steps:
