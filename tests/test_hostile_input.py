@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -154,6 +155,15 @@ def test_a_second_build_into_the_same_output_is_refused(tmp_path: Path, capsys):
         assert build_shards([str(tmp_path / "in"), "--output", str(out)]) == 2
     assert f"{out}: another build-shards is writing here" in one_error_line(capsys)
     assert build_shards([str(tmp_path / "in"), "--output", str(out)]) == 0  # once the first is done
+
+
+def test_a_temporary_folder_that_cannot_take_the_plan_gets_one_line(tmp_path: Path, capsys, monkeypatch):
+    image_folder(tmp_path / "in", {"a": 2})
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file" / "tmp"))  # as a full or read-only disk fails
+    assert build_shards([str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {tmp_path / 'a-file' / 'tmp'}/build-shards-plan-") and "set TMPDIR" in line, line
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):

@@ -21,9 +21,11 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -171,6 +173,10 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
+RECORD_NAME = re.compile(r"(train|val)-\d{6}\.json")
+"""A shard's record (not a part marker, not a temporary copy of a record)."""
+
+
 def record_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.json"
 
@@ -179,26 +185,35 @@ def part_marker(part: int, num_parts: int) -> str:
     return f"{BUILD_DIR}/part-{part:06d}-of-{num_parts:06d}.json"
 
 
+def _work_name(options: BuildOptions, finalizing: bool) -> str:
+    """Parts (and the finalize step) run side by side into one output, each with its own work folder and lock."""
+    if finalizing:
+        return "tmp-finalize"
+    return "tmp" if options.num_parts == 1 else f"tmp-part-{options.part:06d}"
+
+
 class Output:
     """The output folder: shards, build records, final files. The only code that writes there."""
 
-    def __init__(self, options: BuildOptions):
+    def __init__(self, options: BuildOptions, finalizing: bool = False):
         self.url = options.output
         self.fs, self.root = filesystem(options.output, options.storage_options)
         self.build_dir = join(self.fs, self.root, BUILD_DIR)
-        # parts run side by side into one output, each with its own work folder and lock
-        tmp = "tmp" if options.num_parts == 1 else f"tmp-part-{options.part:06d}"
-        # Shards are written here before they are committed: beside the output when it is local (a rename commits),
-        # else in a folder named after the output URL, so that a re-run finds and removes what a killed run left.
+        tmp = _work_name(options, finalizing)
+        # Folders of this machine are named after the output URL, so that a re-run finds and removes what a killed
+        # run left. Shards are written into the work folder before they are committed: beside the output when it is
+        # local (a rename commits). The plan's spill files are always on this machine's disk.
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         if is_local(self.fs):
             self.work_dir = join(self.fs, self.build_dir, tmp)
         else:
-            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
             self.work_dir = os.path.join(tempfile.gettempdir(), f"build-shards-{digest}-{tmp}")
+        self.plan_dir = os.path.join(tempfile.gettempdir(), f"build-shards-plan-{digest}-{tmp}")
         self._local_tmp: str | None = None
 
     def check_writable(self) -> None:
-        probe = join(self.fs, self.build_dir, ".write-probe")
+        # a name of its own: parts starting side by side would remove each other's probe
+        probe = join(self.fs, self.build_dir, f".write-probe-{uuid.uuid4().hex}")
         try:
             if is_local(self.fs):  # on object stores makedirs would create a missing bucket: fail instead
                 self.fs.makedirs(self.build_dir, exist_ok=True)
@@ -280,7 +295,7 @@ class Output:
         names = [
             name
             for name in self._sizes(self.build_dir)
-            if (name in wanted if wanted is not None else name.startswith(tuple(f"{s}-" for s in SPLITS)))
+            if (name in wanted if wanted is not None else RECORD_NAME.fullmatch(name))
         ]
         paths = [join(self.fs, self.build_dir, name) for name in names]
         contents = self.fs.cat(paths, on_error="omit") if paths else {}
@@ -490,6 +505,10 @@ def _run(
     assembler: ShardAssembler, planned: Iterator[PlannedRow], total: int, census: Census, options: BuildOptions
 ) -> None:
     try:
+        # the plan's second pass runs when the first row is asked for: before the progress bar, so that a message
+        # of its own (the input changed, no room for the spill files) is the only line
+        first = next(planned, None)
+        planned = itertools.chain([first] if first is not None else [], planned)
         with tqdm(total=total, unit="img", desc="build-shards", smoothing=0.05) as progress:
             for row, outcome in _encoded(planned, census, options):
                 assembler.add(row, outcome)
@@ -608,7 +627,8 @@ def _build(output: Output, options: BuildOptions, start: float) -> BuildResult:
             f"({BUILD_DIR}/SPLIT-NNNNNN.json) to build them again"
         )
     done = {(r.split, r.number) for r in records if not r.retried}
-    planned = (p for p in planned_rows(source, census, ranks) if (p.split, p.rank // per_shard) not in done)
+    rows = planned_rows(source, census, ranks, output.plan_dir)
+    planned = (p for p in rows if (p.split, p.rank // per_shard) not in done)
     total = sum(_rows_of(shard, ranks, per_shard) for shard in mine - done)
     assembler = ShardAssembler(output, options, build_id, first_number=dict.fromkeys(SPLITS, 0), retried=False)
     try:
@@ -632,6 +652,7 @@ def _retry_failed(output: Output, options: BuildOptions, start: float) -> BuildR
         raise OutputError(
             f"{options.output}: no finished build to retry (index.json missing); run without --retry-failed first"
         )
+    output.remove_stale_temporaries()
     source = plan_input(options)
     census = census_of(source, options)
     build_id = fingerprint(options, census)
@@ -644,11 +665,9 @@ def _retry_failed(output: Output, options: BuildOptions, start: float) -> BuildR
         if error["reason"] not in PLANNING_FAILURES:
             failed.add(error["key"])
     failed -= {key for r in records for key in r.recovered_keys}
-    wanted = [
-        p
-        for p in planned_rows(source, census, part_ranks(census, options.max_samples_per_shard, 1, 0))
-        if p.row.key in failed and p.row.failure is None
-    ]
+    everything = part_ranks(census, options.max_samples_per_shard, 1, 0)
+    rows = planned_rows(source, census, everything, output.plan_dir)
+    wanted = [p for p in rows if p.row.key in failed and p.row.failure is None]
     retry_rank = Counter()
     for planned in wanted:  # retried rows fill new shards of their own, after the split's last one
         planned.rank = retry_rank[planned.split]
@@ -667,12 +686,11 @@ def finalize(options: BuildOptions) -> BuildResult:
     """Check that the `num_parts` parts of a build are all there, from the same inputs and options, and write its
     index.json, classes.json and errors.jsonl: the files a one-machine build ends with."""
     start = time.perf_counter()
-    output = Output(options)
+    output = Output(options, finalizing=True)
     output.check_writable()
     with output.locked():
-        output.remove_stale_temporaries()
         parts = options.num_parts
-        markers = [output.read_json(part_marker(part, parts)) for part in range(parts)]
+        markers = [_read_marker(output, part, parts) for part in range(parts)]
         missing = [part for part, marker in enumerate(markers) if marker is None]
         if missing:
             listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
@@ -682,9 +700,21 @@ def finalize(options: BuildOptions) -> BuildResult:
             )
         for part, marker in enumerate(markers):
             _check_part(options, part, marker, markers[0])
+        output.remove_stale_temporaries()  # only now: a part still running could be writing one
         summary, build_id = markers[0]["census"], markers[0]["fingerprint"]
         index = _write_final(output, summary, _complete_records(output, options, summary, build_id), options)
         return BuildResult(index, 0, time.perf_counter() - start)
+
+
+def _read_marker(output: Output, part: int, parts: int) -> dict[str, Any] | None:
+    """A part's marker; None when it is missing or not one (its part is then built again)."""
+    try:
+        marker = output.read_json(part_marker(part, parts))
+    except ValueError:
+        return None
+    if not isinstance(marker, dict) or not {"fingerprint", "options", "census"} <= marker.keys():
+        return None
+    return marker
 
 
 def _complete_records(

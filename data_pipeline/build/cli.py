@@ -196,10 +196,10 @@ def summary(result: BuildResult, options: BuildOptions) -> str:
     )
     skipped = ", ".join(f"{reason} {count}" for reason, count in index.skipped.items()) or "none"
     rate = result.written_samples / max(result.elapsed, 1e-9)
+    wrote = f"; wrote {result.written_samples} samples in {result.elapsed:.1f} s ({rate:.1f} images/s)"
     return (
         f"{splits}; skipped {result.skipped} of {index.input_rows} rows ({skipped}); ignored "
-        f"{index.ignored_files} non-image files; wrote {result.written_samples} samples in {result.elapsed:.1f} s "
-        f"({rate:.1f} images/s)"
+        f"{index.ignored_files} non-image files{wrote if result.written_samples else ''}"
     )
 
 

@@ -11,8 +11,13 @@ Two passes over the input, each streaming it:
    the class table and a digest of every row. It holds the two count arrays (16 MB) and the class table.
 2. `planned_rows` keeps only the rows of the buckets that hold the part's shards (and every other row in them: a
    duplicate of a kept row, in either split, has the same hash), spills them to local files in groups of buckets,
-   then reads one group at a time back, sorted. Memory: one group (GROUP_ROWS rows). A part of a large build spills
-   its slice only; a one-machine build spills the whole input once (about the manifest's size, under $TMPDIR).
+   then reads one group at a time back, sorted. Memory: one group, GROUP_ROWS rows or 1/MAX_GROUPS of the kept rows
+   if that is more (a file named millions of times is one bucket, and so one group, however large). A part of a
+   large build spills its slice only; a one-machine build spills the whole input once (a few hundred bytes per row,
+   more with many metadata columns, under $TMPDIR).
+
+The class table is made in the first pass, so the labels of rows that the second pass finds to be duplicates count
+in it too (a label only a duplicate carries is a class with no sample).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import math
 import os
 import pickle
-import tempfile
+import shutil
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.build.sources import ClassTable, InputError, LabelCensus, Row
+from data_pipeline.commands import UserError
 
 SPLITS = ("train", "val")
 BUCKET_BITS = 20
@@ -76,7 +82,9 @@ def _order_identity(row: Row, position: int) -> str:
 
 
 def _digest_line(row: Row) -> bytes:
-    return f"{row.key}\0{row.source}\0{row.labels!r}\0{row.failure}\n".encode("utf-8", "surrogateescape")
+    """What of a row decides the shards: the parts of a build compare their digests of every row."""
+    line = f"{row.key}\0{row.source}\0{row.identity}\0{row.labels!r}\0{sorted(row.metadata.items())!r}\0{row.failure}"
+    return (line + "\n").encode("utf-8", "surrogateescape")
 
 
 @dataclass
@@ -173,8 +181,13 @@ class PlannedRow:
     row: Row
 
 
-def planned_rows(source: PlanInput, census: Census, ranks: dict[str, range]) -> Iterator[PlannedRow]:
-    """The rows with ranks in `ranks`, in build order, duplicates and unknown labels marked as failures."""
+class SpillError(UserError):
+    """The plan's spill files cannot be written (a full or read-only $TMPDIR): one line, exit 2."""
+
+
+def planned_rows(source: PlanInput, census: Census, ranks: dict[str, range], spill_dir: str) -> Iterator[PlannedRow]:
+    """The rows with ranks in `ranks`, in build order, duplicates and unknown labels marked as failures. The kept
+    rows are spilled into `spill_dir` (a local folder of this process alone: emptied first, removed after)."""
     starts = np.zeros((len(SPLITS), BUCKETS + 1), dtype=np.int64)
     np.cumsum(census.counts, axis=1, out=starts[:, 1:])  # rank of each bucket's first row, per split
     position_starts = starts.sum(axis=0)
@@ -187,13 +200,23 @@ def planned_rows(source: PlanInput, census: Census, ranks: dict[str, range]) -> 
             kept[first : last + 1] = True
     groups = _bucket_groups(census.counts.sum(axis=0), kept)
     table = ClassTable(census.classes, census.classes_given)
-    with tempfile.TemporaryDirectory(prefix="build-shards-plan-") as folder:
-        spilled, digest = _spill(source, groups, folder)
+    shutil.rmtree(spill_dir, ignore_errors=True)  # what a killed run left
+    try:
+        try:
+            os.makedirs(spill_dir)
+            spilled, digest = _spill(source, groups, spill_dir)
+        except OSError as error:
+            raise SpillError(
+                f"{spill_dir}: cannot write the plan's spill files ({error.strerror or error}); set TMPDIR to a local "
+                "disk with room for a few hundred bytes per input row"
+            ) from None
         if digest != census.digest:
             raise InputError(f"{source.url}: changed while it was being read; run again once it stays the same")
         for group in range(spilled):
-            entries = _read_group(os.path.join(folder, f"{group}.pickle"))
+            entries = _read_group(os.path.join(spill_dir, f"{group}.pickle"))
             yield from _ordered(entries, starts, position_starts, ranks, table)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 def _bucket_groups(rows_per_bucket: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -211,8 +234,8 @@ def _bucket_groups(rows_per_bucket: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
 
 def _spill(source: PlanInput, groups: np.ndarray, folder: str) -> tuple[int, str]:
-    """Write the kept rows into one local file per group (pickles of our own rows, read back by this process
-    only); returns the number of groups and the digest of all rows, as the census takes it."""
+    """Write the kept rows into one local file per group (pickled tuples, read back by this process only); returns
+    the number of groups and the digest of all rows, as the census takes it."""
     digest = hashlib.sha256()
     count = int(groups.max()) + 1
     with contextlib.ExitStack() as stack:
@@ -227,7 +250,8 @@ def _spill(source: PlanInput, groups: np.ndarray, folder: str) -> tuple[int, str
             group = groups[hashed >> (64 - BUCKET_BITS)]
             if group >= 0:
                 split = SPLITS.index(split_of(row.key, source.val_fraction))
-                pickle.dump((hashed, identity, position, split, row), files[group], protocol=pickle.HIGHEST_PROTOCOL)
+                entry = (hashed, identity, position, split, row.key, row.source, row.labels, row.metadata, row.failure)
+                pickle.dump(entry, files[group], protocol=pickle.HIGHEST_PROTOCOL)
             position += 1
     return count, digest.hexdigest()
 
@@ -252,7 +276,8 @@ def _ordered(
     entries.sort(key=itemgetter(0, 1, 2))  # hash, file, input position
     bucket, in_bucket, in_split = -1, 0, [0] * len(SPLITS)
     previous = None
-    for hashed, identity, _, split, row in entries:
+    for hashed, identity, _, split, key, source, labels, metadata, failure in entries:
+        row = Row(key, source, labels, metadata, failure, None if identity.startswith("\0") else identity)
         if hashed >> (64 - BUCKET_BITS) != bucket:
             bucket, in_bucket, in_split = hashed >> (64 - BUCKET_BITS), 0, [0] * len(SPLITS)
         position = int(position_starts[bucket]) + in_bucket

@@ -100,7 +100,11 @@ def read_image_folder(url: str, storage_options: dict[str, Any]) -> Iterator[Row
 def _sorted_files(fs: fsspec.AbstractFileSystem, folder: str) -> Iterator[str]:
     """The files under `folder`, depth first, each folder's entries in sorted order: the same order on every run and
     machine, holding one folder's listing at a time (`find` lists the whole tree at once)."""
-    entries = sorted(fs.ls(folder, detail=True), key=lambda entry: entry["name"])
+    try:
+        entries = sorted(fs.ls(folder, detail=True), key=lambda entry: entry["name"])
+    except OSError as error:  # find() skipped such a folder: its images were silently missing
+        raise InputError(f"{folder}: cannot list it ({type(error).__name__}); fix its permissions or move it") from None
+    fs.invalidate_cache(folder)  # object stores cache every listing: the tree would pile up in memory
     for entry in entries:
         name = entry["name"].rstrip("/")
         if entry["type"] == "directory":
