@@ -36,6 +36,7 @@ bench: $(VENV)/.installed-test
 	-$(BIN)/python -m benchmarks.bench_build_plan
 	-$(BIN)/python -m benchmarks.bench_loader
 	-$(BIN)/python -m benchmarks.bench_trainer
+	-$(BIN)/python -m benchmarks.bench_ddp
 	-$(BIN)/python -m benchmarks.bench_convert
 
 lint: $(VENV)/.installed-test
