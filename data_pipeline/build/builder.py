@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -44,7 +43,9 @@ from data_pipeline.build.plan import (
     PlanInput,
     PlannedRow,
     part_ranks,
+    part_shards,
     planned_rows,
+    shard_count,
     take_census,
 )
 from data_pipeline.build.sources import MANIFEST_SUFFIXES, Row, load_classes, read_image_folder, read_manifest
@@ -731,10 +732,10 @@ def _complete_records(
     found = {(r.split, r.number) for r in records}
     parts = options.num_parts
     for split in SPLITS:
-        shards = math.ceil(summary["split_rows"][split] / options.max_samples_per_shard)
+        shards = shard_count(summary["split_rows"][split], options.max_samples_per_shard)
         for number in range(shards):
             if (split, number) not in found:
-                part = next(k for k in range(parts) if number < shards * (k + 1) // parts)
+                part = next(k for k in range(parts) if number in part_shards(shards, parts, k))
                 again = (
                     "the same command again"
                     if parts == 1

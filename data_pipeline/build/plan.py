@@ -106,7 +106,7 @@ class Census:
         return int(self.counts[SPLITS.index(split)].sum())
 
     def num_shards(self, split: str, per_shard: int) -> int:
-        return math.ceil(self.split_rows(split) / per_shard)
+        return shard_count(self.split_rows(split), per_shard)
 
     def summary(self) -> dict[str, Any]:
         """What the final files need from the census (a part records it for the finalize step)."""
@@ -161,13 +161,21 @@ def take_census(source: PlanInput, labelled: bool, given_classes: dict[str, int]
     )
 
 
+def shard_count(rows: int, per_shard: int) -> int:
+    return math.ceil(rows / per_shard)
+
+
+def part_shards(shards: int, num_parts: int, part: int) -> range:
+    """The numbers of a split's `shards` shards that part `part` of `num_parts` builds: a contiguous run."""
+    return range(shards * part // num_parts, shards * (part + 1) // num_parts)
+
+
 def part_ranks(census: Census, per_shard: int, num_parts: int, part: int) -> dict[str, range]:
     """The ranks in each split that part `part` of `num_parts` builds: whole shards, a contiguous run of them."""
     ranks = {}
     for split in SPLITS:
-        shards = census.num_shards(split, per_shard)
-        first, end = shards * part // num_parts, shards * (part + 1) // num_parts
-        ranks[split] = range(first * per_shard, min(end * per_shard, census.split_rows(split)))
+        shards = part_shards(census.num_shards(split, per_shard), num_parts, part)
+        ranks[split] = range(shards.start * per_shard, min(shards.stop * per_shard, census.split_rows(split)))
     return ranks
 
 
