@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import psutil
 import pytest
 import s3fs
@@ -34,6 +35,7 @@ from conftest import free_port, s3_bucket
 from deepspeed.utils import safe_get_full_fp32_param
 from faulty_proxy import FaultyProxy
 
+from data_pipeline import make_loader
 from data_pipeline.build.builder import BuildOptions, build
 from pretrain.config import ConfigError, validate
 from pretrain.config.load import load_config
@@ -44,6 +46,7 @@ from pretrain.train import distributed
 from pretrain.train.checkpoint import CheckpointError, CheckpointStore
 from pretrain.train.compute import step_seconds, training_flops_per_image
 from pretrain.train.metrics import read_metrics
+from pretrain.train.sample_log import read_sample_log
 from pretrain.train.trainer import Trainer
 from pretrain.weights.convert import main as convert_checkpoint
 from pretrain.weights.native import read_native
@@ -196,7 +199,7 @@ def zero_stage_run(
             options | FAKE_CREDENTIALS,  # moto takes any; none of them may reach a file the run writes
             root / "run",
             deepspeed={"zero_stage": stage},
-            logging={"tensorboard": True, "csv": True},
+            logging={"tensorboard": True, "csv": True, "sample_keys": True},
             model={"pool": "token"},
             checkpoint={"storage_options": FAKE_CREDENTIALS},
         )
@@ -431,6 +434,48 @@ def test_zero_stage_resume_none_refuses_to_overwrite_another_run_unless_asked(
     assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [8]  # the old run's records are gone
 
 
+def epoch_keys(digit_shards: Path, states: list[dict] | None = None) -> Counter:
+    """The keys of epoch 0 of the digits' train split; with a run's final loader states, those it still owed."""
+    # three workers: another job shape than the run's, so the states are re-cut into a finite run of what is left
+    loader = make_loader(str(digit_shards / "index.json"), batch_size=64, image_size=16, epochs=1, num_workers=3)
+    if states is not None:
+        loader.load_state_dict(states)
+    return Counter(
+        key
+        for batch in loader
+        for key, epoch, valid in zip(batch["key"], batch["epoch"].tolist(), batch["valid"], strict=True)
+        if valid and epoch == 0
+    )
+
+
+def check_epoch_delivered_once(
+    run_dir: Path, final_states: list[dict], digit_shards: Path, resumed_at: int, ranks: tuple[int, int]
+) -> None:
+    """What the run trained on (on the old number of ranks up to the resume, on the new one after it), plus what its
+    final loader states still owe of epoch 0, is every sample of epoch 0 exactly once; and no sample came twice in
+    epoch 1."""
+    records = read_sample_log(str(run_dir))
+    assert all(record["trained"] for record in records)
+    before, after = ranks
+    assert {r["rank"] for r in records if r["step"] <= resumed_at} == set(range(before))
+    assert {r["rank"] for r in records if r["step"] > resumed_at} == set(range(after))
+    delivered: dict[int, Counter] = {0: Counter(), 1: Counter()}
+    for record in records:
+        for key, epoch in zip(record["keys"], record["epochs"], strict=True):
+            delivered[epoch][key] += 1
+    everything = epoch_keys(digit_shards)
+    assert (
+        sum(everything.values())
+        == json.loads((digit_shards / "index.json").read_text())["splits"]["train"]["num_samples"]
+    )
+    assert delivered[0] + epoch_keys(digit_shards, final_states) == everything
+    assert max(delivered[1].values()) == 1
+
+
+def loader_states(fs: Any, checkpoint: str) -> list[dict]:
+    return [json.loads(fs.cat_file(path)) for path in sorted(fs.glob(f"{checkpoint}/loader-rank*.json"))]
+
+
 def step_noise(records: dict[int, dict]) -> float:
     """The largest change of the logged loss from one logged step to the next: a run's own step-to-step noise."""
     losses = [records[step]["loss"] for step in sorted(records)]
@@ -439,11 +484,12 @@ def step_noise(records: dict[int, dict]) -> float:
 
 @pytest.mark.parametrize("zero_stage_run", [2, 3], ids=["zero2", "zero3"], indirect=True)
 def test_zero_stage_checkpoint_of_two_ranks_resumes_on_one(
-    finished_run: Run, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    finished_run: Run, digit_shards: Path, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Resumed on one rank from the two-rank run's step 48, through a universal copy: the fp32 master weights are
     the saved ones exactly, step, learning rate and Adam's step count carry over, the no-decay group stays so, the
-    global batch stays 32 (two accumulation steps of 16), and the run ends as the uninterrupted one did."""
+    global batch stays 32 (two accumulation steps of 16), the run ends as the uninterrupted one did, and the one rank
+    trains on no sample the two had trained on in the same epoch."""
     config = resumable_copy(finished_run, s3_digits, tmp_path)
     saved = fp32_weights(tmp_path / "run" / "checkpoints", "step-00000048")  # consolidated from both partitions
     uninterrupted = {record["step"]: record for record in read_metrics(finished_run.dir, "train")}
@@ -468,6 +514,8 @@ def test_zero_stage_checkpoint_of_two_ranks_resumes_on_one(
         assert resumed[step]["lr"] == pytest.approx(uninterrupted[step]["lr"], rel=1e-6)
         assert resumed[step]["epoch"] == pytest.approx(uninterrupted[step]["epoch"])
     assert resumed[56]["loss"] <= uninterrupted[48]["loss"] + step_noise(uninterrupted)
+    final = loader_states(fsspec.filesystem("file"), str(tmp_path / "run" / "checkpoints" / "step-00000064"))
+    check_epoch_delivered_once(tmp_path / "run", final, digit_shards, resumed_at=48, ranks=(2, 1))
 
 
 # ZeRO 2 and 3 in bf16 go from two ranks to one above; here from one to two: ZeRO 0 (no conversion), ZeRO 2 in bf16
@@ -476,11 +524,11 @@ def test_zero_stage_checkpoint_of_two_ranks_resumes_on_one(
     ("stage", "precision"), [(0, "bf16"), (2, "bf16"), (3, "fp32")], ids=["zero0-bf16", "zero2-bf16", "zero3-fp32"]
 )
 def test_one_rank_checkpoint_on_s3_resumes_on_two_ranks(
-    stage: int, precision: str, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stage: int, precision: str, digit_shards: Path, s3_digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A one-rank run checkpointing to S3, resumed from its step 32 on two ranks: each rank downloads what it reads
-    into its node's staging folder, the node converts (ZeRO 1-3), and the run continues on the one-rank run's
-    schedule."""
+    """A one-rank run checkpointing to S3, resumed from its step 32 (of epoch 0's 45) on two ranks: each rank
+    downloads what it reads into its node's staging folder, the node converts (ZeRO 1-3), the run continues on the
+    one-rank run's schedule, and the two ranks train on the rest of epoch 0 once."""
     from pretrain import run
 
     run_dir = tmp_path / "run"
@@ -490,6 +538,7 @@ def test_one_rank_checkpoint_on_s3_resumes_on_two_ranks(
         run_dir,
         deepspeed={"zero_stage": stage, "precision": precision, "micro_batch_size": 16},
         checkpoint={"dir": "s3://bucket/ckpt", "storage_options": s3_digits, "keep_last": 4},
+        logging={"sample_keys": True},
     )
     with one_rank_in_process(monkeypatch):
         assert run.main(["--config", str(config), "--set", f"checkpoint.staging_dir={tmp_path / 'one'}"]) == 0
@@ -509,6 +558,8 @@ def test_one_rank_checkpoint_on_s3_resumes_on_two_ranks(
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_digits)
     assert fs.cat_file("bucket/ckpt/latest") == b"step-00000064"
     assert not list((staging).glob("step-*"))  # uploaded, then removed from the node
+    final = loader_states(fs, "bucket/ckpt/step-00000064")
+    check_epoch_delivered_once(run_dir, final, digit_shards, resumed_at=32, ranks=(1, 2))
 
 
 @pytest.mark.parametrize("zero_stage_run", [2], ids=["zero2"], indirect=True)

@@ -290,6 +290,10 @@ class LoggingConfig(Section):
     """Also log through DeepSpeed's TensorBoard monitor."""
     csv: bool = False
     """Also log through DeepSpeed's CSV monitor."""
+    sample_keys: bool = False
+    """Write the keys and epochs of the samples every optimizer step trained on to samples/ in the run folder, a
+    file per rank and start (read back with pretrain.train.sample_log.read_sample_log): to find the images behind a
+    loss spike, or to check what a resumed run saw. About 40 bytes per sample."""
     peak_tflops: Annotated[float, Field(gt=0)] | None = None
     """Peak dense TFLOP/s per device for MFU; null for the GPU's datasheet peak (pretrain/plan/gpus.py) in bf16/fp16,
     or a matmul peak measured at start (CPU, fp32, GPUs not in the table)."""

@@ -35,6 +35,7 @@ from pretrain.train.compute import step_seconds, training_flops_per_image
 from pretrain.train.elastic import needs_conversion
 from pretrain.train.engine_config import deepspeed_config, parameter_groups
 from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
+from pretrain.train.sample_log import SampleLog, remove_sample_log
 from pretrain.train.schedule import total_steps
 from pretrain.weights.formats import read_init_state
 from pretrain.weights.model_weights import WeightsError, encoder_prefix, model_file
@@ -90,6 +91,7 @@ class Trainer:
         if overwrite and resume == "none" and placement.is_main:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.output_dir, METRICS_FILE))  # the old run's records
+            remove_sample_log(self.output_dir)
         if tag is not None:
             self._check_same_model(tag)
         saved_world_size = (self.checkpoints.trainer_record(tag) or {}).get("world_size") if tag else None
@@ -135,6 +137,9 @@ class Trainer:
         self.preempt_requested = False
         if tag is not None:
             self.restore(tag)
+        self.sample_log = SampleLog(
+            self.output_dir, self.engine.global_steps, placement.rank, enabled=config.logging.sample_keys
+        )
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
 
@@ -240,6 +245,7 @@ class Trainer:
             if engine.is_gradient_accumulation_boundary():
                 questions += self.checkpoints.step_questions(self.preempt_requested)
             nonfinite, *answers = distributed.any_of(questions)
+            self.sample_log.write(steps_before + 1, batch, trained=not nonfinite)
             if nonfinite:
                 # every rank skips the same micro-batch, so the ranks stay in step
                 self.nonfinite_steps += 1
@@ -281,6 +287,7 @@ class Trainer:
                         flush=True,
                     )
                 return EXIT_PREEMPTED
+        self.sample_log.close()
         self.evaluate(engine.global_steps)
         self.fewshot(engine.global_steps)
         self.check_replicas(engine.global_steps)
