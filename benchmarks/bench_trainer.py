@@ -53,7 +53,13 @@ def config(
         "data": {"train": train, "batch_size": batch, "num_workers": 1, "storage_options": storage_options or {}},
         "optimizer": {"lr": 1e-4, "weight_decay": 0.05},
         "schedule": {"steps": steps, "warmup_steps": 1, "decay": "cosine"},
-        "deepspeed": {"zero_stage": stage, "precision": "bf16", "overrides": overrides or {}},
+        # resident memory that follows what is live: the memory figures compare it with the plan
+        "deepspeed": {
+            "zero_stage": stage,
+            "precision": "bf16",
+            "return_freed_host_memory": True,
+            "overrides": overrides or {},
+        },
         "checkpoint": {"every_steps": checkpoint_every, "keep_last": 1},
         "logging": {"every_steps": 1, "tensorboard": False},
     }

@@ -261,6 +261,7 @@ def run_config(
             "zero_stage": stage,
             "precision": precision,
             "micro_batch_size": micro_batch,
+            "return_freed_host_memory": True,  # resident memory then follows what is live, which the plan predicts
             "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000}},
         },
         "checkpoint": {"every_steps": 1000},

@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from deepspeed.accelerator import get_accelerator
+
 from data_pipeline.commands import USER_ERROR, UserError, configure_logging, report
 from pretrain.config.load import load_config
 from pretrain.train import distributed
@@ -46,12 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    fix_mmap_threshold()
     configure_logging()
     distributed.map_slurm_environment()
     is_main = os.environ.get("RANK", "0") == "0"
     try:
         config = load_config(args.config, args.set)
+        if config.deepspeed.return_freed_host_memory and get_accelerator().device_name() == "cpu":
+            fix_mmap_threshold()  # before DeepSpeed and the model allocate
         placement = distributed.init()
         code = Trainer(config, placement, resume=args.resume, overwrite=args.overwrite).train()
     except UserError as error:
