@@ -10,6 +10,7 @@ import shutil
 import tarfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +25,7 @@ from imaging import image_folder
 from data_pipeline import make_loader
 from data_pipeline.build.builder import BuildOptions, build
 from data_pipeline.format.tar_writer import ShardWriter, sample_blocks
-from data_pipeline.load.epoch_order import Cursor, EpochOrder, Piece, reshard, split
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, JobShape, Piece, planned_until, reshard, split
 from data_pipeline.load.loader import LoaderStateError
 from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
 from data_pipeline.load.shardlist import SourceError
@@ -78,24 +79,44 @@ def test_parts_cut_one_epoch_sequence_whatever_the_number_of_workers():
     assert order.shard_order(0) != order.shard_order(1)
 
 
+def test_a_ranks_workers_get_the_positions_its_stream_takes_from_them():
+    shape = JobShape(world_size=1, workers=3, batch_size=4)
+    # the rank's stream is worker 0's batch, worker 1's, worker 2's, worker 0's...: positions 0-3 from worker 0
+    assert [shape.delivered_by(slot, 14) for slot in range(3)] == [4 + 2, 4, 4]
+    pieces = [Piece(0, 5, 0, 10), Piece(0, 2, 3, 9)]  # an epoch of 16 samples beginning at position 2
+    parts = shape.worker_parts(pieces, start=2)
+    # positions 2-3 and 12-15 fall to worker 0, 4-7 and 16-17 to worker 1, 8-11 to worker 2
+    assert parts == [[Piece(0, 5, 0, 6)], [Piece(0, 5, 6, 10), Piece(0, 2, 3, 5)], [Piece(0, 2, 5, 9)]]
+
+
 def test_reshard_leaves_exactly_what_the_old_workers_had_left():
     order = EpochOrder((5, 9, 4, 6), seed=0, shuffle=True)
+    shape = JobShape(world_size=3, workers=1, batch_size=2)
     old = [Cursor(slots=[None, None]) for _ in range(3)]
+    planned = [planned_until(order, shape, worker, old[worker], 2) for worker in range(3)]
     # worker 0 is in the middle of its epoch-0 part, worker 1 already planned epoch 1, worker 2 has not started
-    part0 = order.part(0, 0, 3)
+    part0 = [p for p in planned[0].queue if p.epoch == 0]
     old[0] = Cursor(slots=[part0[0]._replace(start=part0[0].start + 2), None], queue=part0[1:], next_epoch=1)
-    part1 = order.part(1, 1, 3)
+    old[0].stream_start = sum(p.size for p in part0)
+    part1 = [p for p in planned[1].queue if p.epoch == 1]
     old[1] = Cursor(slots=[part1[0]._replace(start=part1[0].start + 1), None], queue=part1[1:], next_epoch=2)
+    old[1].stream_start = planned[1].stream_start
 
     def samples(pieces: list[Piece]) -> Counter:
         return Counter((p.epoch, p.shard, i) for p in pieces for i in range(p.start, p.end))
 
     expected = samples(old[0].pending() + old[1].pending())
-    expected += samples(order.part(0, 2, 3) + order.part(1, 0, 3) + order.part(1, 2, 3))
-    for workers in (1, 2, 5):
-        new = reshard(order, old, workers, slots=2)
-        assert sum((samples(c.pending()) for c in new), Counter()) == expected
-        assert all(c.next_epoch == 2 for c in new)
+    expected += samples(planned[2].pending() + [p for p in planned[0].queue if p.epoch == 1])
+    for new in (JobShape(1, 1, 2), JobShape(2, 2, 3), JobShape(1, 5, 1)):
+        cursors = reshard(order, shape, old, new, slots=2)
+        assert sum((samples(c.pending()) for c in cursors), Counter()) == expected
+        assert all(c.next_epoch == 2 for c in cursors)
+        # on every new rank, all that is left of epoch 0 comes before any of epoch 1, as planned for its stream
+        for rank in range(new.world_size):
+            rank_cursors = cursors[rank * new.workers : (rank + 1) * new.workers]
+            left0 = sum(p.size for c in rank_cursors for p in c.pending() if p.epoch == 0)
+            for slot, cursor in enumerate(rank_cursors):
+                assert sum(p.size for p in cursor.pending() if p.epoch == 0) == new.delivered_by(slot, left0)
 
 
 # -- delivery ----------------------------------------------------------------------------------------------------
@@ -120,17 +141,56 @@ def test_every_sample_once_and_equal_batch_counts_on_every_rank(shards: Path, wo
     assert batch["label"].dtype == torch.int64
 
 
-def test_training_runs_across_epochs_without_padding(shards: Path):
-    # the open shards of a worker move on to the next epoch one by one, so epochs overlap a little in time
-    stream = iter(loader(shards, num_workers=2))
-    batches = [next(stream) for _ in range(4 * SAMPLES // 4)]
-    assert all(bool(batch["valid"].all()) for batch in batches)
-    by_epoch: dict[int, list[str]] = {}
-    for batch in batches:
-        for key, epoch in zip(batch["key"], batch["epoch"].tolist(), strict=True):
-            by_epoch.setdefault(epoch, []).append(key)
-    for epoch in (0, 1, 2):
-        assert len(by_epoch[epoch]) == SAMPLES and set(by_epoch[epoch]) == all_keys(shards)
+def rank_stream(batches: Iterator[dict], samples: int) -> list[tuple[str, int]]:
+    """The first `samples` (key, epoch) pairs of a rank's batches."""
+    stream: list[tuple[str, int]] = []
+    while len(stream) < samples:
+        batch = next(batches)
+        assert bool(batch["valid"].all())  # a training loader runs on across epochs without padding
+        stream += zip(batch["key"], batch["epoch"].tolist(), strict=True)
+    return stream[:samples]
+
+
+def share(samples: int, rank: int, world_size: int) -> int:
+    return samples * (rank + 1) // world_size - samples * rank // world_size
+
+
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 1), (1, 4), (2, 2), (2, 3), (3, 4)])
+def test_every_rank_delivers_its_share_of_an_epoch_before_any_of_the_next(
+    shards: Path, world_size: int, num_workers: int
+):
+    epochs = 3
+    seen = [Counter() for _ in range(epochs)]
+    for rank in range(world_size):
+        size = share(SAMPLES, rank, world_size)
+        batches = iter(loader(shards, rank=rank, world_size=world_size, num_workers=num_workers))
+        stream = rank_stream(batches, epochs * size)
+        for epoch in range(epochs):
+            window = stream[epoch * size : (epoch + 1) * size]
+            assert {e for _, e in window} == {epoch}, (rank, epoch)
+            seen[epoch].update(key for key, _ in window)
+    for epoch in range(epochs):
+        assert seen[epoch] == Counter(all_keys(shards)), epoch
+
+
+def test_resumed_on_another_job_shape_every_rank_finishes_the_epoch_before_the_next(shards: Path):
+    consumed, states = Counter(), []
+    for rank in range(2):
+        first = loader(shards, rank=rank, world_size=2, num_workers=2)
+        batches = iter(first)
+        consumed.update(key for key, epoch in rank_stream(batches, 4 * (3 + rank)) if epoch == 0)
+        states.append(first.state_dict())
+        del batches
+    left = SAMPLES - sum(consumed.values())
+    seen = Counter()
+    for rank in range(3):
+        resumed = loader(shards, rank=rank, world_size=3, num_workers=3, batch_size=3)
+        resumed.load_state_dict(states)
+        size = share(left, rank, 3)
+        stream = rank_stream(iter(resumed), size + share(SAMPLES, rank, 3))
+        assert {epoch for _, epoch in stream[:size]} == {0} and {epoch for _, epoch in stream[size:]} == {1}
+        seen.update(key for key, _ in stream[:size])
+    assert consumed + seen == Counter(all_keys(shards))
 
 
 def test_same_seed_same_batches_other_seed_other_order(shards: Path):

@@ -2,25 +2,36 @@
 
 An epoch is one fixed sequence of samples that depends only on (seed, epoch, shard list): the shards in a seeded
 permutation, each shard's samples in a seeded shuffle of its own (a shuffle buffer over the tar stream). The
-sequence is cut into as many contiguous, equal-length parts as there are workers in the whole job (ranks x data
-workers), at sample granularity, so every worker gets the same number of samples (plus or minus one) whatever the
-shard sizes. A part is a list of pieces, (epoch, shard, start, end): positions [start, end) of that shard's sequence.
-A shard cut between two workers is read by both; the second skips the first one's samples without decoding them.
+sequence is cut into as many contiguous, equal-length shares as there are ranks (at sample granularity, so every
+rank gets the same number of samples, plus or minus one, whatever the shard sizes), and each rank's share into one
+contiguous part per data worker. A part is a list of pieces, (epoch, shard, start, end): positions [start, end) of
+that shard's sequence. A shard cut between two workers is read by both; the second skips the first one's samples
+without decoding them.
+
+Epochs are exact on every rank: a rank delivers all of its share of epoch e before any sample of epoch e+1. A
+rank's workers hand over whole batches in turn (worker 0's first batch, worker 1's, ..., worker 0's second), so the
+rank's stream is theirs interleaved batch by batch; each worker's part of an epoch is sized to the positions of the
+rank's stream that fall to it while that epoch is delivered (`JobShape.worker_parts`), and a worker opens no piece
+of the next epoch while one of the current epoch is open (stream.py). A sample skipped as bad moves its worker's
+later samples one position earlier, and so one sample of the next epoch at most one position ahead.
 
 A worker's progress is a `Cursor`: the pieces it has open (with the position of the next undelivered sample), the
-pieces queued behind them, and the first epoch whose part it has not planned yet. Cursors are taken at batch
-boundaries, so they describe what the training loop consumed, not what was prefetched.
+pieces queued behind them, the first epoch whose part it has not planned yet and where in the rank's stream that
+epoch begins. Cursors are taken at batch boundaries, so they describe what the training loop consumed, not what was
+prefetched.
 
 - Same job shape on resume: each worker continues from its own cursor and yields exactly the batches it would have.
-- Another job shape: the cursors of all old workers say what is left of each epoch (`remaining`); that is re-cut
-  into parts for the new workers (`reshard`). Nothing is skipped or repeated, and only the open pieces' shards are
-  read again (up to their positions), never the epoch from its start.
+- Another job shape (ranks, workers per rank or batch size): the cursors of all old workers say what is left of each
+  epoch (`remaining`); that is re-cut into shares and parts for the new workers (`reshard`). Nothing is skipped or
+  repeated, epochs stay exact, and only the open pieces' shards are read again (up to their positions), never the
+  epoch from its start.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -63,25 +74,34 @@ class EpochOrder:
             if self.num_samples[shard] > 0
         ]
 
-    def part(self, epoch: int, worker: int, num_workers: int) -> list[Piece]:
-        return list(self.parts(epoch, num_workers)[worker])
+    def rank_share(self, epoch: int, rank: int, world_size: int) -> list[Piece]:
+        return list(self.shares(epoch, world_size)[rank])
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 (plans are few, small and live as long as their loader)
-    def parts(self, epoch: int, num_workers: int) -> tuple[tuple[Piece, ...], ...]:
-        """The epoch cut for all workers at once: sizing a finite run or resharding asks for every worker's part,
-        and cutting once per epoch keeps that linear in the number of shards."""
-        return tuple(tuple(part) for part in split(self.pieces(epoch), num_workers))
+    def shares(self, epoch: int, world_size: int) -> tuple[tuple[Piece, ...], ...]:
+        """The epoch cut for all ranks at once: every worker of a rank asks for its rank's share, and cutting once
+        per epoch keeps that linear in the number of shards."""
+        return tuple(tuple(share) for share in split(self.pieces(epoch), world_size))
 
     def sample_rng(self, epoch: int, shard: int) -> np.random.Generator:
         """The generator of one shard's sample shuffle in one epoch."""
         return np.random.default_rng([self.seed, epoch, shard, 1])
 
 
+def size(pieces: Iterable[Piece]) -> int:
+    return sum(piece.size for piece in pieces)
+
+
 def split(pieces: list[Piece], parts: int) -> list[list[Piece]]:
     """Cut a sequence of pieces into `parts` contiguous parts whose sizes differ by at most one sample."""
-    total = sum(piece.size for piece in pieces)
-    bounds = [total * i // parts for i in range(parts + 1)]
-    result: list[list[Piece]] = [[] for _ in range(parts)]
+    total = size(pieces)
+    return cut(pieces, [total * (i + 1) // parts - total * i // parts for i in range(parts)])
+
+
+def cut(pieces: list[Piece], sizes: list[int]) -> list[list[Piece]]:
+    """Cut a sequence of pieces into contiguous parts of the given sizes (which add up to the sequence's)."""
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    result: list[list[Piece]] = [[] for _ in sizes]
     offset = 0  # position of the current piece's first sample in the whole sequence
     part = 0
     for piece in pieces:
@@ -98,6 +118,33 @@ def split(pieces: list[Piece], parts: int) -> list[list[Piece]]:
     return result
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """How a job reads: `world_size` ranks, each with `workers` data workers that hand over batches of `batch_size`
+    in turn. Worker w of the job is worker w % workers of rank w // workers."""
+
+    world_size: int
+    workers: int
+    batch_size: int
+
+    @property
+    def total_workers(self) -> int:
+        return self.world_size * self.workers
+
+    def delivered_by(self, slot: int, position: int) -> int:
+        """How many of the first `position` samples of a rank's stream come from its worker `slot` (the stream starts
+        with worker 0's first batch)."""
+        turn = self.workers * self.batch_size
+        rounds, rest = divmod(position, turn)
+        return rounds * self.batch_size + min(max(rest - slot * self.batch_size, 0), self.batch_size)
+
+    def worker_parts(self, pieces: list[Piece], start: int) -> list[list[Piece]]:
+        """A rank's pieces of one epoch cut into its workers' parts, when the epoch begins at position `start` of the
+        rank's stream: each worker gets as many as the stream takes from it until the epoch is delivered."""
+        end = start + size(pieces)
+        return cut(pieces, [self.delivered_by(s, end) - self.delivered_by(s, start) for s in range(self.workers)])
+
+
 @dataclass
 class Cursor:
     """How far one worker got: open pieces (start = next undelivered position), queued pieces, next fresh epoch."""
@@ -106,6 +153,8 @@ class Cursor:
     queue: list[Piece] = field(default_factory=list)
     next_epoch: int = 0
     """The first epoch whose part is neither open nor queued; later parts come from the order."""
+    stream_start: int = 0
+    """Where `next_epoch` begins in the stream of the worker's rank (counted from the job's start or resharding)."""
     turn: int = 0
     """The slot the next sample is taken from (slots take turns)."""
     batches: int = 0
@@ -116,6 +165,7 @@ class Cursor:
             "slots": [list(piece) if piece else None for piece in self.slots],
             "queue": [list(piece) for piece in self.queue],
             "next_epoch": self.next_epoch,
+            "stream_start": self.stream_start,
             "turn": self.turn,
             "batches": self.batches,
         }
@@ -126,6 +176,7 @@ class Cursor:
             slots=[Piece(*piece) if piece else None for piece in data["slots"]],
             queue=[Piece(*piece) for piece in data["queue"]],
             next_epoch=data["next_epoch"],
+            stream_start=data["stream_start"],
             turn=data["turn"],
             batches=data["batches"],
         )
@@ -137,28 +188,49 @@ class Cursor:
         return [piece for piece in self.slots if piece is not None] + self.queue
 
 
-def remaining(order: EpochOrder, cursors: list[Cursor], horizon: int) -> dict[int, list[Piece]]:
+def plan_epoch(order: EpochOrder, shape: JobShape, worker: int, cursor: Cursor) -> None:
+    """Queue the worker's part of the first epoch it has not planned."""
+    rank, slot = divmod(worker, shape.workers)
+    share = order.rank_share(cursor.next_epoch, rank, shape.world_size)
+    cursor.queue.extend(shape.worker_parts(share, cursor.stream_start)[slot])
+    cursor.stream_start += size(share)
+    cursor.next_epoch += 1
+
+
+def planned_until(order: EpochOrder, shape: JobShape, worker: int, cursor: Cursor, horizon: int) -> Cursor:
+    """A copy of the cursor with every epoch before `horizon` planned: all the worker has left of them."""
+    cursor = cursor.copy()
+    while cursor.next_epoch < horizon:
+        plan_epoch(order, shape, worker, cursor)
+    return cursor
+
+
+def remaining(order: EpochOrder, shape: JobShape, cursors: list[Cursor], horizon: int) -> dict[int, list[Piece]]:
     """What is left of every epoch before `horizon`, given the cursors of all workers of a job, in sequence order."""
     left: dict[int, list[Piece]] = {}
     for worker, cursor in enumerate(cursors):
-        for piece in cursor.pending():
+        for piece in planned_until(order, shape, worker, cursor, horizon).pending():
             left.setdefault(piece.epoch, []).append(piece)
-        for epoch in range(cursor.next_epoch, horizon):
-            left.setdefault(epoch, []).extend(order.part(epoch, worker, len(cursors)))
     for epoch, pieces in left.items():
         position = {shard: i for i, shard in enumerate(order.shard_order(epoch))}
         pieces.sort(key=lambda piece: (position[piece.shard], piece.start))
     return left
 
 
-def reshard(order: EpochOrder, cursors: list[Cursor], num_workers: int, slots: int) -> list[Cursor]:
-    """New cursors for `num_workers` workers that deliver exactly what the old workers had left."""
+def reshard(order: EpochOrder, old: JobShape, cursors: list[Cursor], new: JobShape, slots: int) -> list[Cursor]:
+    """Cursors for the workers of a job of shape `new` that deliver exactly what the old job's workers had left,
+    each epoch before the next on every rank."""
     horizon = max(cursor.next_epoch for cursor in cursors)
-    left = remaining(order, cursors, horizon)
-    fresh = [Cursor(slots=[None] * slots, next_epoch=horizon) for _ in range(num_workers)]
+    left = remaining(order, old, cursors, horizon)
+    fresh = [Cursor(slots=[None] * slots, next_epoch=horizon) for _ in range(new.total_workers)]
+    starts = [0] * new.world_size  # where the next epoch begins in each new rank's stream
     for epoch in sorted(left):
-        for cursor, part in zip(fresh, split(left[epoch], num_workers), strict=True):
-            cursor.queue.extend(part)
+        for rank, share in enumerate(split(left[epoch], new.world_size)):
+            for slot, part in enumerate(new.worker_parts(share, starts[rank])):
+                fresh[rank * new.workers + slot].queue.extend(part)
+            starts[rank] += size(share)
+    for worker, cursor in enumerate(fresh):
+        cursor.stream_start = starts[worker // new.workers]
     return fresh
 
 

@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.commands import UserError
 from data_pipeline.load.augment import Augment
-from data_pipeline.load.epoch_order import Cursor, EpochOrder, reshard
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, JobShape, planned_until, reshard, size
 from data_pipeline.load.remote import RetryPolicy
 from data_pipeline.load.shardlist import ShardList, SourceError, resolve
 from data_pipeline.load.stream import StreamConfig, WorkerStream
 
-STATE_FORMAT = "vit-pretrain-loader/1"
+STATE_FORMAT = "vit-pretrain-loader/2"  # 2: epochs exact per rank (cursors know where their epoch begins)
 
 
 class LoaderStateError(UserError):
@@ -45,11 +45,11 @@ class _Workers(IterableDataset):
         cursors: list[Cursor],
         rank: int,
         first: int,
-        total_workers: int,
+        shape: JobShape,
         target_batches: int | None,
     ):
         self.config, self.cursors, self.rank, self.first = config, cursors, rank, first
-        self.total_workers, self.target_batches = total_workers, target_batches
+        self.shape, self.target_batches = shape, target_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -57,7 +57,7 @@ class _Workers(IterableDataset):
         # logical worker `first`, so process i plays logical worker first + i.
         local = ((info.id if info else 0) + self.first) % len(self.cursors)
         worker = self.rank * len(self.cursors) + local
-        stream = WorkerStream(self.config, self.cursors[local].copy(), worker, self.total_workers, self.target_batches)
+        stream = WorkerStream(self.config, self.cursors[local].copy(), worker, self.shape, self.target_batches)
         for batch in stream.batches():
             batch["_worker"] = local
             yield batch
@@ -80,7 +80,8 @@ class StreamingLoader:
         self.shards, self.config = shards, config
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.workers_per_rank = max(1, num_workers)
-        self.total_workers = world_size * self.workers_per_rank
+        self.shape = JobShape(world_size, self.workers_per_rank, config.batch_size)
+        self.total_workers = self.shape.total_workers
         if shards.total < self.total_workers:
             raise SourceError(
                 f"{shards.urls[0]}...: {shards.total} samples cannot feed {self.total_workers} data "
@@ -108,12 +109,10 @@ class StreamingLoader:
         epochs = self.config.epochs
         if epochs is None:
             return None
-        most = 0
-        for worker, cursor in enumerate(cursors):
-            left = sum(piece.size for piece in cursor.pending())
-            for epoch in range(cursor.next_epoch, epochs):
-                left += sum(piece.size for piece in self.config.order.part(epoch, worker, len(cursors)))
-            most = max(most, left)
+        most = max(
+            size(planned_until(self.config.order, self.shape, worker, cursor, epochs).pending())
+            for worker, cursor in enumerate(cursors)
+        )
         return math.ceil(most / self.config.batch_size)
 
     def __len__(self) -> int:
@@ -129,9 +128,7 @@ class StreamingLoader:
     # -- iteration -----------------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = _Workers(
-            self.config, self.cursors, self.rank, self.next_worker, self.total_workers, self.target_batches
-        )
+        dataset = _Workers(self.config, self.cursors, self.rank, self.next_worker, self.shape, self.target_batches)
         if self.num_workers == 0:
             batches: Any = iter(dataset)
         else:
@@ -177,6 +174,7 @@ class StreamingLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "workers_per_rank": self.workers_per_rank,
+            "batch_size": self.config.batch_size,
             "seed": self.config.order.seed,
             "shard_samples": list(self.shards.num_samples),
             "next_worker": self.next_worker,
@@ -197,6 +195,7 @@ class StreamingLoader:
             if saved["rank"] == self.rank
             and saved["world_size"] == self.world_size
             and saved["workers_per_rank"] == self.workers_per_rank
+            and saved["batch_size"] == self.config.batch_size
         ]
         if same_shape:
             saved = same_shape[0]
@@ -213,7 +212,8 @@ class StreamingLoader:
                 f" x {self.workers_per_rank} workers: pass the states of all {old_world} old ranks"
             )
         old = [Cursor.from_json(cursor) for rank in range(old_world) for cursor in by_rank[rank]["cursors"]]
-        new = reshard(self.config.order, old, self.total_workers, self.slots)
+        old_shape = JobShape(old_world, states[0]["workers_per_rank"], states[0]["batch_size"])
+        new = reshard(self.config.order, old_shape, old, self.shape, self.slots)
         self.cursors = new[self.rank * self.workers_per_rank : (self.rank + 1) * self.workers_per_rank]
         self.next_worker = 0
         self.target_batches = self._target(new)
@@ -221,7 +221,10 @@ class StreamingLoader:
 
     def _check(self, saved: dict[str, Any]) -> None:
         if saved.get("format") != STATE_FORMAT:
-            raise LoaderStateError(f"loader state format {saved.get('format')!r} is not {STATE_FORMAT!r}")
+            raise LoaderStateError(
+                f"loader state format {saved.get('format')!r} is not {STATE_FORMAT!r}: it was saved by another "
+                "release; resume with the release that saved it, or start afresh"
+            )
         if saved["seed"] != self.config.order.seed:
             raise LoaderStateError(
                 f"loader state has seed {saved['seed']}, this loader {self.config.order.seed}: "

@@ -29,7 +29,7 @@ from webdataset.tariterators import group_by_keys
 from data_pipeline.format.sample import SkippedSample, multi_labels, single_label
 from data_pipeline.format.tar_reader import tar_members
 from data_pipeline.load.augment import Augment, decode
-from data_pipeline.load.epoch_order import Cursor, EpochOrder, Piece, shuffled
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, JobShape, Piece, plan_epoch, shuffled
 from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardReadError
 from data_pipeline.load.shardlist import ShardList
 from data_pipeline.storage import filesystem
@@ -97,10 +97,10 @@ class OpenPiece:
 
 
 class WorkerStream:
-    def __init__(self, config: StreamConfig, cursor: Cursor, worker: int, num_workers: int, target_batches: int | None):
+    def __init__(self, config: StreamConfig, cursor: Cursor, worker: int, shape: JobShape, target_batches: int | None):
         self.config = config
         self.cursor = cursor
-        self.worker, self.num_workers = worker, num_workers
+        self.worker, self.shape = worker, shape
         self.target_batches = target_batches
         self.counters = WorkerCounters()
         self.read_counters = ReadCounters()
@@ -133,14 +133,18 @@ class WorkerStream:
         # The piece's first samples belong to another worker or were consumed before a resume: skip, undecoded
         return OpenPiece(piece, stream, islice(samples, piece.start, None))
 
-    def _take_piece(self) -> Piece | None:
+    def _next_piece(self) -> Piece | None:
+        """The piece to open next (planning the next epoch's part when the queue is empty), left in the queue."""
         cursor = self.cursor
         while not cursor.queue:
             if self.config.epochs is not None and cursor.next_epoch >= self.config.epochs:
                 return None
-            cursor.queue.extend(self.config.order.part(cursor.next_epoch, self.worker, self.num_workers))
-            cursor.next_epoch += 1
-        return cursor.queue.pop(0)
+            plan_epoch(self.config.order, self.shape, self.worker, cursor)
+        return cursor.queue[0]
+
+    def _open_epoch(self) -> int | None:
+        """The epoch of the open pieces (all of one epoch); None when none is open."""
+        return min((piece.epoch for piece in self.cursor.slots if piece is not None), default=None)
 
     def _prefetch(self) -> None:
         for piece in self.cursor.queue[: self.config.prefetch_shards]:
@@ -155,11 +159,18 @@ class WorkerStream:
         while idle < slots:
             i = cursor.turn
             if self.open[i] is None:
-                piece = cursor.slots[i] or self._take_piece()
+                piece = cursor.slots[i] or self._next_piece()
                 if piece is None:
                     cursor.turn = (i + 1) % slots
                     idle += 1
                     continue
+                current_epoch = self._open_epoch()
+                if current_epoch is not None and piece.epoch > current_epoch:
+                    # the next epoch waits until this one is delivered (its shard is being prefetched meanwhile)
+                    cursor.turn = (i + 1) % slots
+                    continue
+                if cursor.slots[i] is None:
+                    cursor.queue.pop(0)
                 self.open[i] = self._start(piece)
                 cursor.slots[i] = piece
                 self._prefetch()
@@ -247,7 +258,7 @@ class WorkerStream:
         skipped = sum(self.counters.skipped.values())
         # Measured against at least one epoch's share of this worker, so a bad shard early in a run is no worse than
         # the same shard late in the epoch
-        share = max(self.seen, self.config.shards.total / self.num_workers)
+        share = max(self.seen, self.config.shards.total / self.shape.total_workers)
         if skipped > self.config.max_error_fraction * share:
             raise LoaderError(
                 f"{url}: {reason} ({detail}); {skipped} of {self.seen} samples skipped, more than "
