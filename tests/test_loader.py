@@ -256,6 +256,14 @@ def test_a_state_from_another_dataset_or_seed_is_refused(shards: Path):
         loader(shards).load_state_dict(state)
     with pytest.raises(LoaderStateError, match="all 2 old ranks"):
         loader(shards).load_state_dict([{**loader(shards, world_size=2).state_dict()}])
+    with pytest.raises(LoaderStateError, match="with batches of 4, this one on 2 x 1 with batches of 8"):
+        loader(shards, world_size=2, batch_size=8).load_state_dict([loader(shards, world_size=2).state_dict()])
+    with pytest.raises(LoaderStateError, match="different shapes"):
+        one_rank = loader(shards).state_dict()
+        loader(shards, world_size=3).load_state_dict([loader(shards, world_size=2).state_dict(), one_rank])
+    old_release = {**loader(shards).state_dict(), "format": "vit-pretrain-loader/1"}
+    with pytest.raises(LoaderStateError, match="saved by another release"):
+        loader(shards).load_state_dict(old_release)
 
 
 # -- sources and bad data ----------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ Epochs are exact on every rank: a rank delivers all of its share of epoch e befo
 rank's workers hand over whole batches in turn (worker 0's first batch, worker 1's, ..., worker 0's second), so the
 rank's stream is theirs interleaved batch by batch; each worker's part of an epoch is sized to the positions of the
 rank's stream that fall to it while that epoch is delivered (`JobShape.worker_parts`), and a worker opens no piece
-of the next epoch while one of the current epoch is open (stream.py). A sample skipped as bad moves its worker's
-later samples one position earlier, and so one sample of the next epoch at most one position ahead.
+of the next epoch while one of the current epoch is open (stream.py). Skipped samples are the exception: a worker
+fills a bad sample's place in its batch with its next sample, so each skip moves its later samples one place
+earlier, and the shift adds up over the run (a corrupt image is skipped in every epoch). Every sample is still
+delivered once per epoch; only the boundary blurs, by the number of samples the rank's workers have skipped.
 
 A worker's progress is a `Cursor`: the pieces it has open (with the position of the next undelivered sample), the
 pieces queued behind them, the first epoch whose part it has not planned yet and where in the rank's stream that

@@ -204,15 +204,18 @@ class StreamingLoader:
             self.target_batches = saved["target_batches"]
             self.length = self._remaining_batches()
             return
-        old_world = states[0]["world_size"]
+        shapes = {JobShape(saved["world_size"], saved["workers_per_rank"], saved["batch_size"]) for saved in states}
+        if len(shapes) > 1:
+            raise LoaderStateError("the loader states come from jobs of different shapes: pass one job's states")
+        (old_shape,) = shapes
         by_rank = {saved["rank"]: saved for saved in states}
-        if sorted(by_rank) != list(range(old_world)):
+        if sorted(by_rank) != list(range(old_shape.world_size)):
             raise LoaderStateError(
-                f"the saved loader ran on {old_world} ranks and this one runs on {self.world_size}"
-                f" x {self.workers_per_rank} workers: pass the states of all {old_world} old ranks"
+                f"the saved loader ran on {old_shape.world_size} ranks x {old_shape.workers} workers with batches of "
+                f"{old_shape.batch_size}, this one on {self.world_size} x {self.workers_per_rank} with batches of "
+                f"{self.config.batch_size}: pass the states of all {old_shape.world_size} old ranks"
             )
-        old = [Cursor.from_json(cursor) for rank in range(old_world) for cursor in by_rank[rank]["cursors"]]
-        old_shape = JobShape(old_world, states[0]["workers_per_rank"], states[0]["batch_size"])
+        old = [Cursor.from_json(cursor) for rank in range(old_shape.world_size) for cursor in by_rank[rank]["cursors"]]
         new = reshard(self.config.order, old_shape, old, self.shape, self.slots)
         self.cursors = new[self.rank * self.workers_per_rank : (self.rank + 1) * self.workers_per_rank]
         self.next_worker = 0

@@ -166,7 +166,8 @@ class WorkerStream:
                     continue
                 current_epoch = self._open_epoch()
                 if current_epoch is not None and piece.epoch > current_epoch:
-                    # the next epoch waits until this one is delivered (its shard is being prefetched meanwhile)
+                    # the next epoch waits until this one is delivered; its first shards are fetched meanwhile
+                    self._prefetch()
                     cursor.turn = (i + 1) % slots
                     continue
                 if cursor.slots[i] is None:
