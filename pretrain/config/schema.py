@@ -73,6 +73,10 @@ class ModelConfig(Section):
     """Stochastic depth rate of the last block; it grows linearly from 0 at the first block."""
     head_bias_init: float = 0.0
     """Initial classifier bias; -10 keeps a sigmoid head over thousands of classes from a huge initial loss."""
+    compile: bool = False
+    """Train the model compiled with torch.compile (through DeepSpeed's engine.compile, so ZeRO-3's parameter hooks
+    stay outside the graph; works with activation checkpointing). The first steps pay for the compilation (a minute
+    or more for large models); the weights, checkpoints and exports are the same as without."""
     init_from: str | None = None
     """Start from the weights of a trainer checkpoint (its folder, for the newest checkpoint, or one step-XXXXXXXX
     folder; local or s3://, read with checkpoint.storage_options): every tensor whose name and shape match is loaded,
@@ -261,8 +265,10 @@ class DeepSpeedConfig(Section):
     micro_batch_size: PositiveInt | None = None
     """Images per rank per forward pass; null for data.batch_size / world size. Gradient accumulation is
     data.batch_size / (micro_batch_size * world size) and must be a whole number."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in the backward pass (less memory, about 1/3 more compute)."""
+    activation_checkpointing: bool | Annotated[int, Field(ge=2)] = False
+    """Recompute transformer blocks' activations in the backward pass instead of storing them: true for every block
+    (a block then keeps only its input; about 1/3 more compute), k >= 2 for every k-th block (blocks 0, k, 2k, ...;
+    memory and extra compute in between, which vit-plan accounts for), false for none."""
     return_freed_host_memory: bool = False
     """CPU ranks only: fix glibc's mmap threshold at 1 MiB so that every freed buffer above it goes back to the system
     (pretrain/train/host_memory.py). Resident memory then stays near what is live (L/16 under ZeRO-3: 3.3 against
@@ -271,6 +277,13 @@ class DeepSpeedConfig(Section):
     overrides: dict[str, Any] = {}
     """Merged last into the DeepSpeed JSON the trainer builds, for settings not modelled here (e.g.
     {"zero_optimization": {"stage3_max_live_parameters": 1e8}}); DeepSpeed validates them at start-up."""
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Recompute every this many blocks' activations (1: all); 0 for none."""
+        if self.activation_checkpointing is True:
+            return 1
+        return int(self.activation_checkpointing)  # False is 0
 
 
 class CheckpointConfig(Section):

@@ -175,6 +175,7 @@ class VisionTransformer(nn.Module):
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.num_prefix_tokens = 1 if pool == "token" else 0
         self.grad_checkpointing = False
+        self.checkpoint_every = 1
         self.learned_pos_embed = pos_embed == "learned"
 
         if stem_stages is None:
@@ -216,9 +217,11 @@ class VisionTransformer(nn.Module):
             if len(getattr(p, "ds_shape", p.shape)) <= 1 or name in ("cls_token", "pos_embed")
         }
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Recompute the activations of every `every`-th block (blocks 0, every, 2 * every, ...) in the backward pass
+        instead of storing them; the others store theirs."""
         self.grad_checkpointing = enable
+        self.checkpoint_every = every
 
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (1, prefix + rows * cols, D) table for a patch grid, resized when it differs from the trained one."""
@@ -246,8 +249,9 @@ class VisionTransformer(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Transformer blocks and the final LayerNorm over all tokens."""
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        for index, block in enumerate(self.blocks):
+            recompute = self.grad_checkpointing and index % self.checkpoint_every == 0
+            if recompute and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -163,8 +163,8 @@ class MaskedPatchModel(nn.Module):
         skip = {"mask_token", "head.bias"}
         return skip | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        self.encoder.set_grad_checkpointing(enable, every)
 
     def forward(
         self,

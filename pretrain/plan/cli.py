@@ -37,11 +37,14 @@ def _si(value: float, unit: str) -> str:
 def report(plan: dict[str, Any]) -> str:
     run, hw, compute, time, memory, data = (plan[k] for k in ("run", "hardware", "compute", "time", "memory", "data"))
     epochs = f" ({run['epochs']:.3g} epochs)" if run["epochs"] else ""
-    checkpointing = "with" if run["activation_checkpointing"] else "without"
+    blocks, depth = run["checkpointed_blocks"], run["depth"]
+    checkpointing = {0: "without activation checkpointing", depth: "with activation checkpointing"}.get(
+        blocks, f"with activation checkpointing of {blocks} of {depth} blocks"
+    )
     cost = f", ${time['cost']:,.0f} at ${time['price_per_gpu_hour']:g}/GPU-hour" if time["cost"] is not None else ""
     lines = [
         f"{run['name']}: ViT-{run['variant']} at {run['image_size']} px, {run['params'] / 1e6:.1f}M parameters, "
-        f"ZeRO-{run['zero_stage']} {run['precision']} {checkpointing} activation checkpointing",
+        f"ZeRO-{run['zero_stage']} {run['precision']} {checkpointing}",
         f"  {hw['gpus']} x {hw['gpu_type']} ({hw['peak_tflops']:g} TFLOP/s, {hw['memory_gb']:g} GB), "
         f"{data['nodes']} nodes of {hw['gpus_per_node']}; batch {run['global_batch']} = {run['micro_batch']} per GPU "
         f"x {hw['gpus']} GPUs x {run['gradient_accumulation']} accumulation",
@@ -49,13 +52,16 @@ def report(plan: dict[str, Any]) -> str:
         f"  forward {_si(compute['forward_flops_per_image'], 'FLOP')} per image; {run['steps']:,} steps, "
         f"{run['images_seen']:,} images{epochs}",
         f"  training {_si(compute['training_flops'], 'FLOP')} (3x forward); "
-        f"{_si(compute['training_flops_with_recompute'], 'FLOP')} with activation checkpointing (4x)",
+        f"{_si(compute['training_flops_with_recompute'], 'FLOP')} with activation checkpointing (4x); "
+        f"{_si(compute['executed_flops'], 'FLOP')} as configured ({3 + blocks / depth:.3g}x)",
         f"time at {hw['mfu']:.0%} MFU",
         f"  {time['step_seconds']:.3g} s per step, {time['images_per_second']:,.0f} images/s; "
         f"{time['days']:.3g} days, {time['gpu_hours']:,.0f} GPU-hours{cost}",
         f"memory per GPU ({memory['usable_gb']:.1f} GB usable: {memory['headroom']:.0%} headroom)",
         "  activations per image: {stored:.1f} MB, {stored_with_checkpointing:.1f} MB with checkpointing, "
-        "+ {working:.1f} MB working set".format(**memory["activations_mb_per_image"]),
+        "{stored_as_configured:.1f} MB as configured, + {working:.1f} MB working set".format(
+            **memory["activations_mb_per_image"]
+        ),
         "  ZeRO  states GB (DeepSpeed's)  buffers GB  peak GB  fits  max micro-batch (no ckpt / ckpt)",
     ]
     for s in memory["stages"]:

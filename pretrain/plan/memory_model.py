@@ -131,15 +131,32 @@ def buffer_bytes(ds_config: dict[str, Any], params: int, precision: str) -> int:
 
 @dataclass(frozen=True)
 class ActivationBytes:
-    """Per image: what autograd keeps for the backward pass, with and without activation checkpointing, and the
-    working set of one block during the backward pass."""
+    """Per image: what autograd keeps for the backward pass (outside the blocks, per block stored and per block
+    checkpointed) and the working set of one block during the backward pass."""
 
-    stored: int
-    stored_checkpointed: int
-    working: int
+    outside_blocks: int
+    block: int
+    block_checkpointed: int
+    depth: int
 
-    def per_image(self, checkpointing: bool) -> int:
-        return (self.stored_checkpointed if checkpointing else self.stored) + self.working
+    @property
+    def working(self) -> int:
+        return self.block  # a checkpointed block's recomputed activations, or the gradients of a stored one's
+
+    def stored_with(self, checkpointed_blocks: int) -> int:
+        kept = checkpointed_blocks * self.block_checkpointed + (self.depth - checkpointed_blocks) * self.block
+        return self.outside_blocks + kept
+
+    @property
+    def stored(self) -> int:
+        return self.stored_with(0)
+
+    @property
+    def stored_checkpointed(self) -> int:
+        return self.stored_with(self.depth)
+
+    def per_image(self, checkpointed_blocks: int) -> int:
+        return self.stored_with(checkpointed_blocks) + self.working
 
 
 def activation_bytes(config: Config) -> ActivationBytes:
@@ -170,9 +187,7 @@ def activation_bytes(config: Config) -> ActivationBytes:
     norm_outputs = 2 if model.pool == "token" else 1
     head = tokens * (norm_outputs * act * width + layer_norm_stats) + _head_outputs(config, patches) * (act + 3 * FP32)
     return ActivationBytes(
-        stored=embedding + len(model.blocks) * block + head,
-        stored_checkpointed=embedding + len(model.blocks) * tokens * act * width + head,
-        working=block,
+        outside_blocks=embedding + head, block=block, block_checkpointed=tokens * act * width, depth=len(model.blocks)
     )
 
 

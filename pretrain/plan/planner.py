@@ -3,8 +3,8 @@ cost, before a single GPU is booked.
 
 A plan has five parts:
 - compute: forward FLOPs per image from the model's analytic count (pretrain/model/flops.py), x3 for a training
-  step (x4 with activation checkpointing's extra forward pass), times the images the schedule sees: steps x global
-  batch, where an epoch schedule becomes steps exactly as the trainer computes them;
+  step (up to x4 with activation checkpointing's extra forward pass over the checkpointed blocks), times the images
+  the schedule sees: steps x global batch, where an epoch schedule becomes steps exactly as the trainer computes them;
 - time and cost: wall-clock and GPU-hours at an assumed utilisation of the GPU's dense bf16 peak
   (pretrain/plan/gpus.py);
 - memory per GPU for ZeRO stages 0-3 and the largest micro-batch that fits (pretrain/plan/memory_model.py);
@@ -37,7 +37,7 @@ from pretrain.plan.memory_model import (
     model_states,
     offloads,
 )
-from pretrain.train.compute import forward_flops_per_image, passes_per_image, step_seconds
+from pretrain.train.compute import checkpointed_blocks, forward_flops_per_image, passes_per_image, step_seconds
 from pretrain.train.engine_config import deepspeed_config
 from pretrain.train.schedule import total_steps
 
@@ -129,6 +129,8 @@ def make_plan(
             "zero_stage": config.deepspeed.zero_stage,
             "precision": config.deepspeed.precision,
             "activation_checkpointing": config.deepspeed.activation_checkpointing,
+            "checkpointed_blocks": checkpointed_blocks(config),
+            "depth": config.model.description().depth,
         },
         "hardware": {
             "gpus": hardware.gpus,
@@ -193,7 +195,8 @@ def memory_plan(
     activations = activation_bytes(config)
     precision = config.deepspeed.precision
     micro = config.deepspeed.micro_batch_size or 1
-    checkpointing = config.deepspeed.activation_checkpointing
+    checkpointed = checkpointed_blocks(config)
+    depth = config.model.description().depth
     stages = []
     for stage in ZERO_STAGES:
         ds_config = deepspeed_config(_with_deepspeed(config, zero_stage=stage), hardware.gpus, steps, "plan")
@@ -202,10 +205,10 @@ def memory_plan(
         estimate = deepspeed_estimate(size, stage, precision, hardware.gpus, hardware.gpus_per_node)
         held = gradients_held(stage, accumulation)
         fits = {
-            ckpt: fit(states, buffers, activations.per_image(ckpt), micro, held, hardware.memory_gb * GB, headroom)
-            for ckpt in (False, True)
+            blocks: fit(states, buffers, activations.per_image(blocks), micro, held, hardware.memory_gb * GB, headroom)
+            for blocks in {0, checkpointed, depth}
         }
-        chosen = fits[checkpointing]
+        chosen = fits[checkpointed]
         stages.append(
             {
                 "stage": stage,
@@ -215,8 +218,8 @@ def memory_plan(
                 "peak_gb": chosen.peak_bytes / GB,
                 "fits": chosen.fits,
                 "max_micro_batch": chosen.max_micro_batch,
-                "max_micro_batch_without_checkpointing": fits[False].max_micro_batch,
-                "max_micro_batch_with_checkpointing": fits[True].max_micro_batch,
+                "max_micro_batch_without_checkpointing": fits[0].max_micro_batch,
+                "max_micro_batch_with_checkpointing": fits[depth].max_micro_batch,
             }
         )
     usable_gb = hardware.memory_gb * (1 - headroom)
@@ -234,11 +237,13 @@ def memory_plan(
             f"{micro}, {usable_gb:.1f} GB usable ({hardware.memory_gb:g} GB less {headroom:.0%} headroom); set "
             f"deepspeed.micro_batch_size to {configured['max_micro_batch']} or less{advice}"
         )
-    elif checkpointing and configured["max_micro_batch_without_checkpointing"] >= micro:
+    elif checkpointed and configured["max_micro_batch_without_checkpointing"] >= micro:
+        share = checkpointed / depth
         warnings.append(
             f"micro-batch {micro} fits without activation checkpointing (up to "
             f"{configured['max_micro_batch_without_checkpointing']}): deepspeed.activation_checkpointing=false "
-            f"saves its extra forward pass, a quarter of the compute"
+            f"saves its extra forward pass{'' if checkpointed == depth else ' over ' + f'{share:.0%} of the blocks'}, "
+            f"{share / (3 + share):.0%} of the compute"
         )
     return {
         "params": size.params,
@@ -248,6 +253,7 @@ def memory_plan(
         "activations_mb_per_image": {
             "stored": activations.stored / MB,
             "stored_with_checkpointing": activations.stored_checkpointed / MB,
+            "stored_as_configured": activations.stored_with(checkpointed) / MB,
             "working": activations.working / MB,
         },
         "stages": stages,

@@ -19,10 +19,16 @@ def forward_flops_per_image(config: Config) -> float:
     return flops_per_image(model, config.model.image_size)
 
 
-def passes_per_image(config: Config) -> int:
-    """Forward-pass equivalents of a training image: forward and a backward of twice its cost, plus the forward
-    that activation checkpointing repeats."""
-    return 4 if config.deepspeed.activation_checkpointing else 3
+def checkpointed_blocks(config: Config) -> int:
+    """How many transformer blocks recompute their activations in the backward pass."""
+    every = config.deepspeed.checkpoint_every
+    return -(-config.model.description().depth // every) if every else 0  # blocks 0, every, 2 * every, ...
+
+
+def passes_per_image(config: Config) -> float:
+    """Forward-pass equivalents of a training image: forward and a backward of twice its cost, plus the share of the
+    forward that activation checkpointing repeats (counted as the checkpointed blocks' share of all blocks)."""
+    return 3 + checkpointed_blocks(config) / config.model.description().depth
 
 
 def training_flops_per_image(config: Config) -> float:

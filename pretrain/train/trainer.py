@@ -108,8 +108,8 @@ class Trainer:
             model = build_model(config)
         if config.model.init_from:
             self._init_from(model, config.model.init_from)
-        if config.deepspeed.activation_checkpointing:
-            model.set_grad_checkpointing()
+        if config.deepspeed.checkpoint_every:
+            model.set_grad_checkpointing(every=config.deepspeed.checkpoint_every)
         optim = config.optimizer
         # fused: one kernel over all tensors and no temporaries the size of the model (the foreach default on GPUs
         # allocates a few), which the memory plan (pretrain/plan/memory_model.py) relies on
@@ -117,6 +117,8 @@ class Trainer:
         self.weight_decays = [group["weight_decay"] for group in groups]
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if config.model.compile:
+            self.engine.compile()  # the wrapped module in place: parameter names, and so checkpoints, stay the same
         guard_engine_loads(self.engine)  # DeepSpeed unpickles checkpoint files with weights_only=False
         torch.manual_seed(config.run.seed + 1 + placement.rank)  # dropout and stochastic depth differ per rank
 
