@@ -1,0 +1,98 @@
+"""torch.compile against eager: a ViT-B/16 training step in one process, and the trainer with `model.compile`.
+
+1. B/16 at 224 px, batch 8, fp32 on the CPU, AdamW: the same model compiled (`torch.compile`, inductor) and eager,
+   in one process, each timed over the steps after its warm-up (the compiled model's first step compiles it; that
+   time is reported). Rounds alternate which runs first; the ratio is the median of the within-round ratios.
+   Target: compiled >= 1.1x eager.
+2. The trainer on two CPU ranks (`deepspeed --num_gpus 2 pretrain/run.py`), the demo's config on synthetic data in
+   fp32 (bench_ddp's settings), with and without `model.compile`: images/s after the warm-up, side by side.
+
+    python -m benchmarks.bench_compile [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_ddp import ours
+from pretrain.model import create_model
+
+BATCH = 8
+WARMUP_STEPS = 2
+TIMED_STEPS = 5
+TARGET = 1.1
+
+
+def step_rate(compiled: bool) -> tuple[float, float]:
+    """(images/s over the timed steps, seconds of the first step) of B/16 in this process."""
+    torch.manual_seed(0)
+    model = create_model("B/16", num_classes=1000)
+    if compiled:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    images, labels = torch.randn(BATCH, 3, 224, 224), torch.randint(0, 1000, (BATCH,))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    for _ in range(WARMUP_STEPS - 1):
+        step()
+    start = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        step()
+    return TIMED_STEPS * BATCH / (time.perf_counter() - start), first
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+    first_steps: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for round_ in range(args.rounds):
+        for name in ("eager", "compiled") if round_ % 2 == 0 else ("compiled", "eager"):
+            torch._dynamo.reset()  # every round compiles afresh
+            rate, first = step_rate(name == "compiled")
+            rates[name].append(rate)
+            first_steps[name].append(first)
+    ratios = [c / e for c, e in zip(rates["compiled"], rates["eager"], strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"\nB/16 training step, 224 px, batch {BATCH}, fp32, one process; {TIMED_STEPS} steps after {WARMUP_STEPS}")
+    for name in rates:
+        print(
+            f"  {name:8s} {statistics.median(rates[name]):6.2f} images/s  first step "
+            f"{statistics.median(first_steps[name]):6.1f} s  (" + ", ".join(f"{r:.2f}" for r in rates[name]) + ")"
+        )
+    verdict = "met" if ratio >= TARGET else "MISSED"
+    print(f"  compiled / eager: {ratio:.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}; target >= {TARGET}x): {verdict}")
+
+    trainer = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for compiled in (False, True):
+            work = Path(folder) / f"compile-{compiled}"
+            work.mkdir()
+            trainer[compiled] = ours(work, model={"compile": compiled})
+    print(
+        f"  trainer, demo model on 2 ranks: eager {trainer[False]:.1f}, compiled {trainer[True]:.1f} images/s "
+        f"({trainer[True] / trainer[False]:.2f}x)"
+    )
+    return 0 if ratio >= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
