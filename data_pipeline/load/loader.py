@@ -13,6 +13,7 @@ states of all old ranks (or just this rank's when the job shape is unchanged) to
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import time
 from collections import Counter
@@ -143,6 +144,13 @@ class StreamingLoader:
                 generator=torch.Generator().manual_seed(self.config.order.seed),
             )
         self.started = self.started or time.monotonic()
+        # The workers are forked here. Objects they inherit are kept out of their garbage collection: a destructor
+        # run in a fork (a process group's, a thread pool's) can wait forever for threads the fork did not copy.
+        gc.freeze()
+        try:
+            batches = iter(batches)
+        finally:
+            gc.unfreeze()
         for batch in batches:
             local = batch.pop("_worker")
             self.cursors[local] = Cursor.from_json(batch.pop("_cursor"))

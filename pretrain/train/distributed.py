@@ -10,6 +10,7 @@ SLURM_JOB_NODELIST -> MASTER_ADDR.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import re
@@ -91,13 +92,16 @@ def shutdown() -> None:
     the process aborts after its work is done ("terminate called without an active exception", SIGABRT, exit -6),
     which the launcher reports as a failed job: 9 of 30 two-rank torchrun runs of a small gloo script here, 0 of 30
     with this call. DeepSpeed keeps its own handles on the destroyed groups (its clone of the world group): they are
-    dropped too, so that a later run in the same process (a notebook, the tests) builds new ones.
+    dropped too, so that a later run in the same process (a notebook, the tests) builds new ones, and collected here,
+    where gloo's threads still run: left in a reference cycle, a group was destroyed by the garbage collector of a
+    data worker forked by the next run, which then waited forever for threads the fork had not copied (a hung test).
     """
     if dist.is_initialized():
         dist.destroy_process_group()
     groups._WORLD_GROUP = None
     groups._DATA_PARALLEL_GROUP = None
     groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    gc.collect()
 
 
 def unlink_shm_allreduce_buffer(rank: int) -> None:
