@@ -38,6 +38,7 @@ bench: $(VENV)/.installed-test
 	-$(BIN)/python -m benchmarks.bench_trainer
 	-$(BIN)/python -m benchmarks.bench_ddp
 	-$(BIN)/python -m benchmarks.bench_epoch_order
+	-$(BIN)/python -m benchmarks.bench_compile
 	-$(BIN)/python -m benchmarks.bench_convert
 
 lint: $(VENV)/.installed-test
