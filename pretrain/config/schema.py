@@ -76,7 +76,8 @@ class ModelConfig(Section):
     compile: bool = False
     """Train the model compiled with torch.compile (through DeepSpeed's engine.compile, so ZeRO-3's parameter hooks
     stay outside the graph; works with activation checkpointing). The first steps pay for the compilation (a minute
-    or more for large models); the weights, checkpoints and exports are the same as without."""
+    or more for large models); the weights, checkpoints and exports are the same as without. A GPU lever: on the
+    CPU it gained nothing (B/16 step 0.97x, the demo under the trainer 0.67x; BENCHMARKS.md)."""
     init_from: str | None = None
     """Start from the weights of a trainer checkpoint (its folder, for the newest checkpoint, or one step-XXXXXXXX
     folder; local or s3://, read with checkpoint.storage_options): every tensor whose name and shape match is loaded,

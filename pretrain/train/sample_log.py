@@ -46,10 +46,11 @@ class SampleLog:
             for step in starts(run_dir):
                 if step >= first_step:
                     shutil.rmtree(start_folder(run_dir, step))
-            os.makedirs(start_folder(run_dir, first_step))
         if dist.is_initialized():
-            dist.barrier()  # the folder is there, and no longer holds a file of an abandoned start
-        path = os.path.join(start_folder(run_dir, first_step), f"rank-{rank:05d}.jsonl")
+            dist.barrier()  # no file of an abandoned start is left
+        folder = start_folder(run_dir, first_step)
+        os.makedirs(folder, exist_ok=True)  # on every rank: a run folder may be each node's own
+        path = os.path.join(folder, f"rank-{rank:05d}.jsonl")
         # line-buffered: a killed rank leaves whole lines (and at most one cut short, which the reader passes over)
         self.handle = open(path, "w", buffering=1)  # noqa: SIM115 - open for the whole run, closed by close()
         self.rank = rank
