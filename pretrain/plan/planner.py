@@ -239,11 +239,11 @@ def memory_plan(
         )
     elif checkpointed and configured["max_micro_batch_without_checkpointing"] >= micro:
         share = checkpointed / depth
+        over = "" if checkpointed == depth else f" over {share:.0%} of the blocks"
         warnings.append(
             f"micro-batch {micro} fits without activation checkpointing (up to "
             f"{configured['max_micro_batch_without_checkpointing']}): deepspeed.activation_checkpointing=false "
-            f"saves its extra forward pass{'' if checkpointed == depth else ' over ' + f'{share:.0%} of the blocks'}, "
-            f"{share / (3 + share):.0%} of the compute"
+            f"saves its extra forward pass{over}, {share / (3 + share):.0%} of the compute"
         )
     return {
         "params": size.params,
