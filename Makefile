@@ -17,6 +17,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
 demo: $(VENV)/.installed
 	$(BIN)/python -m pretrain.demos.digits --config configs/demo_digits.json
 
@@ -30,11 +34,12 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not bench" --durations=25
 
 # Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	-$(BIN)/python -m benchmarks.bench_build_shards
 	-$(BIN)/python -m benchmarks.bench_build_remote
 	-$(BIN)/python -m benchmarks.bench_build_plan
 	-$(BIN)/python -m benchmarks.bench_loader
+	-$(BIN)/python -m benchmarks.bench_peers
 	-$(BIN)/python -m benchmarks.bench_trainer
 	-$(BIN)/python -m benchmarks.bench_ddp
 	-$(BIN)/python -m benchmarks.bench_epoch_order

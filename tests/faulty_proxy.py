@@ -8,7 +8,10 @@ time it is picked: a client's retry then gets it, whatever the order concurrent 
 - `stall`: nothing is sent for longer than the client's read timeout, then the connection is closed.
 Writes (PUT, POST) of keys containing `fail_writes_to` get a 503 every time: an upload that cannot succeed. Writes
 take `write_seconds_per_mb` per MB of body (a store's time to take a large file). Every object upload that starts (a
-single PUT, or the POST that opens a multipart upload) is counted by key in `uploads`, every GET in `downloads`.
+single PUT, or the POST that opens a multipart upload) is counted by key in `uploads`, every GET in `downloads`, and
+the body bytes of GET answers in `bytes_served`. `latency_seconds` delays every request before it is forwarded (object
+storage's time to first byte; the peer benchmark uses 20 ms). Bodies are passed on as they arrive, so a reader sees the
+first bytes of a large object before the last ones leave the upstream.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class FaultyProxy:
         write_seconds_per_mb: float = 0.0,
         faulted_suffix: str = ".tar",
         transient: bool = False,
+        latency_seconds: float = 0.0,
     ):
         """Fault every `every`-th GET of a shard (0: none), cycling through FAULTS."""
         self.upstream = urlsplit(upstream)
@@ -45,6 +49,8 @@ class FaultyProxy:
         self.active_gets = self.most_active_gets = 0  # GETs being answered at once, and the most seen
         self.fail_writes_to = fail_writes_to
         self.write_seconds_per_mb = write_seconds_per_mb
+        self.latency_seconds = latency_seconds
+        self.bytes_served = 0
         self.uploads: collections.Counter[str] = collections.Counter()
         self.downloads: collections.Counter[str] = collections.Counter()
         self.every, self.stall_seconds = every, stall_seconds
@@ -133,28 +139,42 @@ class FaultyProxy:
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
+                time.sleep(proxy.latency_seconds)
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 headers = {key: value for key, value in self.headers.items() if key.lower() != "host"}
                 headers["Host"] = proxy.upstream.netloc
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 response = upstream.getresponse()
-                payload = response.read()
+                stated = response.getheader("Content-Length")
+                if self.command == "HEAD":  # no body, but the object's size
+                    size, chunks = int(stated or 0), iter(())
+                elif stated is None:  # a chunked answer: read whole to state its length
+                    payload = response.read()
+                    size, chunks = len(payload), iter((payload,))
+                else:
+                    size, chunks = int(stated), iter(lambda: response.read(1 << 20), b"")
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                # A HEAD answer has no body but states the object's size
-                size = response.getheader("Content-Length") if self.command == "HEAD" else len(payload)
-                self.send_header("Content-Length", str(size or 0))
+                self.send_header("Content-Length", str(size))
                 self.end_headers()
-                if fault == "reset" and len(payload) > 1:
-                    self.wfile.write(payload[: len(payload) // 2])
+                # a reset sends half of the body, then closes the connection
+                limit = size // 2 if fault == "reset" and size > 1 else size
+                sent = 0
+                for chunk in chunks:
+                    chunk = chunk[: limit - sent]
+                    self.wfile.write(chunk)
+                    sent += len(chunk)
+                    if sent >= limit:
+                        break
+                if self.command == "GET":
+                    with proxy.lock:
+                        proxy.bytes_served += sent
+                if sent < size:
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)
-                    return
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
                 upstream.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
