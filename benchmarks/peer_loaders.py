@@ -171,7 +171,8 @@ class LitdataLoader:
 LOADERS = {"ours": OursLoader, "streaming": StreamingLoader, "litdata": LitdataLoader}
 
 
-IMPORTS = {"ours": ("data_pipeline",), "streaming": ("streaming",), "litdata": ("litdata",)}
+# each system and its object-storage client (a training process has them loaded before it makes a loader)
+IMPORTS = {"ours": ("data_pipeline", "s3fs"), "streaming": ("streaming", "boto3"), "litdata": ("litdata", "boto3")}
 
 
 def read(args: argparse.Namespace) -> None:

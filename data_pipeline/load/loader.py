@@ -30,7 +30,9 @@ from data_pipeline.load.remote import RetryPolicy
 from data_pipeline.load.shardlist import ShardList, SourceError, resolve
 from data_pipeline.load.stream import StreamConfig, WorkerStream
 
-STATE_FORMAT = "vit-pretrain-loader/2"  # 2: epochs exact per rank (cursors know where their epoch begins)
+# 2: epochs exact per rank (cursors know where their epoch begins); 3: shuffle buffers grow from SHUFFLE_START (a
+# piece's positions name other samples than in 2)
+STATE_FORMAT = "vit-pretrain-loader/3"
 
 
 class LoaderStateError(UserError):
