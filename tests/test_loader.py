@@ -229,6 +229,34 @@ def test_resume_with_the_same_world_size_gives_the_uninterrupted_batches(shards:
             assert [fingerprint(next(stream)) for _ in range(steps - stop)] == reference[rank][stop:]
 
 
+def test_a_resumed_piece_is_read_from_the_oldest_sample_its_shuffle_held(shards: Path):
+    """The saved state names, per open shard, the byte offset of the oldest sample the shuffle still held; a resume
+    reads from there (fewer bytes than from the shard's start) and gives the same batches as reading it all."""
+
+    def small_buffer_loader():  # a buffer of 2 in shards of 7: the oldest held sample is past the shard's start
+        return loader(shards, shuffle_buffer=2, open_shards=2, epochs=1)
+
+    reference = [fingerprint(batch) for batch in small_buffer_loader()]
+    first = small_buffer_loader()
+    stream = iter(first)
+    assert [fingerprint(next(stream)) for _ in range(5)] == reference[:5]
+    state = json.loads(json.dumps(first.state_dict()))
+    del stream
+    starts = [start for cursor in state["cursors"] for start in cursor["read_from"] if start]
+    assert any(offset > 0 for _, offset in starts), starts
+
+    without = json.loads(json.dumps(state))
+    for cursor in without["cursors"]:
+        cursor["read_from"] = [None] * len(cursor["read_from"])
+    read = {}
+    for name, saved in (("from the oldest held sample", state), ("from the start", without)):
+        resumed = small_buffer_loader()
+        resumed.load_state_dict(saved)
+        assert [fingerprint(batch) for batch in resumed] == reference[5:], name
+        read[name] = resumed.counters()["bytes"]
+    assert read["from the oldest held sample"] < read["from the start"], read
+
+
 def test_resume_from_two_ranks_on_one_delivers_the_rest_of_the_epoch_once(shards: Path):
     consumed, states = [], []
     for rank in range(2):

@@ -56,6 +56,20 @@ def test_the_same_members_as_webdataset(tar_format: int):
     assert [name for name, _ in ours] == [name for name, _ in entries if not name.startswith("__")]
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_each_member_has_the_offset_of_its_first_header_and_a_read_can_start_there(tar_format: int):
+    # a long name's GNU or pax header comes before the member's own: a read that starts at the member starts there
+    data = archive(tar_format, MEMBERS)
+    with tarfile.open(fileobj=io.BytesIO(data)) as reader:
+        infos = reader.getmembers()
+    expected = [(info.name, info.offset) for info in infos if info.isreg() and not info.name.startswith("__")]
+    found = list(tar_members(io.BytesIO(data)))
+    assert [(member["fname"], member["offset"]) for member in found] == expected
+    for k, member in enumerate(found):
+        rest = list(tar_members(io.BytesIO(data[member["offset"] :]), member["offset"]))
+        assert rest == found[k:]
+
+
 def test_compressed_tars_are_read_by_webdataset():
     data = gzip.compress(archive(tarfile.PAX_FORMAT, MEMBERS))
     assert members(tar_members, data) == members(tar_file_iterator, data)

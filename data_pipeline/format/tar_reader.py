@@ -30,9 +30,11 @@ where a huge declared size raised MemoryError or OverflowError."""
 SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default: members such as __index__ are not samples
 
 
-def tar_members(stream: BinaryIO) -> Iterator[dict[str, Any]]:
-    """The regular files of the tar in `stream`. Raises tarfile.ReadError for a damaged header and EOFError when
-    the stream ends inside a member, like `tarfile`."""
+def tar_members(stream: BinaryIO, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """The regular files of the tar in `stream`, which begins at byte `offset` of the tar (at a member's first
+    header), each with "offset": where that member's headers begin (a long name's header included). Compressed tars
+    have no offsets. Raises tarfile.ReadError for a damaged header and EOFError when the stream ends inside a member,
+    like `tarfile`."""
     reader = stream if hasattr(stream, "peek") else io.BufferedReader(stream, buffer_size=1 << 16)  # type: ignore
     start = reader.peek(6)
     if not start:
@@ -41,6 +43,7 @@ def tar_members(stream: BinaryIO) -> Iterator[dict[str, Any]]:
         yield from tar_file_iterator(reader)
         return
     long_name: str | None = None
+    first = pos = offset  # `first`: where the current member's headers began
     while True:
         header = reader.read(BLOCK)
         if not header or header == EMPTY_BLOCK:  # the end (tarfile also accepts a missing end-of-archive block)
@@ -54,6 +57,7 @@ def tar_members(stream: BinaryIO) -> Iterator[dict[str, Any]]:
         data = reader.read(size)
         if len(data) < size or len(reader.read(-size % BLOCK)) < -size % BLOCK:
             raise EOFError("the stream ends inside a member")
+        pos += BLOCK + size + -size % BLOCK
         if kind == GNU_LONG_NAME:
             long_name = _text(data)
         elif kind == PAX_ONE:
@@ -64,7 +68,8 @@ def tar_members(stream: BinaryIO) -> Iterator[dict[str, Any]]:
             name = long_name or _ustar_name(header)
             long_name = None
             if kind in REGULAR and not name.endswith("/") and not SKIP_META.match(name):
-                yield {"fname": name, "data": data}
+                yield {"fname": name, "data": data, "offset": first}
+            first = pos
 
 
 def _check_checksum(header: bytes) -> None:

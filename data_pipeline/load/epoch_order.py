@@ -161,6 +161,9 @@ class Cursor:
     """The slot the next sample is taken from (slots take turns)."""
     batches: int = 0
     """Batches this worker has delivered."""
+    read_from: list[tuple[int, int] | None] = field(default_factory=list)
+    """Per slot, where a resumed read of its open piece may begin: (the sample's place in the shard, its byte offset),
+    the oldest sample the shuffle still held; None (or missing) to read the shard from its start."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,6 +173,7 @@ class Cursor:
             "stream_start": self.stream_start,
             "turn": self.turn,
             "batches": self.batches,
+            "read_from": [list(start) if start else None for start in self.read_from],
         }
 
     @classmethod
@@ -181,10 +185,11 @@ class Cursor:
             stream_start=data["stream_start"],
             turn=data["turn"],
             batches=data["batches"],
+            read_from=[tuple(start) if start else None for start in data["read_from"]],
         )
 
     def copy(self) -> Cursor:
-        return dataclasses.replace(self, slots=list(self.slots), queue=list(self.queue))
+        return dataclasses.replace(self, slots=list(self.slots), queue=list(self.queue), read_from=list(self.read_from))
 
     def pending(self) -> list[Piece]:
         return [piece for piece in self.slots if piece is not None] + self.queue
@@ -242,19 +247,43 @@ filled to 256 first, it read 4 x 256 samples (84 MB of 683x512 JPEGs) before its
 to that batch from S3. Starting at 32 and growing, it reads about 4 x 64."""
 
 
-def shuffled(items: Iterable[T], rng: np.random.Generator, buffer_size: int) -> Iterator[T]:
+class Shuffled(Iterator[T]):
     """A seeded shuffle through a buffer that gives its first item once it holds SHUFFLE_START, then grows by one for
-    every two items read until it holds `buffer_size`; the whole stream when it fits in the buffer."""
-    buffer: list[T] = []
-    given = 0
-    for item in items:
-        buffer.append(item)
-        if len(buffer) < min(buffer_size, SHUFFLE_START + given):
-            continue
-        slot = int(rng.integers(len(buffer)))
-        buffer[slot], buffer[-1] = buffer[-1], buffer[slot]
-        yield buffer.pop()
-        given += 1
-    order = rng.permutation(len(buffer))
-    for slot in order:
-        yield buffer[int(slot)]
+    every two items read until it holds `buffer_size`; the whole stream when it fits in the buffer.
+
+    The random draws depend only on how many items were read, never on what they are: a resume can feed stand-ins for
+    the items it knows were given before its position (those before `oldest()`) and get the same sequence after it.
+    """
+
+    def __init__(self, items: Iterable[T], rng: np.random.Generator, buffer_size: int):
+        self.items, self.rng, self.buffer_size = iter(items), rng, buffer_size
+        self.buffer: list[tuple[int, T]] = []  # (place in the input, item)
+        self.read = self.given = 0
+        self.draining: list[int] | None = None  # at the end of the input: the order the rest leaves in
+
+    def __next__(self) -> T:
+        while self.draining is None:
+            item = next(self.items, _END)
+            if item is _END:
+                self.draining = [int(slot) for slot in self.rng.permutation(len(self.buffer))][::-1]
+                break
+            self.buffer.append((self.read, item))  # type: ignore[arg-type]
+            self.read += 1
+            if len(self.buffer) < min(self.buffer_size, SHUFFLE_START + self.given):
+                continue
+            slot = int(self.rng.integers(len(self.buffer)))
+            self.buffer[slot], self.buffer[-1] = self.buffer[-1], self.buffer[slot]
+            self.given += 1
+            return self.buffer.pop()[1]
+        if not self.draining:
+            raise StopIteration
+        return self.buffer[self.draining.pop()][1]
+
+    def oldest(self) -> tuple[int, T] | None:
+        """The item read first among those not yet given, with its place in the input; None when none is held.
+        Every item read before it has been given."""
+        held = self.buffer if self.draining is None else [self.buffer[slot] for slot in self.draining]
+        return min(held, key=lambda entry: entry[0], default=None)
+
+
+_END: Any = object()

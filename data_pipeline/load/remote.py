@@ -57,9 +57,18 @@ class ReadCounters:
 
 
 class RetryingReader:
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str, policy: RetryPolicy, counters: ReadCounters):
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        path: str,
+        url: str,
+        policy: RetryPolicy,
+        counters: ReadCounters,
+        offset: int = 0,
+    ):
+        """Reads `path` from byte `offset` on."""
         self.fs, self.path, self.url, self.policy, self.counters = fs, path, url, policy, counters
-        self.offset = 0
+        self.offset = offset
         self.size: int | None = None
         self.handle: Any = None
 

@@ -12,24 +12,24 @@ raise `LoaderError`, naming the shard and the reason.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import fsspec
 import torch
 from PIL import Image
-from webdataset.tariterators import group_by_keys
 
 from data_pipeline.format.sample import SkippedSample, multi_labels, single_label
 from data_pipeline.format.tar_reader import tar_members
 from data_pipeline.load.augment import Augment, decode
-from data_pipeline.load.epoch_order import Cursor, EpochOrder, JobShape, Piece, plan_epoch, shuffled
+from data_pipeline.load.epoch_order import Cursor, EpochOrder, JobShape, Piece, Shuffled, plan_epoch
 from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardReadError
 from data_pipeline.load.shardlist import ShardList
 from data_pipeline.storage import filesystem
@@ -81,16 +81,49 @@ class WorkerCounters:
         }
 
 
-def tar_samples(stream: PrefetchedShard, url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one tar stream in stored order, as {"__key__": ..., extension: bytes}."""
-    members = ({**member, "__url__": url} for member in tar_members(stream))
-    yield from group_by_keys(members)
+SAMPLE_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+"""A member's name as key and extensions: everything after the first dot of the base name (WebDataset's rule)."""
+
+
+def tar_samples(stream: PrefetchedShard, url: str, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """The samples of one tar stream (beginning at byte `offset` of the tar) in stored order, as {"__key__",
+    "__url__", "__offset__": where its first member begins (None in a compressed tar), extension: bytes}: consecutive
+    members with one key form a sample, as WebDataset groups them."""
+    sample: dict[str, Any] | None = None
+    for member in tar_members(stream, offset):
+        name = SAMPLE_NAME.match(member["fname"])
+        if name is None:
+            continue
+        key, extension = name.group(1), name.group(2).lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url, "__offset__": member.get("offset")}
+        if extension in sample:
+            raise ValueError(f"{member['fname']}: a second member with this name")
+        sample[extension] = member["data"]
+    if sample is not None:
+        yield sample
 
 
 class OpenPiece:
-    def __init__(self, piece: Piece, stream: PrefetchedShard, samples: Iterator[dict[str, Any]]):
-        self.piece, self.stream, self.samples = piece, stream, samples
+    def __init__(
+        self,
+        piece: Piece,
+        stream: PrefetchedShard,
+        samples: Iterator[dict[str, Any]],
+        shuffle: Shuffled[dict[str, Any] | None] | None,
+    ):
+        self.piece, self.stream, self.samples, self.shuffle = piece, stream, samples, shuffle
         self.pos = piece.start
+
+    def read_from(self) -> tuple[int, int] | None:
+        """Where a resumed read of this piece may begin: the oldest sample its shuffle still holds (place in the
+        shard, byte offset); None when unknown (no shuffle, nothing held, a compressed tar)."""
+        oldest = self.shuffle.oldest() if self.shuffle else None
+        if oldest is None or oldest[1] is None or oldest[1]["__offset__"] is None:
+            return None
+        return oldest[0], oldest[1]["__offset__"]
 
     def close(self) -> None:
         self.stream.close()
@@ -112,7 +145,7 @@ class WorkerStream:
 
     # -- reading -------------------------------------------------------------------------------------------------
 
-    def _stream(self, url: str) -> PrefetchedShard:
+    def _stream(self, url: str, offset: int = 0) -> PrefetchedShard:
         # One filesystem object per protocol and worker process, made here (after fork) rather than shared
         protocol = fsspec.utils.get_protocol(url)
         if protocol not in self.filesystems:
@@ -120,18 +153,25 @@ class WorkerStream:
             self.filesystems[protocol] = filesystem(url, options)  # it gives options only to object stores
         fs = self.filesystems[protocol][0]
         path = fs._strip_protocol(url)
-        return PrefetchedShard(RetryingReader(fs, path, url, self.config.retry, self.read_counters))
+        return PrefetchedShard(RetryingReader(fs, path, url, self.config.retry, self.read_counters, offset))
 
-    def _start(self, piece: Piece) -> OpenPiece:
+    def _start(self, piece: Piece, read_from: tuple[int, int] | None = None) -> OpenPiece:
+        """Open a piece; with `read_from` (a resumed piece's oldest held sample: place, byte offset), the shard is read
+        from that sample on, and the samples before it, all delivered before the piece's start, are stand-ins that
+        only keep the shuffle's count."""
         url = self.config.shards.urls[piece.shard]
-        stream = self.prefetched.pop(piece, None) or self._stream(url)
-        samples: Iterator[dict[str, Any]] = tar_samples(stream, url)
+        place, offset = read_from if read_from and self.config.order.shuffle and read_from[0] <= piece.start else (0, 0)
+        stream = (self.prefetched.pop(piece, None) if not offset else None) or self._stream(url, offset)
+        samples: Iterator[dict[str, Any] | None] = tar_samples(stream, url, offset)
+        shuffle = None
         if self.config.order.shuffle:
-            samples = shuffled(
-                samples, self.config.order.sample_rng(piece.epoch, piece.shard), self.config.shuffle_buffer
+            samples = shuffle = Shuffled(
+                itertools.chain(itertools.repeat(None, place), samples),
+                self.config.order.sample_rng(piece.epoch, piece.shard),
+                self.config.shuffle_buffer,
             )
-        # The piece's first samples belong to another worker or were consumed before a resume: skip, undecoded
-        return OpenPiece(piece, stream, islice(samples, piece.start, None))
+        # The piece's first samples belong to another worker or were delivered before a resume: skip, undecoded
+        return OpenPiece(piece, stream, itertools.islice(samples, piece.start, None), shuffle)  # type: ignore[arg-type]
 
     def _next_piece(self) -> Piece | None:
         """The piece to open next (planning the next epoch's part when the queue is empty), left in the queue."""
@@ -281,9 +321,10 @@ class WorkerStream:
 
     def batches(self) -> Iterator[dict[str, Any]]:
         try:
+            read_from = self.cursor.read_from + [None] * (len(self.cursor.slots) - len(self.cursor.read_from))
             for i, piece in enumerate(self.cursor.slots):
                 if piece is not None:
-                    self.open[i] = self._start(piece)
+                    self.open[i] = self._start(piece, read_from[i])
             while self.target_batches is None or self.cursor.batches < self.target_batches:
                 batch = self._batch()
                 if batch is None:
@@ -331,6 +372,7 @@ class WorkerStream:
         self.counters.padding += padding
         self.counters.bytes, self.counters.retries = self.read_counters.bytes, self.read_counters.retries
         self.cursor.batches += 1
+        self.cursor.read_from = [current.read_from() if current else None for current in self.open]
         return {
             "image": images,
             "label": torch.stack(labels),
