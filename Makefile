@@ -44,6 +44,7 @@ bench: $(VENV)/.installed-bench
 	-$(BIN)/python -m benchmarks.bench_ddp
 	-$(BIN)/python -m benchmarks.bench_epoch_order
 	-$(BIN)/python -m benchmarks.bench_compile
+	-$(BIN)/python -m benchmarks.bench_timm_step
 	-$(BIN)/python -m benchmarks.bench_convert
 
 lint: $(VENV)/.installed-test
