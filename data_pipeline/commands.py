@@ -75,6 +75,12 @@ def reports_user_errors(main: Callable[[list[str] | None], int]) -> Callable[[li
     return wrapped
 
 
+def help_description(doc: str | None) -> str:
+    """A module docstring's first paragraph on one line: a command's --help description (its first line alone stops
+    mid-sentence when the paragraph wraps)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def json_or_text(text: str) -> Any:
     """A command-line value: JSON where it parses (numbers, true/false, null, lists, objects), else the text itself,
     so that L/16 or s3://bucket/x need no quotes."""

@@ -4,6 +4,7 @@ argument (with the old spelling still accepted), and a user's mistake as one `er
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from data_pipeline.commands import UserError, add_storage_option, reports_user_errors, storage_options
+from data_pipeline.commands import UserError, add_storage_option, help_description, reports_user_errors, storage_options
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+ENTRY_POINTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+SCRIPTS = sorted(ENTRY_POINTS)
 BIN = Path(sys.executable).parent
 
 
@@ -24,6 +26,9 @@ def test_help_names_the_command_as_users_type_it_and_prints_nothing_else(script:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {script} "), result.stdout[:200]
     assert result.stderr == ""  # e.g. DeepSpeed's "Setting accelerator to CPU" warning on import
+    # the description is the module docstring's whole first paragraph (its first line alone stopped mid-sentence)
+    described = help_description(importlib.import_module(ENTRY_POINTS[script].split(":")[0]).__doc__)
+    assert described.endswith(".") and described in " ".join(result.stdout.split()), result.stdout[:600]
 
 
 def parse(*argv: str) -> dict:

@@ -213,6 +213,13 @@ def test_unreadable_files_get_one_line(run_cli: Callable[..., CliResult], tmp_pa
     assert (
         result.stderr.strip() == f"error: {bad}:1:30: invalid JSON: Expecting property name enclosed in double quotes"
     )
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("model:\n  variant: B/16\n")
+    result = run_cli(str(yaml))
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        f"error: {yaml}:1:1: invalid JSON: Expecting value; configs are JSON (a run is data: see configs/*.json)",
+    )
 
 
 def test_bad_override_syntax_is_explained(run_cli: Callable[..., CliResult]) -> None:

@@ -182,11 +182,17 @@ def test_bad_sources_get_one_line_errors(tmp_path: Path, capsys):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     assert main([str(tmp_path / "bert"), "--to", "timm", "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "folder").mkdir()
+    assert main([str(tmp_path / "folder"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 3, errors
+    assert len(errors) == 4, errors
     assert "notes.txt: not a readable state dict" in errors[0]
-    assert "not a checkpoint" in errors[1]
+    assert (
+        errors[1]
+        == f"error: {tmp_path / 'empty'}: no such file or folder; pass a checkpoint folder written by the trainer"
+    )
     assert "bert" in errors[2]
+    assert "folder: not a checkpoint (no latest file)" in errors[3]
 
 
 def test_by_default_the_export_has_no_classifier_and_a_new_head_loads_as_asked(tmp_path: Path, capsys):

@@ -168,6 +168,24 @@ def test_bad_inputs_get_one_line_errors(shards: Path, tmp_path: Path, capsys):
         == 2
     )  # accelerate keeps one precision per process
     assert "not a transformers model folder" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "index.json"
+    assert (
+        main(["--model", str(tmp_path), "--train", str(missing), "--out", str(tmp_path / "o"), "--precision", "no"])
+        == 2
+    )
+    assert f"error: {missing}: no such file; pass the index.json build-shards wrote" in capsys.readouterr().err
+
+
+def test_switches_stand_alone(tmp_path: Path):
+    from pretrain.finetune.loop import parse_args
+
+    required = ["--model", "m", "--train", "t", "--out", "o"]
+    defaults = parse_args(required)
+    assert (defaults.keep_head, defaults.hflip) == (False, True)
+    switched = parse_args([*required, "--keep-head", "--no-hflip"])
+    assert (switched.keep_head, switched.hflip) == (True, False)
+    (tmp_path / "config.json").write_text(json.dumps({"keep_head": True}))
+    assert parse_args([*required, "--config", str(tmp_path / "config.json"), "--no-keep-head"]).keep_head is False
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from pretrain.config.load import validate
 from pretrain.model import create_model, parse_variant, resize_pos_embed, sincos_2d
+from pretrain.model.description import ModelDescription
+from pretrain.weights.model_weights import Weights
+from pretrain.weights.timm import to_timm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = {"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4, "image_size": 32}
 
@@ -25,6 +33,18 @@ def test_variants_follow_the_paper() -> None:
         parse_variant("XL/16")
     with pytest.raises(ValueError, match="SIZE/PATCH"):
         parse_variant("B16")
+
+
+@pytest.mark.parametrize(
+    ("timm_name", "variant"),
+    [("vit_huge_patch14_224", "H/14"), ("vit_base_patch16_224", "B/16"), ("vit_base_r50_s16_224", "R50+B/16")],
+)
+def test_timm_names_are_the_variants_the_timm_export_writes(timm_name: str, variant: str) -> None:
+    assert parse_variant(timm_name) == parse_variant(variant)
+    weights = Weights(ModelDescription.of_variant(timm_name, image_size=224, num_classes=10), {})
+    assert to_timm(weights)[0]["architecture"] == timm_name
+    config = validate({**json.loads((ROOT / "configs" / "tiny_cpu.json").read_text()), "model": {"variant": timm_name}})
+    assert config.model.description() == ModelDescription.of_variant(variant, num_classes=config.model.num_classes)
 
 
 def test_initialisation_follows_the_jax_code() -> None:

@@ -11,7 +11,7 @@ import sys
 
 from data_pipeline.build.builder import BuildOptions, BuildResult, BuildStopped, build, finalize
 from data_pipeline.build.images import ImageOptions
-from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
+from data_pipeline.commands import add_storage_option, help_description, reports_user_errors, storage_options
 
 EPILOG = """\
 input:
@@ -39,7 +39,7 @@ exit codes:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="build-shards",
-        description=__doc__.splitlines()[0],
+        description=help_description(__doc__),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -44,12 +44,16 @@ class ShardList:
         return sum(self.num_samples)
 
 
+def _missing_source(url: str) -> SourceError:
+    return SourceError(f"{url}: no such file; pass the index.json build-shards wrote, or a shard pattern")
+
+
 def read_index(url: str, storage_options: dict[str, Any] | None) -> ShardIndex:
     fs, path = filesystem(url, storage_options)
     try:
         text = fs.cat_file(path).decode()
     except FileNotFoundError:
-        raise SourceError(f"{url}: no such file; pass the index.json build-shards wrote, or a shard pattern") from None
+        raise _missing_source(url) from None
     try:
         return ShardIndex.model_validate(json.loads(text))
     except (json.JSONDecodeError, ValidationError) as error:
@@ -117,6 +121,10 @@ def read_classes(source: str, storage_options: dict[str, Any] | None = None) -> 
     try:
         classes = json.loads(fs.cat_file(path))
     except FileNotFoundError:
+        # no table beside a source that is not there either: say the source is missing, not the table
+        source_fs, source_path = filesystem(first, storage_options)
+        if not source_fs.exists(source_path):
+            raise _missing_source(first) from None
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SourceError(f"{fs.unstrip_protocol(path)}: not JSON ({error}); rebuild the shards") from None

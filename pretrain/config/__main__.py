@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipeline.commands import reports_user_errors
+from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.config.load import load_config
 from pretrain.config.reference import render_reference
 
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vit-config", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vit-config", description=help_description(__doc__))
     parser.add_argument("config", nargs="?", help="path of the JSON config file")
     parser.add_argument(
         "--set",

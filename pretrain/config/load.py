@@ -62,7 +62,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError([f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}"]) from None
+        # YAML and TOML are what other trainers take; say that ours is JSON rather than only where parsing stopped
+        hint = "; configs are JSON (a run is data: see configs/*.json)" if not str(path).endswith(".json") else ""
+        raise ConfigError([f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}{hint}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the config must be a JSON object with sections model, data, ..."])
     return data

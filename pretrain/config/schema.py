@@ -42,7 +42,9 @@ StorageOptions = Annotated[dict[str, JsonValue], PlainSerializer(masked, when_us
 class ModelConfig(Section):
     variant: str
     """Size and patch size in the paper's notation: Ti/16, S/16, B/32, B/16, L/16, H/14, g/14, G/14, any SIZE/PATCH,
-    or the hybrid R50+B/16 (ResNet-50 stages (3, 4, 9), patch size 1 on its stride-16 feature map)."""
+    or the hybrid R50+B/16 (ResNet-50 stages (3, 4, 9), patch size 1 on its stride-16 feature map); or timm's name
+    for one of them (vit_base_patch16_224, vit_huge_patch14_224, vit_base_r50_s16_224, ...: the names the timm export
+    writes; the image size is still image_size)."""
     image_size: Size = 224
     """Training resolution in pixels (square). Position embeddings are learned for this grid and resized for others."""
     patch_size: Size | None = None

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from data_pipeline.build.builder import BuildOptions, build
-from data_pipeline.commands import reports_user_errors
+from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.config import load_config
 from pretrain.evaluate.analyze import main as analyze
 from pretrain.train.checkpoint import read_latest
@@ -93,7 +93,7 @@ def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--config", default="configs/demo_digits.json", help="JSON run config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to train on")

@@ -25,7 +25,7 @@ from pathlib import Path
 from data_pipeline.build.builder import BuildOptions, build
 from data_pipeline.build.plan import split_of
 from data_pipeline.build.sources import row_key
-from data_pipeline.commands import reports_user_errors
+from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.config import load_config
 from pretrain.demos.digits import VAL_FRACTION, deepspeed_command, digit_shards, first_record, last_record
 
@@ -63,7 +63,7 @@ def train(config: str, overrides: list[str], ranks: int) -> None:
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--pretrain-config", default="configs/demo_digits_mpp.json")
     parser.add_argument("--finetune-config", default="configs/demo_digits_finetune.json")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to train on")

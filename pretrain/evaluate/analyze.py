@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
+from data_pipeline.commands import add_storage_option, help_description, reports_user_errors, storage_options
 from pretrain.model import VisionTransformer, model_input
 from pretrain.weights.model_weights import WeightsError
 from pretrain.weights.surgery import check_weights
@@ -289,7 +289,7 @@ def analyze(
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vit-analyze", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vit-analyze", description=help_description(__doc__))
     parser.add_argument(
         "--checkpoint",
         required=True,

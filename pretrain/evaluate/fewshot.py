@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import make_loader
-from data_pipeline.commands import add_storage_option, configure_logging, reports_user_errors, storage_options
+from data_pipeline.commands import (
+    add_storage_option,
+    configure_logging,
+    help_description,
+    reports_user_errors,
+    storage_options,
+)
 from data_pipeline.load.shardlist import SourceError
 
 log = logging.getLogger(__name__)
@@ -169,7 +175,7 @@ def probe_batches(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate.fewshot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate.fewshot", description=help_description(__doc__))
     parser.add_argument(
         "--checkpoint",
         required=True,

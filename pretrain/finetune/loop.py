@@ -32,6 +32,7 @@ from data_pipeline.commands import (
     UserError,
     add_storage_option,
     configure_logging,
+    help_description,
     json_or_text,
     reports_user_errors,
     storage_options,
@@ -112,20 +113,26 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
     """`--config FILE` (a JSON object of FinetuneConfig fields) and a `--flag` for every field, which wins over the
     file; a flag's help is the field's documentation. Flag values are JSON where they parse (numbers, null, true,
     lists) and strings otherwise."""
-    parser = argparse.ArgumentParser(prog="vit-finetune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vit-finetune", description=help_description(__doc__))
     parser.add_argument("--config", help="JSON file of the fields below (e.g. configs/finetune/demo_digits.json)")
     add_storage_option(parser, "s3:// shards")
     for name, field in FinetuneConfig.model_fields.items():
         if name == "storage_options":
             continue
         default = " (required)" if field.is_required() else f" (default: {json.dumps(field.default)})"
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, help=f"{field.description}{default}", metavar=name.upper()
-        )
+        flag, help_text = f"--{name.replace('_', '-')}", f"{field.description}{default}"
+        if field.annotation is bool:  # a switch that stands alone, as in every other tool: --keep-head, --no-hflip
+            parser.add_argument(flag, dest=name, help=help_text, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=name, help=help_text, metavar=name.upper())
     args = parser.parse_args(argv)
     settings = read_json(args.config) if args.config else {}
     flags = {name: value for name, value in vars(args).items() if name in FinetuneConfig.model_fields}
-    settings |= {name: json_or_text(value) for name, value in flags.items() if value is not None}
+    settings |= {
+        name: json_or_text(value) if isinstance(value, str) else value
+        for name, value in flags.items()
+        if value is not None
+    }
     if options := storage_options(args):  # the flags' options win over the file's, key by key
         from_file = settings.get("storage_options")
         settings["storage_options"] = (from_file if isinstance(from_file, dict) else {}) | options

@@ -1,8 +1,8 @@
 """ViT sizes in the paper's notation.
 
 A variant name is `SIZE/PATCH` ("B/16", "H/14", any patch size) or `STEM+SIZE/PATCH` for a hybrid whose patches are
-the pixels of a ResNet feature map ("R50+B/16"). Sizes are data: one small record per row of the paper's Table 1
-(and "Scaling Vision Transformers" for g and G).
+the pixels of a ResNet feature map ("R50+B/16"), or the name timm registers for one of them ("vit_huge_patch14_224").
+Sizes are data: one small record per row of the paper's Table 1 (and "Scaling Vision Transformers" for g and G).
 """
 
 from __future__ import annotations
@@ -35,6 +35,21 @@ STEMS: dict[str, tuple[int, ...]] = {
     "R50": (3, 4, 9),
 }
 
+TIMM_NAMES: dict[str, str] = {
+    "vit_tiny_patch16_224": "Ti/16",
+    "vit_small_patch16_224": "S/16",
+    "vit_small_patch32_224": "S/32",
+    "vit_base_patch8_224": "B/8",
+    "vit_base_patch16_224": "B/16",
+    "vit_base_patch32_224": "B/32",
+    "vit_large_patch16_224": "L/16",
+    "vit_large_patch32_224": "L/32",
+    "vit_huge_patch14_224": "H/14",
+    "vit_base_r50_s16_224": "R50+B/16",
+}
+"""timm's registered names of the paper's ViTs, and the variant each is: accepted wherever a variant is, and the names
+the timm export writes. The image size stays `model.image_size` (timm's `_224` names its default resolution)."""
+
 _NAME = re.compile(r"^(?:(?P<stem>[A-Za-z0-9]+)\+)?(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
 
@@ -53,10 +68,15 @@ class Variant:
 
 
 def parse_variant(name: str) -> Variant:
-    """Parse "B/16", "R50+B/16", ... into a Variant; raise ValueError naming the allowed forms."""
+    """Parse "B/16", "R50+B/16", "vit_base_patch16_224", ... into a Variant named in the paper's notation; raise
+    ValueError naming the allowed forms."""
+    name = TIMM_NAMES.get(name.strip(), name)
     match = _NAME.match(name.strip())
     if match is None:
-        raise ValueError(f"variant {name!r} is not of the form SIZE/PATCH (e.g. B/16) or STEM+SIZE/PATCH (R50+B/16)")
+        raise ValueError(
+            f"variant {name!r} is not of the form SIZE/PATCH (e.g. B/16), STEM+SIZE/PATCH (R50+B/16) or a timm name "
+            f"({', '.join(TIMM_NAMES)})"
+        )
     size_name, patch, stem = match["size"], int(match["patch"]), match["stem"]
     if size_name not in SIZES:
         raise ValueError(f"variant {name!r}: unknown size {size_name!r}; choose one of {', '.join(SIZES)}")

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from data_pipeline.commands import reports_user_errors
+from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.plan.gpus import DEFAULT_HEADROOM, GPUS, gpu_spec
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def report(plan: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu_names = ", ".join(f"{g.name} ({g.bf16_tflops:g} TFLOP/s, {g.memory_gb:g} GB)" for g in GPUS)
-    parser = argparse.ArgumentParser(prog="vit-plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vit-plan", description=help_description(__doc__))
     parser.add_argument("--config", required=True, help="run config (JSON)")
     parser.add_argument(
         "--set",

@@ -371,9 +371,9 @@ class CheckpointStore:
     # -- loading -----------------------------------------------------------------------------------------------
 
     def resolve(self, resume: str, overwrite: bool = False) -> str | None:
-        """The checkpoint to start from: 'none', 'auto' (the newest complete one, if any) or a tag or path. Starting
-        afresh where another run's checkpoints are is refused (it would interleave the two runs' steps and records),
-        unless `overwrite`: then they are deleted first."""
+        """The checkpoint to start from: 'none', 'auto' or 'latest' (OpenCLIP's word; the newest complete one, if any)
+        or a tag or path. Starting afresh where another run's checkpoints are is refused (it would interleave the two
+        runs' steps and records), unless `overwrite`: then they are deleted first."""
         if resume == "none":
             newest = read_latest(self.fs, self.root)
             dist.barrier()  # every rank has read `latest` before rank 0 may delete it (else they disagree, and hang)
@@ -386,7 +386,7 @@ class CheckpointStore:
             if newest is not None:
                 self._delete_all()
             return None
-        if resume == "auto":
+        if resume in ("auto", "latest"):
             return self._newest_complete()
         tag = resume.rstrip("/").rsplit("/", 1)[-1]
         if tag not in self.tags():

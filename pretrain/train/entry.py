@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         default="auto",
-        help="auto: continue from the newest complete checkpoint if there is one (default); "
+        help="auto (or latest): continue from the newest complete checkpoint if there is one (default); "
         "none: start afresh; or a checkpoint name such as step-00001000",
     )
     parser.add_argument(

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.commands import add_storage_option, reports_user_errors, storage_options
+from data_pipeline.commands import add_storage_option, help_description, reports_user_errors, storage_options
 
 FORMATS = ("hf", "timm", "native")
 """The keys of pretrain.weights.formats.WRITERS, named here so that --help needs no DeepSpeed import."""
@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert-checkpoint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="convert-checkpoint", description=help_description(__doc__))
     parser.add_argument(
         "source",
         help="trainer checkpoint folder (its newest checkpoint) or a step-XXXXXXXX folder "

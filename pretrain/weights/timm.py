@@ -11,25 +11,19 @@ from typing import Any
 import torch
 
 from pretrain.model.description import ModelDescription
-from pretrain.model.variants import stem_stride
+from pretrain.model.variants import TIMM_NAMES, parse_variant, stem_stride
 from pretrain.weights.model_weights import Weights, WeightsError
 
+_TIMM_VARIANTS = {name: parse_variant(variant) for name, variant in TIMM_NAMES.items()}
 TIMM_ARCHITECTURES = {
-    (192, 16): "vit_tiny_patch16_224",
-    (384, 16): "vit_small_patch16_224",
-    (384, 32): "vit_small_patch32_224",
-    (768, 8): "vit_base_patch8_224",
-    (768, 16): "vit_base_patch16_224",
-    (768, 32): "vit_base_patch32_224",
-    (1024, 16): "vit_large_patch16_224",
-    (1024, 32): "vit_large_patch32_224",
-    (1280, 14): "vit_huge_patch14_224",
+    (spec.size.width, spec.patch_size): name for name, spec in _TIMM_VARIANTS.items() if spec.stem_stages is None
 }
 """timm's registered ViTs by (width, patch size). Any other size is written as vit_base_patch16_224 with its own
 model_args, which timm applies over the architecture's defaults (timm is not a run-time dependency here)."""
 
 
-TIMM_HYBRID, TIMM_HYBRID_STAGES = "vit_base_r50_s16_224", (3, 4, 9)
+TIMM_HYBRID = next(name for name, spec in _TIMM_VARIANTS.items() if spec.stem_stages)
+TIMM_HYBRID_STAGES = _TIMM_VARIANTS[TIMM_HYBRID].stem_stages
 """timm's hybrid: ResNet-50's first three stages under a ViT (model_args set the ViT's size)."""
 
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}

@@ -42,6 +42,8 @@ def _locate(url: str, storage_options: dict[str, Any]) -> tuple[Any, str, str]:
     if name.startswith(PREFIX):
         root, tag = path.rsplit("/", 1)[0], name
     else:
+        if not fs.exists(path):
+            raise WeightsError(f"{url}: no such file or folder; pass a checkpoint folder written by the trainer")
         root, tag = path, read_latest(fs, path)
         if tag is None:
             raise WeightsError(
