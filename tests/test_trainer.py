@@ -289,6 +289,7 @@ def test_zero_stage_run_evaluates_held_out_shards_and_keeps_the_last_two_checkpo
 
 def test_zero_stage_run_exports_behave_as_our_model(finished_run: Run, tmp_path: Path):
     # the checkpoint, written in partitions by 2 ranks, exported for transformers and timm, behaves as our model
+    from huggingface_hub import ModelCard
     from transformers import ViTForImageClassification
 
     exported = read_checkpoint(str(finished_run.checkpoints))
@@ -306,6 +307,16 @@ def test_zero_stage_run_exports_behave_as_our_model(finished_run: Run, tmp_path:
         ],
         24: [ViTForImageClassification.from_pretrained(tmp_path / "hf24").eval()],
     }
+    card = ModelCard.load(tmp_path / "hf16" / "README.md")  # what the Hub reads
+    run_config = json.loads((finished_run.checkpoints / "step-00000064" / "trainer.json").read_text())["config"]
+    last_eval = read_metrics(finished_run.dir, "eval")[-1]
+    assert card.data.datasets == [run_config["data"]["train"]] and card.data.license == ""
+    assert card.data.pipeline_tag == "image-classification"
+    facts = card.data.vit_pretrain
+    assert (facts["objective"], facts["steps"], facts["image_size"]) == ("supervised", 64, 16)
+    assert facts["last_eval"] == {name: value for name, value in last_eval.items() if name != "kind"}
+    assert f"| pre-training data | {run_config['data']['train']} |" in card.text
+    assert f"step 64: top1 {last_eval['top1']:.4f}" in card.text
     with torch.no_grad():
         for size, models in exports.items():
             images = torch.randn(2, 3, size, size)

@@ -136,6 +136,7 @@ class Trainer:
 
         self.samples_seen = 0
         self.nonfinite_steps = 0
+        self.last_eval: dict[str, float] | None = None  # saved with checkpoints: an export's model card reports it
         self.preempt_requested = False
         if tag is not None:
             self.restore(tag)
@@ -232,6 +233,7 @@ class Trainer:
         # device, and the host could not queue the next kernels meanwhile
         loss_sum, loss_count, nonfinite_in_a_row = torch.zeros((), device=distributed.device()), 0, 0
         batches = iter(self.train_loader)
+        last_step_run = None
         if probe_every and engine.global_steps == 0:
             self.fewshot(0)  # the initial weights' numbers: the baseline every later probe is read against
         while engine.global_steps < self.steps:
@@ -266,15 +268,16 @@ class Trainer:
             self.samples_seen += self.micro_batch * self.placement.world_size
             if engine.global_steps == steps_before:  # inside a gradient-accumulation cycle
                 continue
-            step = engine.global_steps
+            step = last_step_run = engine.global_steps
             timer.stepped()
             if step % config.logging.every_steps == 0 or step == self.steps:
                 self._log_train(step, timer, loss_sum.item(), loss_count)
                 timer.reset()
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-            if eval_every and step % eval_every == 0 and step < self.steps:
+            # the last step's evaluation comes before its checkpoint, which then records it (an export's model card)
+            if step == self.steps or (eval_every and step % eval_every == 0):
                 self.evaluate(step)
-            if probe_every and step % probe_every == 0 and step < self.steps:
+            if step == self.steps or (probe_every and step % probe_every == 0):
                 self.fewshot(step)
             preempted = self.checkpoints.at_step_boundary(step, answers)
             if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
@@ -290,8 +293,9 @@ class Trainer:
                     )
                 return EXIT_PREEMPTED
         self.sample_log.close()
-        self.evaluate(engine.global_steps)
-        self.fewshot(engine.global_steps)
+        if engine.global_steps != last_step_run:  # resumed at the end: no step ran, nothing was evaluated
+            self.evaluate(engine.global_steps)
+            self.fewshot(engine.global_steps)
         self.check_replicas(engine.global_steps)
         return 0
 
@@ -363,6 +367,7 @@ class Trainer:
         images = max(totals.pop("images"), 1.0)
         result = {name: value / images for name, value in totals.items()}
         record = {"kind": "eval", "step": step, **result, "images": images}
+        self.last_eval = {"step": step, **result, "images": images}
         self.metrics.write(
             record,
             f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" | {images:.0f} images",
@@ -408,6 +413,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "nonfinite_steps": self.nonfinite_steps,
             "world_size": self.placement.world_size,
+            "last_eval": self.last_eval,
             "config": self.config.model_dump(mode="json"),
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
@@ -418,6 +424,7 @@ class Trainer:
         self.train_loader.load_state_dict(restored.loader_states)
         self.samples_seen = restored.trainer["samples_seen"]
         self.nonfinite_steps = restored.trainer["nonfinite_steps"]
+        self.last_eval = restored.trainer.get("last_eval")
         if self.placement.is_main:
             saved = restored.trainer.get("world_size", self.placement.world_size)
             elsewhere = (

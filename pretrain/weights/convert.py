@@ -5,8 +5,10 @@ timm ViT state dict (or its folder), or a native folder (pretrain/weights/format
 its encoder. The export carries no classifier unless asked: the paper fine-tunes with a new zero-initialised head,
 which `--num-classes K` adds; `--keep-head` keeps the trained one (for inference on the pre-training classes).
 `--drop-representation` removes the pre-logits layer as the paper does before fine-tuning, `--image-size` resizes
-the position embeddings for another resolution. Tensors that do not fit the model the source describes (another
-variant, a damaged file) are refused before anything is written.
+the position embeddings for another resolution. A transformers export also gets a model card (README.md: the
+pre-training data, steps and last evaluation of a trainer checkpoint; pretrain/weights/model_card.py). Tensors
+that do not fit the model the source describes (another variant, a damaged file) are refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     # imported once the arguments are good: importing DeepSpeed prints the accelerator it found, not for --help
     import torch
 
-    from pretrain.weights.formats import WRITERS, read_weights
+    from pretrain.weights.formats import WRITERS, read_weights, training_record
+    from pretrain.weights.model_card import write_model_card
     from pretrain.weights.model_weights import Weights
     from pretrain.weights.surgery import check_weights, choose_head, resize_positions
 
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = resize_positions(weights, args.image_size)
     weights = Weights(weights.model, {k: v.to(getattr(torch, args.dtype)) for k, v in weights.state.items()})
     WRITERS[args.to](weights, Path(args.out))
+    if args.to == "hf":
+        write_model_card(weights, args.source, training_record(args.source, storage_options(args)), Path(args.out))
     print(f"{args.to} weights ({weights.model.summary()}) in {args.out}")
     if not weights.model.num_classes:
         print("no classifier written: --keep-head keeps the trained one, --num-classes K adds a new one")

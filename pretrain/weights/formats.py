@@ -21,22 +21,38 @@ from pretrain.weights.hf import from_hf, write_hf
 from pretrain.weights.model_weights import Weights
 from pretrain.weights.native import is_native, read_native, read_native_state, write_native
 from pretrain.weights.timm import from_timm, write_timm
-from pretrain.weights.trainer_checkpoint import read_checkpoint, read_state
+from pretrain.weights.trainer_checkpoint import read_checkpoint, read_state, read_trainer_record
 
 WRITERS: dict[str, Callable[[Weights, Path], None]] = {"hf": write_hf, "timm": write_timm, "native": write_native}
 
 
-def read_weights(source: str, storage_options: dict[str, Any] | None = None) -> Weights:
-    """Weights from a native folder, a transformers folder, a timm folder or file, or a trainer checkpoint."""
+def source_format(source: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Which format `source` is in: "timm", "native", "hf" or "trainer" (a trainer checkpoint, the fallback)."""
     location = Path(source)
     if location.is_file():
-        return from_timm(source)
+        return "timm"
     if is_native(source, storage_options):
-        return read_native(source, storage_options)
+        return "native"
     if (location / "config.json").is_file():
-        described = json.loads((location / "config.json").read_text())
-        return from_hf(source) if "model_type" in described else from_timm(source)
-    return read_checkpoint(source, storage_options)
+        return "hf" if "model_type" in json.loads((location / "config.json").read_text()) else "timm"
+    return "trainer"
+
+
+def read_weights(source: str, storage_options: dict[str, Any] | None = None) -> Weights:
+    """Weights from a native folder, a transformers folder, a timm folder or file, or a trainer checkpoint."""
+    readers: dict[str, Callable[[], Weights]] = {
+        "timm": lambda: from_timm(source),
+        "native": lambda: read_native(source, storage_options),
+        "hf": lambda: from_hf(source),
+        "trainer": lambda: read_checkpoint(source, storage_options),
+    }
+    return readers[source_format(source, storage_options)]()
+
+
+def training_record(source: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The trainer.json of a trainer checkpoint (step, samples seen, last evaluation, run config); None for the
+    other formats, which do not record how the weights were trained."""
+    return read_trainer_record(source, storage_options) if source_format(source, storage_options) == "trainer" else None
 
 
 def read_init_state(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

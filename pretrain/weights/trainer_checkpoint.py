@@ -67,6 +67,12 @@ def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> 
     return vit_weights(model, _state_of(fs, root, tag, url), prefix)
 
 
+def read_trainer_record(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trainer.json of the checkpoint at `url` (its newest, for a checkpoint root)."""
+    fs, root, tag = _locate(url, storage_options or {})
+    return _read_json(fs, join(fs, root, tag, TRAINER_FILE), url)
+
+
 def _read_json(fs: Any, path: str, url: str) -> Any:
     try:
         return json.loads(fs.cat_file(path))
