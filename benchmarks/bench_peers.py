@@ -4,8 +4,9 @@ Corpus: 5,000 photo-like JPEGs with the shorter side at 512 px in 10 classes. Ea
 format with its own writer (build-shards keeping the original bytes; `streaming.MDSWriter`; `litdata.optimize`), in
 shards of about 500 samples, into moto's S3 server. Each reads through a loopback proxy that waits 20 ms before every
 request (object storage's time to first byte), with its documented settings (the peers' cache folders and download
-threads at their defaults) and does the same work: decode, random-resized crop to 224, flip, uint8 batches of 64
-(benchmarks/peer_loaders.py). The peers run in their own virtual environments (benchmarks/peer_env.py).
+threads at their defaults) and delivers the same batches: random-resized crops of 224, flipped, uint8, 64 per batch
+(benchmarks/peer_loaders.py; how each decodes is its own, and part of what is compared). The peers run in their own
+virtual environments (benchmarks/peer_env.py).
 
 Measured per system with 1 and 2 data workers, every run a fresh process with an empty cache (a new node):
 - images/s from a fifth of an epoch to its end, and the seconds from making the loader to its first batch;

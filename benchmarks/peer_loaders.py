@@ -5,8 +5,9 @@ litdata). This file imports nothing of ours at module level, so a peer's environ
     python peer_loaders.py read SYSTEM --url URL --endpoint URL --workers N --cache DIR --result OUT.json
                                        [--stop-at-half STATE.json | --resume STATE.json]
 
-Every loader does the same work: decode, random-resized crop to 224, horizontal flip, uint8 batches of 64, one shuffled
-epoch. The peers decode with PIL and augment with torchvision, as their documentation shows; ours is `make_loader`.
+Every loader delivers the same thing: random-resized crops of 224 px, flipped, in uint8 batches of 64, one shuffled
+epoch. How differs, and is part of what is compared: the peers decode every pixel with PIL and crop with torchvision, as
+their documentation shows; `make_loader` decodes only the crop's rows at reduced DCT scale where that is exact enough.
 A read reports the seconds from making the loader to its first batch, the images/s from a fifth of the epoch to its
 end, and every key it delivered (the benchmark checks exactly-once delivery from those).
 """

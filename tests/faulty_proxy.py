@@ -166,11 +166,11 @@ class FaultyProxy:
                     chunk = chunk[: limit - sent]
                     self.wfile.write(chunk)
                     sent += len(chunk)
+                    if self.command == "GET":  # counted as sent: a reader may drop the connection mid-body
+                        with proxy.lock:
+                            proxy.bytes_served += len(chunk)
                     if sent >= limit:
                         break
-                if self.command == "GET":
-                    with proxy.lock:
-                        proxy.bytes_served += sent
                 if sent < size:
                     self.wfile.flush()
                     self.close_connection = True

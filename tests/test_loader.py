@@ -279,6 +279,8 @@ def test_a_state_from_another_dataset_or_seed_is_refused(shards: Path):
     state = loader(shards).state_dict()
     with pytest.raises(LoaderStateError, match="seed 7"):
         loader(shards, seed=1).load_state_dict(state)
+    with pytest.raises(LoaderStateError, match="shuffle_buffer 256, this loader 64: resume with the shuffle_buffer"):
+        loader(shards, shuffle_buffer=64).load_state_dict(state)
     state["shard_samples"] = [1, 2]
     with pytest.raises(LoaderStateError, match="another shard list"):
         loader(shards).load_state_dict(state)

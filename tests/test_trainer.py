@@ -788,7 +788,7 @@ def test_masked_patch_pretraining_on_unlabelled_shards_then_finetuning_from_it(
     ), cli.stdout  # bf16 ranks vs fp32 here
     assert fewshot_main(["--checkpoint", str(tmp_path / "nowhere"), *command[5:]]) == 2
     errors = error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and errors[0].startswith(f"error: {tmp_path / 'nowhere'}: not a checkpoint"), errors
+    assert len(errors) == 1 and errors[0].startswith(f"error: {tmp_path / 'nowhere'}: no such file or folder"), errors
 
     finetune_dir = tmp_path / "finetune"
     # ZeRO-3 builds the classifier partitioned; fp32 and a vanishing learning rate keep the loaded weights visible

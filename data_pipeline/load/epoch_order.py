@@ -185,7 +185,7 @@ class Cursor:
             stream_start=data["stream_start"],
             turn=data["turn"],
             batches=data["batches"],
-            read_from=[tuple(start) if start else None for start in data["read_from"]],
+            read_from=[tuple(start) if start else None for start in data.get("read_from", [])],
         )
 
     def copy(self) -> Cursor:

@@ -186,6 +186,7 @@ class StreamingLoader:
             "workers_per_rank": self.workers_per_rank,
             "batch_size": self.config.batch_size,
             "seed": self.config.order.seed,
+            "shuffle_buffer": self.config.shuffle_buffer,
             "shard_samples": list(self.shards.num_samples),
             "next_worker": self.next_worker,
             "target_batches": self.target_batches,
@@ -242,6 +243,12 @@ class StreamingLoader:
             raise LoaderStateError(
                 f"loader state has seed {saved['seed']}, this loader {self.config.order.seed}: "
                 "resume with the seed of the run"
+            )
+        if saved.get("shuffle_buffer") != self.config.shuffle_buffer:
+            # positions count samples of the shuffled order, which the buffer size decides
+            raise LoaderStateError(
+                f"loader state has shuffle_buffer {saved.get('shuffle_buffer')}, this loader "
+                f"{self.config.shuffle_buffer}: resume with the shuffle_buffer of the run"
             )
         if saved["shard_samples"] != list(self.shards.num_samples):
             raise LoaderStateError(

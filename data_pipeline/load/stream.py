@@ -243,7 +243,10 @@ class WorkerStream:
         early or fails, counted as skipped."""
         url = self.config.shards.urls[current.piece.shard]
         try:
-            return next(current.samples)
+            raw = next(current.samples)
+            if raw is None:  # a stand-in past the resume position: the saved state does not fit this shard
+                raise ValueError("the saved loader state does not fit this shard (a skipped sample came after it)")
+            return raw
         except StopIteration:
             reason, detail = "short_shard", "fewer samples than the index lists"
         except FileNotFoundError:

@@ -137,6 +137,7 @@ class Trainer:
         self.samples_seen = 0
         self.nonfinite_steps = 0
         self.last_eval: dict[str, float] | None = None  # saved with checkpoints: an export's model card reports it
+        self.end_evaluated_at: int | None = None  # the step whose end-of-run evaluation and probes ran
         self.preempt_requested = False
         if tag is not None:
             self.restore(tag)
@@ -233,7 +234,6 @@ class Trainer:
         # device, and the host could not queue the next kernels meanwhile
         loss_sum, loss_count, nonfinite_in_a_row = torch.zeros((), device=distributed.device()), 0, 0
         batches = iter(self.train_loader)
-        last_step_run = None
         if probe_every and engine.global_steps == 0:
             self.fewshot(0)  # the initial weights' numbers: the baseline every later probe is read against
         while engine.global_steps < self.steps:
@@ -268,7 +268,7 @@ class Trainer:
             self.samples_seen += self.micro_batch * self.placement.world_size
             if engine.global_steps == steps_before:  # inside a gradient-accumulation cycle
                 continue
-            step = last_step_run = engine.global_steps
+            step = engine.global_steps
             timer.stepped()
             if step % config.logging.every_steps == 0 or step == self.steps:
                 self._log_train(step, timer, loss_sum.item(), loss_count)
@@ -279,6 +279,8 @@ class Trainer:
                 self.evaluate(step)
             if step == self.steps or (probe_every and step % probe_every == 0):
                 self.fewshot(step)
+            if step == self.steps:
+                self.end_evaluated_at = step
             preempted = self.checkpoints.at_step_boundary(step, answers)
             if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
                 self.save(step)
@@ -293,7 +295,7 @@ class Trainer:
                     )
                 return EXIT_PREEMPTED
         self.sample_log.close()
-        if engine.global_steps != last_step_run:  # resumed at the end: no step ran, nothing was evaluated
+        if self.end_evaluated_at != engine.global_steps:  # resumed at the end from a checkpoint saved before it
             self.evaluate(engine.global_steps)
             self.fewshot(engine.global_steps)
         self.check_replicas(engine.global_steps)
@@ -414,6 +416,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "world_size": self.placement.world_size,
             "last_eval": self.last_eval,
+            "end_evaluated_at": self.end_evaluated_at,
             "config": self.config.model_dump(mode="json"),
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
@@ -425,6 +428,7 @@ class Trainer:
         self.samples_seen = restored.trainer["samples_seen"]
         self.nonfinite_steps = restored.trainer["nonfinite_steps"]
         self.last_eval = restored.trainer.get("last_eval")
+        self.end_evaluated_at = restored.trainer.get("end_evaluated_at")
         if self.placement.is_main:
             saved = restored.trainer.get("world_size", self.placement.world_size)
             elsewhere = (

@@ -66,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     # imported once the arguments are good: importing DeepSpeed prints the accelerator it found, not for --help
     import torch
 
-    from pretrain.weights.formats import WRITERS, read_weights, training_record
+    from pretrain.weights.formats import WRITERS, pinned, read_weights, training_record
     from pretrain.weights.model_card import write_model_card
     from pretrain.weights.model_weights import Weights
     from pretrain.weights.surgery import check_weights, choose_head, resize_positions
 
-    weights = read_weights(args.source, storage_options(args))
+    source = pinned(args.source, storage_options(args))  # weights and model card from one checkpoint
+    weights = read_weights(source, storage_options(args))
     check_weights(weights, args.source)
     weights = choose_head(
         weights, keep_head=args.keep_head, num_classes=args.num_classes, drop_representation=args.drop_representation
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = Weights(weights.model, {k: v.to(getattr(torch, args.dtype)) for k, v in weights.state.items()})
     WRITERS[args.to](weights, Path(args.out))
     if args.to == "hf":
-        write_model_card(weights, args.source, training_record(args.source, storage_options(args)), Path(args.out))
+        write_model_card(weights, source, training_record(source, storage_options(args)), Path(args.out))
     print(f"{args.to} weights ({weights.model.summary()}) in {args.out}")
     if not weights.model.num_classes:
         print("no classifier written: --keep-head keeps the trained one, --num-classes K adds a new one")

@@ -21,7 +21,7 @@ from pretrain.weights.hf import from_hf, write_hf
 from pretrain.weights.model_weights import Weights
 from pretrain.weights.native import is_native, read_native, read_native_state, write_native
 from pretrain.weights.timm import from_timm, write_timm
-from pretrain.weights.trainer_checkpoint import read_checkpoint, read_state, read_trainer_record
+from pretrain.weights.trainer_checkpoint import pinned_checkpoint, read_checkpoint, read_state, read_trainer_record
 
 WRITERS: dict[str, Callable[[Weights, Path], None]] = {"hf": write_hf, "timm": write_timm, "native": write_native}
 
@@ -47,6 +47,11 @@ def read_weights(source: str, storage_options: dict[str, Any] | None = None) -> 
         "trainer": lambda: read_checkpoint(source, storage_options),
     }
     return readers[source_format(source, storage_options)]()
+
+
+def pinned(source: str, storage_options: dict[str, Any] | None = None) -> str:
+    """`source`, with a trainer checkpoint root replaced by its newest step folder (see `pinned_checkpoint`)."""
+    return pinned_checkpoint(source, storage_options) if source_format(source, storage_options) == "trainer" else source
 
 
 def training_record(source: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:

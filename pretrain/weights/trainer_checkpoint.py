@@ -67,6 +67,13 @@ def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> 
     return vit_weights(model, _state_of(fs, root, tag, url), prefix)
 
 
+def pinned_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The step folder `url` means now: itself, or a checkpoint root's newest. Reading weights and trainer.json from
+    it describes one checkpoint even if training moves `latest` meanwhile."""
+    tag = _locate(url, storage_options or {})[2]
+    return url if url.rstrip("/").rsplit("/", 1)[-1] == tag else f"{url.rstrip('/')}/{tag}"
+
+
 def read_trainer_record(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The trainer.json of the checkpoint at `url` (its newest, for a checkpoint root)."""
     fs, root, tag = _locate(url, storage_options or {})
