@@ -31,10 +31,13 @@ IMAGE_SIZE = 224
 # -- writers: each system's own, over the same JPEG bytes ------------------------------------------------------------
 
 
-def corpus_samples(corpus: str) -> Iterator[dict[str, Any]]:
-    """The corpus description written by bench_peers: [{"key", "label", "path"}] in a fixed order."""
-    for entry in json.loads(Path(corpus).read_text()):
-        yield {"key": entry["key"], "cls": entry["label"], "jpg": Path(entry["path"]).read_bytes()}
+def corpus_sample(entry: dict[str, Any]) -> dict[str, Any]:
+    """One entry of the corpus description written by bench_peers ({"key", "label", "path"}) as a sample."""
+    return {"key": entry["key"], "cls": entry["label"], "jpg": Path(entry["path"]).read_bytes()}
+
+
+def corpus_entries(corpus: str) -> list[dict[str, Any]]:
+    return json.loads(Path(corpus).read_text())
 
 
 def write_streaming(corpus: str, output: str, samples_per_shard: int, shard_bytes: int) -> None:
@@ -43,21 +46,16 @@ def write_streaming(corpus: str, output: str, samples_per_shard: int, shard_byte
     # MDS cuts shards by bytes: the benchmark passes the mean size of our shards, so both have about as many
     columns = {"key": "str", "cls": "int", "jpg": "bytes"}
     with MDSWriter(out=output, columns=columns, size_limit=shard_bytes) as writer:
-        for sample in corpus_samples(corpus):
-            writer.write(sample)
-
-
-def litdata_sample(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"key": entry["key"], "cls": entry["label"], "jpg": Path(entry["path"]).read_bytes()}
+        for entry in corpus_entries(corpus):
+            writer.write(corpus_sample(entry))
 
 
 def write_litdata(corpus: str, output: str, samples_per_shard: int, shard_bytes: int) -> None:
     import litdata
 
-    entries = json.loads(Path(corpus).read_text())
     litdata.optimize(
-        fn=litdata_sample,
-        inputs=entries,
+        fn=corpus_sample,
+        inputs=corpus_entries(corpus),
         output_dir=output,
         chunk_size=samples_per_shard,
         num_workers=2,
@@ -85,7 +83,28 @@ def decode(jpeg: bytes) -> Any:
     return Image.open(io.BytesIO(jpeg)).convert("RGB")
 
 
-class OursLoader:
+def augmented(sample: dict[str, Any], transform: Any) -> dict[str, Any]:
+    """A peer's stored sample as every system delivers it: the key, the augmented crop, the class."""
+    return {"key": sample["key"], "image": transform(decode(sample["jpg"])), "cls": sample["cls"]}
+
+
+class Loader:
+    """A system's data loader as the benchmark drives it: batches of delivered keys, and its own resume state."""
+
+    loader: Any
+
+    def batches(self) -> Iterator[list[str]]:
+        for batch in self.loader:
+            yield list(batch["key"])
+
+    def state_dict(self) -> Any:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.loader.load_state_dict(state)
+
+
+class OursLoader(Loader):
     def __init__(self, url: str, endpoint: str, workers: int, cache: str) -> None:
         from data_pipeline import make_loader
 
@@ -103,14 +122,8 @@ class OursLoader:
         for batch in self.loader:
             yield [key for key, valid in zip(batch["key"], batch["valid"].tolist(), strict=True) if valid]
 
-    def state_dict(self) -> Any:
-        return self.loader.state_dict()
 
-    def load_state_dict(self, state: Any) -> None:
-        self.loader.load_state_dict(state)
-
-
-class StreamingLoader:
+class StreamingLoader(Loader):
     def __init__(self, url: str, endpoint: str, workers: int, cache: str) -> None:
         os.environ["S3_ENDPOINT_URL"] = endpoint  # how streaming is pointed at an S3-compatible store
         from streaming import StreamingDataLoader, StreamingDataset
@@ -121,25 +134,14 @@ class StreamingLoader:
 
         class Images(StreamingDataset):
             def __getitem__(self, index: int) -> dict[str, Any]:
-                sample = super().__getitem__(index)
-                return {"key": sample["key"], "image": transform(decode(sample["jpg"])), "cls": sample["cls"]}
+                return augmented(super().__getitem__(index), transform)
 
         # the settings of streaming's documentation for training: shuffled, batch size given to the dataset
         dataset = Images(remote=url, local=cache, shuffle=True, batch_size=BATCH)
         self.loader = StreamingDataLoader(dataset, batch_size=BATCH, num_workers=workers)
 
-    def batches(self) -> Iterator[list[str]]:
-        for batch in self.loader:
-            yield list(batch["key"])
 
-    def state_dict(self) -> Any:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: Any) -> None:
-        self.loader.load_state_dict(state)
-
-
-class LitdataLoader:
+class LitdataLoader(Loader):
     def __init__(self, url: str, endpoint: str, workers: int, cache: str) -> None:
         import litdata
         from litdata.streaming import downloader
@@ -152,21 +154,10 @@ class LitdataLoader:
 
         class Images(litdata.StreamingDataset):
             def __getitem__(self, index: Any) -> dict[str, Any]:
-                sample = super().__getitem__(index)
-                return {"key": sample["key"], "image": transform(decode(sample["jpg"])), "cls": sample["cls"]}
+                return augmented(super().__getitem__(index), transform)
 
         dataset = Images(url, cache_dir=cache, shuffle=True, storage_options={"endpoint_url": endpoint})
         self.loader = litdata.StreamingDataLoader(dataset, batch_size=BATCH, num_workers=workers)
-
-    def batches(self) -> Iterator[list[str]]:
-        for batch in self.loader:
-            yield list(batch["key"])
-
-    def state_dict(self) -> Any:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: Any) -> None:
-        self.loader.load_state_dict(state)
 
 
 LOADERS = {"ours": OursLoader, "streaming": StreamingLoader, "litdata": LitdataLoader}
