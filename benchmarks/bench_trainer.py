@@ -61,7 +61,7 @@ def config(
             "overrides": overrides or {},
         },
         "checkpoint": {"every_steps": checkpoint_every, "keep_last": 1},
-        "logging": {"every_steps": 1, "tensorboard": False},
+        "logging": {"every_steps": 1, "trackers": []},
     }
 
 

@@ -48,7 +48,7 @@ def tiny_config(run_dir: Path, steps: int) -> Path:
         "schedule": {"steps": steps, "warmup_steps": 5, "decay": "cosine"},
         "deepspeed": {"zero_stage": 1, "precision": "fp32"},
         "checkpoint": {"every_steps": 100_000, "keep_last": 2},
-        "logging": {"every_steps": 10, "tensorboard": False},
+        "logging": {"every_steps": 10, "trackers": []},
     }
     path = run_dir.parent / f"{run_dir.name}.json"
     run_dir.mkdir(parents=True)

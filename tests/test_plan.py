@@ -286,7 +286,7 @@ def run_config(
             "overrides": {"zero_optimization": {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000}},
         },
         "checkpoint": {"every_steps": 1000},
-        "logging": {"every_steps": 2, "tensorboard": False, "peak_tflops": 1.0},
+        "logging": {"every_steps": 2, "trackers": [], "peak_tflops": 1.0},
     }
     path.write_text(json.dumps(config))
     return path

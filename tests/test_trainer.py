@@ -7,6 +7,7 @@ test here launches as few runs as it can.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import itertools
 import json
 import math
@@ -31,12 +32,14 @@ import pytest
 import s3fs
 import timm
 import torch
+import wandb_records
 from conftest import free_port, s3_bucket
 from deepspeed.utils import safe_get_full_fp32_param
 from faulty_proxy import FaultyProxy
 
 from data_pipeline import make_loader
 from data_pipeline.build.builder import BuildOptions, build
+from data_pipeline.commands import UserError
 from pretrain.config import ConfigError, validate
 from pretrain.config.load import load_config
 from pretrain.demos.digits import write_digits
@@ -112,7 +115,7 @@ def write_config(path: Path, s3: dict, run_dir: Path, **sections: dict) -> Path:
         "schedule": {"steps": 64, "warmup_steps": 4, "decay": "cosine"},
         "deepspeed": {"zero_stage": 2, "precision": "bf16"},
         "checkpoint": {"every_steps": 16, "keep_last": 2},
-        "logging": {"every_steps": 8, "tensorboard": False, "peak_tflops": 1.0},
+        "logging": {"every_steps": 8, "trackers": [], "peak_tflops": 1.0},
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
@@ -199,7 +202,7 @@ def zero_stage_run(
             options | FAKE_CREDENTIALS,  # moto takes any; none of them may reach a file the run writes
             root / "run",
             deepspeed={"zero_stage": stage},
-            logging={"tensorboard": True, "csv": True, "sample_keys": True},
+            logging={"trackers": ["tensorboard", "csv"], "sample_keys": True},
             model={"pool": "token"},
             checkpoint={"storage_options": FAKE_CREDENTIALS},
         )
@@ -834,6 +837,84 @@ def test_run_leaves_no_process_group_behind(digit_shards: Path, tmp_path: Path, 
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
         assert run.main(["--config", str(config), "--set", f"data.train={tmp_path / 'nowhere.json'}"]) == 2
         assert not dist.is_initialized()
+
+
+def test_wandb_and_mlflow_get_what_metrics_jsonl_gets_and_a_resumed_run_continues_their_runs(
+    digit_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from mlflow import MlflowClient
+
+    from pretrain import run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B's own switch: its run file is written, nothing is sent
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run folder's store
+    run_dir = tmp_path / "run"
+    local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
+    config = write_config(
+        tmp_path / "config.json",
+        {},
+        run_dir,
+        data=local,
+        schedule={"steps": 4, "warmup_steps": 1},
+        checkpoint={"every_steps": 2},
+        logging={"every_steps": 2, "trackers": ["wandb", "mlflow", "jsonl"], "project": "digits"},
+    )
+    with one_rank_in_process(monkeypatch):
+        assert run.main(["--config", str(config)]) == 0
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        assert run.main(["--config", str(config), "--set", "schedule.steps=6"]) == 0  # resumed at step 4
+
+    ids = json.loads((run_dir / "checkpoints" / "step-00000006" / "trainer.json").read_text())["trackers"]
+    assert set(ids) == {"wandb", "mlflow"}
+    assert json.loads((run_dir / "checkpoints" / "step-00000004" / "trainer.json").read_text())["trackers"] == ids
+    expected = {
+        (f"{record['kind']}/{name}", record["step"]): value
+        for record in read_metrics(run_dir)
+        for name, value in record.items()
+        if name in ("loss", "lr", "top1", "save_s")
+    }
+    assert {key[0] for key in expected} == {"train/loss", "train/lr", "eval/top1", "checkpoint/save_s"}
+    assert sorted(step for name, step in expected if name == "train/loss") == [2, 4, 6]
+
+    # W&B: one run, started twice (a run file per start), holding every value at its step
+    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
+    assert len(files) == 2 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+    logged = wandb_records.history(files[0]) | wandb_records.history(files[1])
+    assert {key: logged[key] for key in expected} == expected
+    assert wandb_records.config(files[0])["model"]["variant"] == "Ti/4"
+
+    # MLflow: one run in the run folder's store, the same values, the config as parameters
+    client = MlflowClient((run_dir / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("digits")
+    [found] = client.search_runs([experiment.experiment_id])
+    assert found.info.run_id == ids["mlflow"] and found.info.status == "FINISHED" and found.info.run_name == "test"
+    assert found.data.params["model.variant"] == "Ti/4" and found.data.params["schedule.steps"] == "4"
+    for name in {name for name, _ in expected}:
+        history = {(name, m.step): m.value for m in client.get_metric_history(ids["mlflow"], name)}
+        assert history == {key: value for key, value in expected.items() if key[0] == name}
+
+
+def test_a_tracker_that_is_not_installed_or_an_old_logging_key_is_one_line_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    class Absent(importlib.abc.MetaPathFinder):
+        """This environment without W&B, as a machine that never installed the extra."""
+
+        def find_spec(self, name: str, *_: Any) -> None:
+            if name == "wandb" or name.startswith("wandb."):
+                raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(sys, "meta_path", [Absent(), *sys.meta_path])
+    for name in [module for module in sys.modules if module == "wandb" or module.startswith("wandb.")]:
+        monkeypatch.delitem(sys.modules, name)
+    config = write_config(tmp_path / "config.json", {}, tmp_path / "run", logging={"trackers": ["wandb"]})
+    with pytest.raises(
+        UserError, match=r"^logging.trackers: wandb is not installed; pip install 'vit-pretrain\[wandb\]'"
+    ):
+        Trainer(load_config(str(config), []), distributed.Placement(0, 0, 1))
+    with pytest.raises(ConfigError, match=r"logging.tensorboard: replaced by logging.trackers"):
+        load_config(str(config), ["logging.tensorboard=true"])
 
 
 def test_non_finite_losses_are_skipped_and_ten_in_a_row_stop_the_run(

@@ -95,6 +95,13 @@ def _strip_tags(loc: tuple[Any, ...]) -> list[str]:
     return parts
 
 
+REPLACED_KEYS = {
+    "logging.tensorboard": 'logging.trackers: list the trackers, e.g. "trackers": ["tensorboard"] (or [] for none)',
+    "logging.csv": 'logging.trackers: list the trackers, e.g. "trackers": ["tensorboard", "csv"]',
+}
+"""Keys of earlier configs and what says the same now: their error names the new key instead of "unknown key"."""
+
+
 def _section_model(parts: list[str], data: dict[str, Any]) -> type[BaseModel] | None:
     """The pydantic model that owns the keys at `parts` (for suggesting the names a misspelt key could have meant)."""
     model: type[BaseModel] = Config
@@ -118,6 +125,8 @@ def _describe(item: dict[str, Any], data: dict[str, Any]) -> str:
     if isinstance(error, FieldError):
         return f"{'.'.join([*parts, error.field])}: {error}"
     path = ".".join(parts) or "(top level)"
+    if kind == "extra_forbidden" and path in REPLACED_KEYS:
+        return f"{path}: replaced by {REPLACED_KEYS[path]}"
     if kind == "extra_forbidden":
         owner = _section_model(parts[:-1], data)
         allowed = sorted(owner.model_fields) if owner else []

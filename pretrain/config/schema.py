@@ -304,13 +304,25 @@ class CheckpointConfig(Section):
     shared by the nodes."""
 
 
+TrackerName = Literal["tensorboard", "csv", "jsonl", "wandb", "mlflow"]
+
+
 class LoggingConfig(Section):
     every_steps: PositiveInt = 50
     """Write a metrics line (console and metrics.jsonl) every this many steps."""
-    tensorboard: bool = True
-    """Also log through DeepSpeed's TensorBoard monitor."""
-    csv: bool = False
-    """Also log through DeepSpeed's CSV monitor."""
+    trackers: list[TrackerName] = ["tensorboard"]
+    """Where the records go besides the console, from rank 0: tensorboard and csv (DeepSpeed's monitors, under
+    monitor/ in the run folder); jsonl (metrics.jsonl in the run folder, always written, listed or not); wandb
+    (Weights & Biases, `pip install 'vit-pretrain[wandb]'`; WANDB_MODE=offline, WANDB_API_KEY and the rest from W&B's
+    environment); mlflow (`pip install 'vit-pretrain[mlflow]'`; see mlflow_tracking_uri). Each gets the same records:
+    train, eval, few-shot, replicas and checkpoint saves as kind/name at their step, and the resolved config as the
+    run's parameters (secrets masked). A resumed run continues the same W&B and MLflow run: their ids are saved with
+    every checkpoint. A tracker whose library is missing stops the run before it starts."""
+    project: str = "vit-pretrain"
+    """The W&B project and the MLflow experiment runs are logged under (the run is named run.name)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow's tracking server or store (http://..., databricks, file:...); null for $MLFLOW_TRACKING_URI, or, when
+    that is unset, a file store in the run folder (mlruns/, read with `mlflow ui --backend-store-uri`)."""
     sample_keys: bool = False
     """Write the keys and epochs of the samples every optimizer step trained on to samples/ in the run folder, a
     file per rank and start (read back with pretrain.train.sample_log.read_sample_log): to find the images behind a
@@ -321,6 +333,13 @@ class LoggingConfig(Section):
     expected_mfu: Annotated[float, Field(gt=0, le=1)] = 0.45
     """Share of the peak the run is expected to sustain, counting the FLOPs executed (recomputation included, like
     the logged MFU): vit-plan's default --mfu; the trainer logs the step time it implies next to the measured one."""
+
+    @model_validator(mode="after")
+    def _each_tracker_once(self) -> LoggingConfig:
+        twice = sorted({name for name in self.trackers if self.trackers.count(name) > 1})
+        if twice:
+            raise FieldError("trackers", f"{', '.join(twice)} listed more than once; list each tracker once")
+        return self
 
 
 class RunConfig(Section):

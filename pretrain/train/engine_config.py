@@ -49,8 +49,12 @@ def deepspeed_config(config: Config, world_size: int, steps: int, monitor_dir: s
         "scheduler": scheduler(config, steps),
         "steps_per_print": 10**9,  # the trainer prints its own lines
         "wall_clock_breakdown": False,
-        "tensorboard": {"enabled": config.logging.tensorboard, "output_path": monitor_dir, "job_name": "tensorboard"},
-        "csv_monitor": {"enabled": config.logging.csv, "output_path": monitor_dir, "job_name": "csv"},
+        "tensorboard": {
+            "enabled": "tensorboard" in config.logging.trackers,
+            "output_path": monitor_dir,
+            "job_name": "tensorboard",
+        },
+        "csv_monitor": {"enabled": "csv" in config.logging.trackers, "output_path": monitor_dir, "job_name": "csv"},
     }
     if config.optimizer.grad_clip_norm is not None:
         built["gradient_clipping"] = config.optimizer.grad_clip_norm

@@ -1,5 +1,6 @@
-"""What a run reports: `metrics.jsonl` in the run folder, DeepSpeed's monitors (TensorBoard, CSV), one console line
-per log step; and the numbers behind them (throughput, time waiting for data, TFLOP/s, MFU, memory)."""
+"""What a run reports: `metrics.jsonl` in the run folder, DeepSpeed's monitors (TensorBoard, CSV), the trackers
+(W&B, MLflow), one console line per log step; and the numbers behind them (throughput, time waiting for data,
+TFLOP/s, MFU, memory)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from pretrain.plan.gpus import spec_for_device
+from pretrain.train.trackers import Tracker, numbers
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
@@ -85,11 +87,13 @@ def read_metrics(run_dir: str | os.PathLike[str], kind: str | None = None) -> li
 
 
 class MetricsLog:
-    """Rank 0 writes; the other ranks only take part in the collectives that produce the numbers."""
+    """Rank 0 writes metrics.jsonl, DeepSpeed's monitors and the trackers (trackers.py); the other ranks only take
+    part in the collectives that produce the numbers."""
 
-    def __init__(self, output_dir: str, engine: Any, enabled: bool):
+    def __init__(self, output_dir: str, engine: Any, enabled: bool, trackers: list[Tracker]):
         self.enabled = enabled
         self.engine = engine
+        self.trackers = trackers
         self.path = os.path.join(output_dir, METRICS_FILE)
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
@@ -99,18 +103,22 @@ class MetricsLog:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        values, step = numbers(record), record["step"]
         monitor = getattr(self.engine, "monitor", None)
         if monitor is not None and monitor.enabled:
-            step = record["step"]
-            prefix = record.get("kind", "train")
-            events = [
-                (f"{prefix}/{name}", float(value), step)
-                for name, value in record.items()
-                if isinstance(value, int | float) and name != "step"
-            ]
-            monitor.write_events(events)
+            monitor.write_events([(name, value, step) for name, value in values.items()])
+        for tracker in self.trackers:
+            tracker.log(values, step)
         if console:
             print(console, flush=True)
+
+    def run_ids(self) -> dict[str, str]:
+        """The trackers' runs, saved with each checkpoint so that a resumed run continues them."""
+        return {tracker.name: tracker.run_id for tracker in self.trackers}
+
+    def close(self, finished: bool) -> None:
+        for tracker in self.trackers:
+            tracker.close(finished)
 
 
 def train_line(record: dict[str, Any], total_steps: int) -> str:

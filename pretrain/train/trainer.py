@@ -37,6 +37,7 @@ from pretrain.train.engine_config import deepspeed_config, parameter_groups
 from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
 from pretrain.train.sample_log import SampleLog, remove_sample_log
 from pretrain.train.schedule import total_steps
+from pretrain.train.trackers import check_installed, open_trackers
 from pretrain.weights.formats import read_init_state
 from pretrain.weights.model_weights import WeightsError, encoder_prefix, model_file
 from pretrain.weights.safe_load import guard_engine_loads
@@ -62,6 +63,7 @@ class Trainer:
         self.micro_batch, self.accumulation = batch_sizes(config, placement.world_size)
         self.dtype = DTYPES[config.deepspeed.precision]
         self.task = build_task(config)
+        check_installed(config.logging.trackers)
 
         # Data first: a missing shard, a wrong endpoint or a class-count mismatch fails before any model is built
         self.train_loader = self._loader(config.data.train, config.data.train_split, train=True)
@@ -132,15 +134,16 @@ class Trainer:
             self.peak_tflops,
             config.logging.expected_mfu,
         )
-        self.metrics = MetricsLog(self.output_dir, self.engine, enabled=placement.is_main)
-
         self.samples_seen = 0
         self.nonfinite_steps = 0
         self.last_eval: dict[str, float] | None = None  # saved with checkpoints: an export's model card reports it
         self.end_evaluated_at: int | None = None  # the step whose end-of-run evaluation and probes ran
         self.preempt_requested = False
+        self.tracker_ids: dict[str, str] = {}  # the W&B and MLflow runs a resumed run continues
         if tag is not None:
             self.restore(tag)
+        trackers = open_trackers(config, self.output_dir, self.tracker_ids) if placement.is_main else []
+        self.metrics = MetricsLog(self.output_dir, self.engine, enabled=placement.is_main, trackers=trackers)
         self.sample_log = SampleLog(
             self.output_dir, self.engine.global_steps, placement.rank, enabled=config.logging.sample_keys
         )
@@ -293,12 +296,14 @@ class Trainer:
                         f"{EXIT_PREEMPTED}; rerun with --resume auto",
                         flush=True,
                     )
+                self.metrics.close(finished=False)
                 return EXIT_PREEMPTED
         self.sample_log.close()
         if self.end_evaluated_at != engine.global_steps:  # resumed at the end from a checkpoint saved before it
             self.evaluate(engine.global_steps)
             self.fewshot(engine.global_steps)
         self.check_replicas(engine.global_steps)
+        self.metrics.close(finished=True)
         return 0
 
     def check_replicas(self, step: int) -> None:
@@ -417,10 +422,14 @@ class Trainer:
             "world_size": self.placement.world_size,
             "last_eval": self.last_eval,
             "end_evaluated_at": self.end_evaluated_at,
+            "trackers": self.metrics.run_ids(),
             "config": self.config.model_dump(mode="json"),
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
+        start = time.perf_counter()
         self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict(), model)
+        # the store printed where it went; the trackers get how long training waited for it
+        self.metrics.write({"kind": "checkpoint", "step": step, "save_s": time.perf_counter() - start})
 
     def restore(self, tag: str) -> None:
         restored = self.checkpoints.load(self.engine, tag, self.universal, self.weight_decays)
@@ -429,6 +438,7 @@ class Trainer:
         self.nonfinite_steps = restored.trainer["nonfinite_steps"]
         self.last_eval = restored.trainer.get("last_eval")
         self.end_evaluated_at = restored.trainer.get("end_evaluated_at")
+        self.tracker_ids = restored.trainer.get("trackers", {})
         if self.placement.is_main:
             saved = restored.trainer.get("world_size", self.placement.world_size)
             elsewhere = (
