@@ -20,6 +20,9 @@ from typing import Any
 
 USER_ERROR = 2
 """Exit status of every command after a user's mistake (argparse uses it for bad options too)."""
+EXIT_PREEMPTED = 75
+"""Exit status of the trainers (pre-training, vit-finetune) after a preemption signal, once the checkpoint is saved
+(EX_TEMPFAIL): rerun with --resume auto."""
 
 
 class UserError(Exception):

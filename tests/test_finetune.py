@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import wandb_records
 
 from pretrain.config.load import validate
 from pretrain.demos.digits import digit_shards
@@ -198,3 +204,142 @@ def test_shipped_finetune_configs_validate_and_flags_win_over_them(path: Path):
     assert config == FinetuneConfig.model_validate(
         {**json.loads(path.read_text()), "steps": 7, "crop_scale": [0.5, 1.0]}
     )
+
+
+def finetune_command(pretrained: Path, shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pretrain.finetune",
+        "--model",
+        str(pretrained),
+        "--train",
+        str(shards),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--steps",
+        "40",
+        "--warmup-steps",
+        "4",
+        "--lr",
+        "0.03",
+        "--no-hflip",
+        "--num-workers",
+        "1",
+        "--log-every-steps",
+        "4",
+        "--eval-every-steps",
+        "20",
+        "--checkpoint-every-steps",
+        "8",
+        "--ema-decay",
+        "0.8",
+        "--precision",
+        "no",
+        *extra,
+    ]
+
+
+def wait_for_checkpoint(process: subprocess.Popen, out: Path, after: int) -> int:
+    """The step of the first checkpoint past step `after` once `latest` names it."""
+    latest, deadline = out / "checkpoints" / "latest", time.monotonic() + 120
+    while not latest.exists() or int(latest.read_text().removeprefix("step-")) <= after:
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+        time.sleep(0.05)
+    return int(latest.read_text().removeprefix("step-"))
+
+
+@pytest.mark.slow
+def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_and_tracker_runs(
+    shards: Path, pretrained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    # one thread: a matmul's sums do not depend on how a machine splits them
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    reference = tmp_path / "reference"
+    done = subprocess.run(finetune_command(pretrained, shards, reference), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    command = finetune_command(pretrained, shards, out, "--trackers", "wandb", "mlflow", "--project", "digits")
+    started = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(started, out, 0)
+    started.send_signal(signal.SIGTERM)  # a scheduler's notice: a checkpoint at the next step, then exit 75
+    output, _ = started.communicate(timeout=120)
+    assert started.returncode == 75 and "preempted: checkpoint" in output, output[-3000:]
+    preempted_at = int((out / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    assert 8 <= preempted_at < 40
+
+    resumed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed_after = wait_for_checkpoint(resumed, out, preempted_at)
+    time.sleep(0.3)  # a few steps past the checkpoint: they are trained again after the kill
+    resumed.kill()
+    resumed.wait()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "resumed from" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for weights in ("model.safetensors", "raw/model.safetensors"):  # the average, and the last weights
+        ours, theirs = load_file(out / weights), load_file(reference / weights)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert not torch.equal(ours["classifier.weight"], load_file(out / "model.safetensors")["classifier.weight"])
+    history = [json.loads((folder / "results.json").read_text())["history"] for folder in (out, reference)]
+    assert history[0] == history[1] and [entry["step"] for entry in history[0]] == [20, 40]
+    assert all(0 < entry["ema_top1"] <= entry["ema_top5"] for entry in history[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000032", "step-00000040"]
+
+    # every start logged to the same W&B and MLflow run; a step trained twice logged the same values twice. W&B
+    # writes through a buffer that a SIGKILL loses: the steps only the killed start logged may be missing there
+    logged = {
+        (f"{record['kind']}/{name}", record["step"]): value
+        for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        for name, value in record.items()
+        if name in ("loss", "top1")
+    }
+    assert sorted(step for name, step in logged if name == "train/loss") == list(range(4, 41, 4))
+    ids = json.loads((out / "checkpoints" / "step-00000040" / "progress.json").read_text())["trackers"]
+    files = sorted((out / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
+    assert len(files) == 3 and len(list((out / "wandb").glob("offline-run-*"))) == 3
+    from_wandb = {}
+    for file in files:
+        from_wandb |= wandb_records.history(file)
+    assert all(from_wandb[key] == value for key, value in logged.items() if key in from_wandb)
+    assert all(key in from_wandb for key in logged if not preempted_at < key[1] <= killed_after), sorted(from_wandb)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the run set to write its folder's store
+    client = MlflowClient((out / "mlruns").as_uri())
+    [found] = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert found.info.run_id == ids["mlflow"] and found.data.params["steps"] == "40"
+    for name in ("train/loss", "eval/top1"):
+        assert {(name, m.step): m.value for m in client.get_metric_history(found.info.run_id, name)} == {
+            key: value for key, value in logged.items() if key[0] == name
+        }
+
+
+def test_the_weight_average_is_the_hand_computed_one_in_fp32_and_swaps_in_and_out():
+    from pretrain.train.weight_average import WeightAverage
+
+    weight = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
+    average = WeightAverage({"w": weight}, decay=0.9, start_step=1, every_steps=2)
+    expected = weight.float().clone()
+    for step, value in enumerate([3.0, 5.0, 7.0, 9.0, 11.0], start=1):
+        weight.fill_(value)  # what an optimizer step left
+        average.update({"w": weight}, step)
+        if step <= 1:
+            expected = weight.float().clone()  # until start_step it follows the weights
+        elif (step - 1) % 2 == 0:  # steps 3 and 5
+            expected = 0.9 * expected + 0.1 * weight.float()
+        assert average.average["w"].dtype == torch.float32
+        assert torch.allclose(average.average["w"], expected, rtol=1e-6), (step, average.average["w"], expected)
+    assert average.average["w"].tolist() == pytest.approx([0.9 * (0.9 * 3 + 0.1 * 7) + 0.1 * 11] * 2)
+    with average.swapped_into({"w": weight}):
+        assert weight.tolist() == pytest.approx([4.16] * 2, abs=0.02)  # in bf16
+    assert weight.tolist() == [11.0, 11.0]
+    restored = WeightAverage({"w": torch.zeros(2)}, decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert torch.equal(restored.average["w"], average.average["w"])

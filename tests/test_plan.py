@@ -148,6 +148,18 @@ def printed_gb(estimator, model: torch.nn.Module, options: str, **kwargs) -> flo
     raise AssertionError(out.getvalue())
 
 
+def test_a_weight_average_adds_its_fp32_copy_on_every_gpu():
+    common = ["--config", IMAGENET, "--gpus", "8", "--gpu-type", "A100-80GB", "--train-samples", "1281167"]
+    _, plain, _ = plan(*common)
+    _, averaged, _ = plan(*common, "--set", 'optimizer.ema={"decay": 0.9999}')
+    params = plain["memory"]["params"]
+    for stage in (0, 1, 2):
+        added = (
+            averaged["memory"]["stages"][stage]["model_states_gb"] - plain["memory"]["stages"][stage]["model_states_gb"]
+        )
+        assert added == pytest.approx(4 * params / 1e9, rel=1e-6)
+
+
 def test_model_states_agree_with_deepspeeds_estimators():
     config = load_config(IMAGENET, [])
     model = build_model(config)  # a real B/16 with its 1000-class head: DeepSpeed counts its parameters itself

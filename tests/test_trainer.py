@@ -36,6 +36,7 @@ import wandb_records
 from conftest import free_port, s3_bucket
 from deepspeed.utils import safe_get_full_fp32_param
 from faulty_proxy import FaultyProxy
+from safetensors.torch import load_file
 
 from data_pipeline import make_loader
 from data_pipeline.build.builder import BuildOptions, build
@@ -622,12 +623,13 @@ def test_killed_three_times_at_random_steps_under_storage_faults_resumes_to_bit_
 ):
     """Masked patch prediction (its masks come from the device's generator, which a resume must restore too) is
     killed with SIGKILL at three random steps, reading its shards through a proxy that resets, refuses or stalls
-    every third read, and resumed with --resume auto each time: its final weights equal an uninterrupted run's, bit
-    for bit. The steps are drawn from a printed seed; a failure reproduces with that seed."""
+    every third read, and resumed with --resume auto each time: its final weights and their average (optimizer.ema)
+    equal an uninterrupted run's, bit for bit. The steps are drawn from a printed seed; a failure reproduces with
+    that seed."""
     seed = random.randrange(1 << 30)
     kills = sorted(random.Random(seed).sample(range(6, 62, 4), 3))  # 4 apart: each kill after the last restart
     print(f"killed at steps {kills} (seed {seed})")
-    sections = {**MASKED_PATCH, "logging": {"every_steps": 1}}
+    sections = {**MASKED_PATCH, "logging": {"every_steps": 1}, "optimizer": {"ema": {"decay": 0.9, "start_step": 8}}}
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference = write_config(tmp_path / "reference.json", s3_digits, reference_dir, **sections)
     code, output = finish(launch(reference))
@@ -652,6 +654,13 @@ def test_killed_three_times_at_random_steps_under_storage_faults_resumes_to_bit_
     theirs = fp32_weights(reference_dir / "checkpoints", "step-00000064")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours), f"seed {seed}"
+    averages = [
+        load_file(folder / "checkpoints" / "step-00000064" / "weight_average.safetensors")
+        for folder in (killed_dir, reference_dir)
+    ]
+    assert averages[0].keys() == averages[1].keys() and len(averages[0]) > 0 and averages[0].keys() <= ours.keys()
+    assert all(torch.equal(averages[0][name], averages[1][name]) for name in averages[0]), f"seed {seed}"
+    assert not torch.equal(averages[0]["encoder.pos_embed"], ours["encoder.pos_embed"])
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(s3_digits: dict, tmp_path: Path):
@@ -849,6 +858,7 @@ def test_wandb_and_mlflow_get_what_metrics_jsonl_gets_and_a_resumed_run_continue
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B's own switch: its run file is written, nothing is sent
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run folder's store
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # set by the run too; not left to it for the read-back
     run_dir = tmp_path / "run"
     local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
     config = write_config(
@@ -893,6 +903,48 @@ def test_wandb_and_mlflow_get_what_metrics_jsonl_gets_and_a_resumed_run_continue
     for name in {name for name, _ in expected}:
         history = {(name, m.step): m.value for m in client.get_metric_history(ids["mlflow"], name)}
         assert history == {key: value for key, value in expected.items() if key[0] == name}
+
+
+def test_the_weight_average_is_the_hand_computed_one_and_is_evaluated_and_exported(
+    digit_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from pretrain import run
+
+    run_dir = tmp_path / "run"
+    local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
+    config = write_config(
+        tmp_path / "config.json",
+        {},
+        run_dir,
+        data=local,
+        deepspeed={"zero_stage": 1, "precision": "fp32"},  # the average of exactly the weights the checkpoints hold
+        optimizer={"ema": {"decay": 0.75, "start_step": 1, "every_steps": 2}},
+        schedule={"steps": 5, "warmup_steps": 1},
+        checkpoint={"every_steps": 1, "keep_last": 5},
+        logging={"every_steps": 1},
+    )
+    with one_rank_in_process(monkeypatch):
+        assert run.main(["--config", str(config)]) == 0
+    checkpoints = run_dir / "checkpoints"
+    weights = [fp32_weights(checkpoints, f"step-{step:08d}") for step in range(1, 6)]
+    saved = load_file(checkpoints / "step-00000005" / "weight_average.safetensors")
+    assert saved.keys() == weights[0].keys()
+    for name, average in saved.items():
+        expected = weights[0][name]  # until start_step it follows the weights; then steps 3 and 5 update it
+        expected = 0.75 * expected + 0.25 * weights[2][name]
+        expected = 0.75 * expected + 0.25 * weights[4][name]
+        assert torch.allclose(average, expected, rtol=1e-6, atol=1e-7), name
+    evaluation = read_metrics(run_dir, "eval")[-1]
+    assert 0 <= evaluation["ema_top1"] <= evaluation["ema_top5"] <= 1 and evaluation["ema_top1"] != evaluation["top1"]
+
+    for weights_flag, expected_state in (("ema", saved), ("raw", weights[4])):
+        done = convert(checkpoints, "native", tmp_path / weights_flag, "--weights", weights_flag, "--keep-head")
+        assert done.returncode == 0, done.stderr
+        exported = read_native(str(tmp_path / weights_flag)).state
+        assert all(torch.equal(exported[name], expected_state[name]) for name in exported)
+    done = convert(checkpoints, "native", tmp_path / "default", "--keep-head")
+    assert read_native(str(tmp_path / "default")).state.keys() == exported.keys()
+    assert all(torch.equal(read_native(str(tmp_path / "default")).state[n], saved[n]) for n in exported)
 
 
 def test_a_tracker_that_is_not_installed_or_an_old_logging_key_is_one_line_naming_the_field(

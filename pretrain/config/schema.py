@@ -221,6 +221,17 @@ Objective = Annotated[
 ]
 
 
+class WeightAverageConfig(Section):
+    decay: Annotated[float, Field(gt=0, lt=1)]
+    """average <- decay * average + (1 - decay) * weights at each update: 0.9999 averages over about the last 10k
+    updates (the paper's Polyak averaging; timm's --model-ema-decay)."""
+    start_step: Annotated[int, Field(ge=0)] = 0
+    """Until this step the average follows the weights (the first weights are random)."""
+    every_steps: PositiveInt = 1
+    """Update the average every this many optimizer steps (on a GPU an update costs about one optimizer step's
+    memory traffic over the weights)."""
+
+
 class OptimizerConfig(Section):
     type: Literal["adamw"] = "adamw"
     """Adam with decoupled weight decay (PyTorch's AdamW: the decay is scaled by the learning rate, as in the
@@ -235,6 +246,11 @@ class OptimizerConfig(Section):
     """Decoupled weight decay on weight matrices (not biases, norms, position embeddings or tokens)."""
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
     """Clip gradients to this global L2 norm; null for no clipping."""
+    ema: WeightAverageConfig | None = None
+    """Also keep an exponential moving average of the weights, in fp32 on every rank (of the bf16/fp16 weights the
+    forward pass uses, under those precisions). Evaluations report it beside the raw weights (ema_top1 next to
+    top1); checkpoints carry it (weight_average.safetensors) and `convert-checkpoint --weights ema`
+    (the default when present) exports it. ZeRO 0-2; not yet ZeRO-3, whose ranks hold partitions."""
 
 
 class ScheduleConfig(Section):
@@ -429,5 +445,11 @@ class Config(Section):
             raise FieldError(
                 "deepspeed.micro_batch_size",
                 f"{micro} does not divide data.batch_size {self.data.batch_size}; choose a divisor",
+            )
+        if self.optimizer.ema is not None and self.deepspeed.zero_stage == 3:
+            raise FieldError(
+                "optimizer.ema",
+                "is not yet available under ZeRO-3 (its ranks hold partitions of the weights); use "
+                "deepspeed.zero_stage 0-2 or remove optimizer.ema",
             )
         return self

@@ -10,7 +10,9 @@ dataset's classes.
 Hugging Face accelerate runs it on one device or many (`accelerate launch -m pretrain.finetune.loop ...`); each process
 streams its own share of the shards with our loader, and `micro_batch_size` below the per-process batch accumulates
 gradients. The model is evaluated on the held-out split every `eval_every_steps` and at the end, then written with
-`save_pretrained` (with the class names as labels and a matching image processor) beside `results.json`.
+`save_pretrained` (with the class names as labels and a matching image processor) beside `results.json`. Losses and
+evaluations go to the console, `metrics.jsonl` and the `trackers`. The training state is saved every
+`checkpoint_every_steps` and on SIGTERM/SIGUSR1 (exit 75), and `--resume auto` continues it (state.py).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipeline.commands import (
+    EXIT_PREEMPTED,
     UserError,
     add_storage_option,
     configure_logging,
@@ -40,7 +43,10 @@ from data_pipeline.commands import (
 from data_pipeline.load.shardlist import read_classes
 from pretrain.config.load import read_json
 from pretrain.config.schema import StorageOptions, SupervisedObjective
+from pretrain.finetune import state
 from pretrain.model import model_input
+from pretrain.train.trackers import check_installed, flat, mlflow_uri
+from pretrain.train.weight_average import WeightAverage
 from pretrain.weights.hf import from_hf, to_hf, write_preprocessor
 from pretrain.weights.surgery import choose_head, resize_positions
 
@@ -103,6 +109,24 @@ class FinetuneConfig(BaseModel):
     """Seeds the head-independent randomness: data order, crops, flips."""
     storage_options: StorageOptions = {}
     """fsspec options for s3:// shards, e.g. {"endpoint_url": "http://..."}."""
+    checkpoint_every_steps: PositiveInt = 1000
+    """Save the training state (model, optimizer, RNG, loader position) to OUT/checkpoints every this many steps; it
+    is also saved at the end and when SIGTERM or SIGUSR1 arrives (then the run exits with 75)."""
+    keep_checkpoints: PositiveInt = 2
+    """Checkpoints kept in OUT/checkpoints (the newest)."""
+    resume: str = "auto"
+    """auto (or latest): continue from OUT/checkpoints' newest if there is one; none: start afresh (refused where a
+    run's checkpoints are); or a checkpoint folder name such as step-00001000."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """accelerate's trackers to log to besides the console and OUT/metrics.jsonl, as logging.trackers of the
+    pre-training config: tensorboard (under OUT), wandb (`pip install 'vit-pretrain[wandb]'`), mlflow (`pip install
+    'vit-pretrain[mlflow]'`; $MLFLOW_TRACKING_URI or OUT/mlruns). A resumed run continues their runs."""
+    project: str = "vit-finetune"
+    """The W&B project and MLflow experiment (the run is named after OUT's folder)."""
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Also keep an exponential moving average of the weights (Polyak averaging, as the paper's fine-tuning numbers
+    use; 0.9999 at the paper's 20k steps, less for short runs), updated every step in fp32. Evaluations report both
+    (ema_top1 beside top1); OUT holds the averaged model and OUT/raw the last weights."""
 
 
 class FinetuneError(UserError):
@@ -123,6 +147,8 @@ def parse_args(argv: list[str] | None) -> FinetuneConfig:
         flag, help_text = f"--{name.replace('_', '-')}", f"{field.description}{default}"
         if field.annotation is bool:  # a switch that stands alone, as in every other tool: --keep-head, --no-hflip
             parser.add_argument(flag, dest=name, help=help_text, action=argparse.BooleanOptionalAction, default=None)
+        elif get_origin(field.annotation) is list:  # --trackers wandb mlflow
+            parser.add_argument(flag, dest=name, help=help_text, nargs="*", metavar=name.upper())
         else:
             parser.add_argument(flag, dest=name, help=help_text, metavar=name.upper())
     args = parser.parse_args(argv)
@@ -235,17 +261,24 @@ def evaluate(model: torch.nn.Module, config: FinetuneConfig, accelerator: Any, b
     return {"top1": top1 / max(images, 1), "top5": top5 / max(images, 1), "images": images}
 
 
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
+def finetune(config: FinetuneConfig) -> dict[str, Any] | None:
+    """Fine-tune to `steps`, resuming from `resume`; returns the results, or None after a preemption (the
+    checkpoint is saved)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from data_pipeline import make_loader
-    from pretrain.objectives.supervised import supervised_loss  # the objectives import DeepSpeed: not for --help
+    from pretrain.objectives.supervised import supervised_loss  # these import DeepSpeed: not for --help
+    from pretrain.train.metrics import MetricsLog
 
-    accelerator = Accelerator(mixed_precision=config.precision)
+    check_installed(config.trackers, "--trackers")
+    accelerator = Accelerator(
+        mixed_precision=config.precision, log_with=config.trackers or None, project_dir=config.out
+    )
     micro, accumulation = batch_plan(config, accelerator.num_processes)
     set_seed(config.seed)
     class_names = class_table(config)
+    resume_from = state.resolve(config.out, config.resume)  # before the model: a refused resume costs seconds
     loader = make_loader(
         config.train,
         batch_size=micro,
@@ -270,55 +303,156 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     # wrapper steps once per process per optimizer step unless batches are split.
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = SupervisedObjective(type="supervised", loss="softmax")
+    weights = dict(accelerator.unwrap_model(model).named_parameters())
+    average = WeightAverage(weights, config.ema_decay) if config.ema_decay else None
+    first, history, tracker_ids = 0, [], {}
+    if resume_from is not None:
+        progress, loader_states = state.load(accelerator, resume_from, average)
+        loader.load_state_dict(loader_states)
+        first, history, tracker_ids = progress["step"], progress["history"], progress["trackers"]
+        accelerator.print(f"resumed from {resume_from} at step {first}")
+    metrics = MetricsLog(
+        config.out,
+        None,
+        accelerator.is_main_process,
+        open_trackers(accelerator, config, tracker_ids, resume_from is not None),
+    )
     accelerator.print(
         f"fine-tuning {config.model} at {config.image_size} px on {loader.shards.total} images of "
         f"{len(class_names)} classes: {config.steps} steps of {config.batch_size} "
         f"({accelerator.num_processes} processes x {accumulation} passes x {micro})"
     )
-    batches = iter(loader)
-    started, history = time.perf_counter(), []
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for n in range(accumulation):
-            batch = next(batches)
-            # gradients are all-reduced on the last pass only
-            sync = contextlib.nullcontext() if n == accumulation - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                logits = model(pixel_values=model_input(batch["image"].to(accelerator.device))).logits
-                loss = supervised_loss(logits, batch["label"].to(accelerator.device), objective) / accumulation
-                accelerator.backward(loss)
-            loss_sum += loss.detach()
-        if config.grad_clip_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == config.steps:
-            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-            rate = done * config.batch_size / (time.perf_counter() - started)
-            accelerator.print(
-                f"step {done}/{config.steps} | loss {loss_value:.4f} | lr "
-                f"{optimizer.param_groups[0]['lr']:.2e} | {rate:.1f} images/s",
-                flush=True,
-            )
-        if done == config.steps or (config.eval_every_steps and done % config.eval_every_steps == 0):
-            result = {"step": done, **evaluate(model, config, accelerator, micro)}
-            history.append(result)
-            accelerator.print(
-                f"eval step {done} | top1 {result['top1']:.4f} | top5 {result['top5']:.4f} on "
-                f"{result['images']:.0f} images",
-                flush=True,
-            )
+    with state.Preemption(accelerator.num_processes) as preemption:
+        batches = iter(loader)
+        started, done = time.perf_counter(), first
+        for step in range(first, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for n in range(accumulation):
+                batch = next(batches)
+                # gradients are all-reduced on the last pass only
+                sync = contextlib.nullcontext() if n == accumulation - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    logits = model(pixel_values=model_input(batch["image"].to(accelerator.device))).logits
+                    loss = supervised_loss(logits, batch["label"].to(accelerator.device), objective) / accumulation
+                    accelerator.backward(loss)
+                loss_sum += loss.detach()
+            if config.grad_clip_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if average is not None:
+                average.update(weights, done)
+            if done % config.log_every_steps == 0 or done == config.steps:
+                record = {
+                    "kind": "train",
+                    "step": done,
+                    "loss": accelerator.reduce(loss_sum, reduction="mean").item(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": (done - first) * config.batch_size / (time.perf_counter() - started),
+                }
+                metrics.write(
+                    record,
+                    f"step {done}/{config.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                    f"{record['images_per_s']:.1f} images/s",
+                )
+            if done == config.steps or (config.eval_every_steps and done % config.eval_every_steps == 0):
+                history.append(evaluation(model, config, accelerator, micro, done, metrics, average))
+            preempted = preemption.agreed()
+            if preempted or done == config.steps or done % config.checkpoint_every_steps == 0:
+                progress = {"history": history, "trackers": metrics.run_ids()}
+                folder = state.save(
+                    accelerator, config.out, done, progress, loader.state_dict(), config.keep_checkpoints, average
+                )
+                accelerator.print(f"checkpoint {folder}", flush=True)
+            if preempted:
+                accelerator.print(
+                    f"preempted: checkpoint {folder} saved; exit {EXIT_PREEMPTED}; rerun with --resume auto", flush=True
+                )
+                metrics.close(finished=False)
+                return None
+    if not history or history[-1]["step"] != done:  # resumed from the checkpoint of the last step, before its eval
+        history.append(evaluation(model, config, accelerator, micro, done, metrics, average))
+    metrics.close(finished=True)
     results = {**history[-1], "history": history, "config": config.model_dump(mode="json")}
     if accelerator.is_main_process:
         out = Path(config.out)
-        accelerator.unwrap_model(model).save_pretrained(out)
-        write_preprocessor(out, config.image_size)
+        if average is not None:
+            save_model(accelerator.unwrap_model(model), out / "raw", config.image_size)
+            with average.swapped_into(weights):
+                save_model(accelerator.unwrap_model(model), out, config.image_size)
+        else:
+            save_model(accelerator.unwrap_model(model), out, config.image_size)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return results
+
+
+def evaluation(
+    model: torch.nn.Module,
+    config: FinetuneConfig,
+    accelerator: Any,
+    batch_size: int,
+    step: int,
+    metrics: Any,
+    average: WeightAverage | None,
+) -> dict[str, float]:
+    """`evaluate` at `step` (of the averaged weights too, as ema_*), logged (console, metrics.jsonl, trackers) and
+    returned for the history."""
+    result = {"step": step, **evaluate(model, config, accelerator, batch_size)}
+    line = f"eval step {step} | top1 {result['top1']:.4f} | top5 {result['top5']:.4f}"
+    if average is not None:
+        with average.swapped_into(dict(accelerator.unwrap_model(model).named_parameters())):
+            averaged = evaluate(model, config, accelerator, batch_size)
+        result |= {"ema_top1": averaged["top1"], "ema_top5": averaged["top5"]}
+        line += f" | ema top1 {result['ema_top1']:.4f} | ema top5 {result['ema_top5']:.4f}"
+    metrics.write({"kind": "eval", **result}, f"{line} on {result['images']:.0f} images")
+    return result
+
+
+def save_model(model: torch.nn.Module, out: Path, image_size: int) -> None:
+    model.save_pretrained(out)
+    write_preprocessor(out, image_size)
+
+
+def open_trackers(accelerator: Any, config: FinetuneConfig, saved_ids: dict[str, str], resumed: bool) -> list:
+    """accelerate's trackers of `config.trackers` (on the main process), continuing the runs of `saved_ids`; the
+    config becomes the run's parameters when it starts (not again when it resumes: MLflow refuses a changed one)."""
+    if not config.trackers:
+        return []
+    name = Path(config.out).name
+    if "mlflow" in config.trackers:
+        import mlflow
+
+        mlflow.set_tracking_uri(mlflow_uri(None, config.out))  # accelerate's MLflow tracker logs to the global one
+    accelerator.init_trackers(
+        config.project,
+        config=None if resumed else flat(config.model_dump(mode="json")),
+        init_kwargs={
+            "wandb": {"name": name, "dir": config.out, "id": saved_ids.get("wandb"), "resume": "allow"},
+            "mlflow": {"run_name": name, "run_id": saved_ids.get("mlflow")},
+        },
+    )
+    if not accelerator.is_main_process:
+        return []
+    return [AccelerateTracker(accelerator.get_tracker(tracker, unwrap=False), tracker) for tracker in config.trackers]
+
+
+class AccelerateTracker:
+    """One of accelerate's trackers, as the metrics log takes trackers (pretrain/train/trackers.py)."""
+
+    def __init__(self, tracker: Any, name: str):
+        self.tracker, self.name = tracker, name
+        run = tracker.tracker
+        self.run_id = {"wandb": lambda: run.id, "mlflow": lambda: run.info.run_id}.get(name, lambda: "")()
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.tracker.log(values, step=step)
+
+    def close(self, finished: bool) -> None:
+        self.tracker.finish()
 
 
 @reports_user_errors
@@ -326,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     config = parse_args(argv)
     results = finetune(config)
+    if results is None:
+        return EXIT_PREEMPTED
     print(f"held-out top-1 {results['top1']:.4f} on {results['images']:.0f} images; model in {config.out}")
     return 0
 

@@ -72,15 +72,17 @@ class StateBytes:
     """fp32 master weights (mixed precision) and Adam's two moments."""
     step_gradients: int
     """fp32 copies of the gradients, which exist only during the optimizer step (mixed precision)."""
+    weight_average: int = 0
+    """optimizer.ema's fp32 average, whole on every GPU."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.step_gradients
+        return self.weights + self.gradients + self.optimizer + self.step_gradients + self.weight_average
 
 
-def model_states(size: ModelSize, stage: int, precision: str, gpus: int) -> StateBytes:
+def model_states(size: ModelSize, stage: int, precision: str, gpus: int, averaged: bool = False) -> StateBytes:
     """Weights, gradients and optimizer states per GPU; ZeRO-1 partitions the optimizer's, ZeRO-2 also the gradients,
-    ZeRO-3 also the weights."""
+    ZeRO-3 also the weights. `averaged`: optimizer.ema's average too."""
     low = LOW_PRECISION_BYTES[precision]
     mixed = precision != "fp32"
 
@@ -92,6 +94,7 @@ def model_states(size: ModelSize, stage: int, precision: str, gpus: int) -> Stat
         gradients=share(low, stage >= 2),
         optimizer=share(ADAM_MOMENTS + (FP32 if mixed else 0), stage >= 1),
         step_gradients=share(FP32 if mixed else 0, stage >= 1),
+        weight_average=share(FP32 if averaged else 0, False),
     )
 
 
@@ -256,7 +259,13 @@ def fit(
 ) -> Fit:
     """Whether `micro_batch` images fit beside the states and buffers, and the most that would."""
     usable = int(gpu_memory_bytes * (1 - headroom))
-    held = states.weights + states.optimizer + buffers + (states.gradients if with_gradients else 0)
+    held = (
+        states.weights
+        + states.optimizer
+        + states.weight_average
+        + buffers
+        + (states.gradients if with_gradients else 0)
+    )
     step = states.total + buffers
     most = max(0, (usable - held) // per_image) if step <= usable else 0
     return Fit(micro_batch, max(held + micro_batch * per_image, step), usable, most)

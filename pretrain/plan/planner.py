@@ -200,7 +200,7 @@ def memory_plan(
     stages = []
     for stage in ZERO_STAGES:
         ds_config = deepspeed_config(_with_deepspeed(config, zero_stage=stage), hardware.gpus, steps, "plan")
-        states = model_states(size, stage, precision, hardware.gpus)
+        states = model_states(size, stage, precision, hardware.gpus, averaged=config.optimizer.ema is not None)
         buffers = buffer_bytes(ds_config, size.params, precision)
         estimate = deepspeed_estimate(size, stage, precision, hardware.gpus, hardware.gpus_per_node)
         held = gradients_held(stage, accumulation)

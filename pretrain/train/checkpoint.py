@@ -42,6 +42,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from safetensors.torch import load_file, save_file
 
 from data_pipeline.commands import UserError
 from data_pipeline.storage import filesystem, is_local, join, write_bytes_atomic
@@ -56,6 +57,8 @@ LATEST = "latest"
 PREFIX = "step-"
 TAG = re.compile(r"step-\d{8}")
 TRAINER_FILE = "trainer.json"
+WEIGHT_AVERAGE_FILE = "weight_average.safetensors"
+"""optimizer.ema's average of the weights (fp32, by parameter name), written by rank 0."""
 TRAINER_FORMAT_VERSION = 1
 """Version of trainer.json; files without the field are of version 1 too (it was added later)."""
 TRANSFER_THREADS = 8
@@ -115,6 +118,7 @@ class Restored:
     step: int
     trainer: dict[str, Any]
     loader_states: list[dict[str, Any]]
+    weight_average: dict[str, torch.Tensor] | None
 
 
 class Upload:
@@ -197,9 +201,11 @@ class CheckpointStore:
         trainer_state: dict[str, Any],
         loader_state: dict[str, Any],
         model_file: dict[str, Any],
+        weight_average: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write this rank's files of the checkpoint of `step`; a local checkpoint is complete on return, one for
-        object storage once its upload is (`step_questions`, `at_step_boundary`, `finish_upload`)."""
+        """Write this rank's files of the checkpoint of `step` (rank 0: the weight average too, the same on every
+        rank); a local checkpoint is complete on return, one for object storage once its upload is
+        (`step_questions`, `at_step_boundary`, `finish_upload`)."""
         self.finish_upload()  # the previous checkpoint's upload first: `latest` moves in order
         tag = tag_of(step)
         rank = self.placement.rank
@@ -214,6 +220,8 @@ class CheckpointStore:
             if self.placement.is_main:
                 with open(os.path.join(folder, MODEL_FILE), "w") as handle:
                     json.dump(model_file, handle, indent=1)
+                if weight_average is not None:
+                    save_file(weight_average, os.path.join(folder, WEIGHT_AVERAGE_FILE))
         except (OSError, RuntimeError) as failure:  # a full or read-only disk (torch.save's writer raises
             error = failure  # RuntimeError): the previous checkpoint stays the one to resume
             # in this rank's log too: a rank failing inside DeepSpeed's save may leave the others in its barrier,
@@ -498,11 +506,13 @@ class CheckpointStore:
         rng_file = os.path.join(folder, f"rng-rank{self.placement.rank}.pt")
         if os.path.exists(rng_file) and trainer.get("world_size") == self.placement.world_size:
             set_rng_state(load_trusted(rng_file))
+        average_file = os.path.join(folder, WEIGHT_AVERAGE_FILE)
+        weight_average = load_file(average_file) if os.path.exists(average_file) else None
         if not self.local:  # the downloaded copy, once every rank of the node has read it
             dist.barrier()
             if self.placement.local_rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
-        return Restored(step=trainer["step"], trainer=trainer, loader_states=loader_states)
+        return Restored(trainer["step"], trainer, loader_states, weight_average)
 
     def _convert(self, folder: str, out: str, saved_world_size: int | None) -> None:
         """The universal copy, made by one process per copy of the checkpoint while the others wait."""

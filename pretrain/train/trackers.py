@@ -29,13 +29,13 @@ class TrackerError(UserError):
     """A tracker was asked for that cannot run here."""
 
 
-def check_installed(trackers: list[str]) -> None:
-    """On every rank, before any model is built: a tracker whose library is missing is a config error."""
+def check_installed(trackers: list[str], field: str = "logging.trackers") -> None:
+    """On every rank, before any model is built: a tracker whose library is missing is an error naming `field`."""
     for name in trackers:
         # mlflow-skinny (the client the extra installs) and the full mlflow package both provide the module
         if name in INSTALLED_APART and not _importable(name):
             raise TrackerError(
-                f"logging.trackers: {name} is not installed; pip install 'vit-pretrain[{name}]' or take it off the list"
+                f"{field}: {name} is not installed; pip install 'vit-pretrain[{name}]' or take it off the list"
             )
 
 
@@ -102,12 +102,7 @@ class MlflowRun:
     def __init__(self, config: Config, run_dir: str, run_id: str | None):
         from mlflow import MlflowClient
 
-        uri = config.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri is None:
-            uri = Path(run_dir, "mlruns").absolute().as_uri()
-            # MLflow 3 refuses file stores unless told: the run folder's needs no server, which is why it is chosen
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = MlflowClient(uri)
+        self.client = MlflowClient(mlflow_uri(config.logging.mlflow_tracking_uri, run_dir))
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -134,6 +129,16 @@ class MlflowRun:
 
     def close(self, finished: bool) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
+
+
+def mlflow_uri(configured: str | None, run_dir: str) -> str:
+    """Where MLflow logs: the configured URI, else $MLFLOW_TRACKING_URI, else a file store in the run folder."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is not None:
+        return uri
+    # MLflow 3 refuses file stores unless told; the run folder's needs no server, which is why it is the default
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return Path(run_dir, "mlruns").absolute().as_uri()
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

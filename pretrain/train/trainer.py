@@ -20,7 +20,7 @@ import deepspeed
 import torch
 
 from data_pipeline import make_loader
-from data_pipeline.commands import UserError
+from data_pipeline.commands import EXIT_PREEMPTED, UserError
 from data_pipeline.load.loader import StreamingLoader
 from data_pipeline.load.synthetic import SOURCE as SYNTHETIC
 from data_pipeline.load.synthetic import SyntheticLoader
@@ -38,6 +38,7 @@ from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_p
 from pretrain.train.sample_log import SampleLog, remove_sample_log
 from pretrain.train.schedule import total_steps
 from pretrain.train.trackers import check_installed, open_trackers
+from pretrain.train.weight_average import WeightAverage
 from pretrain.weights.formats import read_init_state
 from pretrain.weights.model_weights import WeightsError, encoder_prefix, model_file
 from pretrain.weights.safe_load import guard_engine_loads
@@ -45,8 +46,6 @@ from pretrain.weights.surgery import load_matching
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75
-"""Exit code after a preemption signal once the checkpoint is saved (EX_TEMPFAIL): rerun with --resume auto."""
 MAX_NONFINITE_IN_A_ROW = 10
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -140,6 +139,8 @@ class Trainer:
         self.end_evaluated_at: int | None = None  # the step whose end-of-run evaluation and probes ran
         self.preempt_requested = False
         self.tracker_ids: dict[str, str] = {}  # the W&B and MLflow runs a resumed run continues
+        ema = config.optimizer.ema
+        self.average = WeightAverage(self._weights(), ema.decay, ema.start_step, ema.every_steps) if ema else None
         if tag is not None:
             self.restore(tag)
         trackers = open_trackers(config, self.output_dir, self.tracker_ids) if placement.is_main else []
@@ -272,6 +273,8 @@ class Trainer:
             if engine.global_steps == steps_before:  # inside a gradient-accumulation cycle
                 continue
             step = engine.global_steps
+            if self.average is not None:
+                self.average.update(self._weights(), step)
             timer.stepped()
             if step % config.logging.every_steps == 0 or step == self.steps:
                 self._log_train(step, timer, loss_sum.item(), loss_count)
@@ -356,9 +359,23 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The objective's held-out metrics on data.val (top-1/top-5 or precision@1; masked-patch loss and accuracy
-        with the same masks at every evaluation); every rank gets the same number of (padded) batches."""
+        with the same masks at every evaluation), of the weight average too (as ema_*)."""
         if self.config.data.val is None:
             return {}
+        result, images = self._held_out()
+        if self.average is not None:
+            with self.average.swapped_into(self._weights()):
+                result |= {f"ema_{name}": value for name, value in self._held_out()[0].items()}
+        record = {"kind": "eval", "step": step, **result, "images": images}
+        self.last_eval = {"step": step, **result, "images": images}
+        self.metrics.write(
+            record,
+            f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" | {images:.0f} images",
+        )
+        return result
+
+    def _held_out(self) -> tuple[dict[str, float], float]:
+        """The metrics on data.val and the number of images; every rank gets the same number of (padded) batches."""
         loader = self._loader(self.config.data.val, self.config.data.val_split, train=False)
         generator = torch.Generator(distributed.device()).manual_seed(self.config.run.seed + self.placement.rank)
         sums: dict[str, float] = {}
@@ -372,14 +389,11 @@ class Trainer:
         names = sorted(sums)
         totals = dict(zip(names, distributed.all_sum([sums[name] for name in names]), strict=True))
         images = max(totals.pop("images"), 1.0)
-        result = {name: value / images for name, value in totals.items()}
-        record = {"kind": "eval", "step": step, **result, "images": images}
-        self.last_eval = {"step": step, **result, "images": images}
-        self.metrics.write(
-            record,
-            f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" | {images:.0f} images",
-        )
-        return result
+        return {name: value / images for name, value in totals.items()}, images
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The parameters the weight average follows: every rank holds them whole under ZeRO 0-2."""
+        return dict(self.engine.module.named_parameters())
 
     def _probe_loader(self, source: str, split: str) -> tuple[Any, int]:
         return probe_batches(
@@ -427,7 +441,8 @@ class Trainer:
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
         start = time.perf_counter()
-        self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict(), model)
+        average = self.average.state_dict() if self.average is not None else None
+        self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict(), model, average)
         # the store printed where it went; the trackers get how long training waited for it
         self.metrics.write({"kind": "checkpoint", "step": step, "save_s": time.perf_counter() - start})
 
@@ -439,6 +454,11 @@ class Trainer:
         self.last_eval = restored.trainer.get("last_eval")
         self.end_evaluated_at = restored.trainer.get("end_evaluated_at")
         self.tracker_ids = restored.trainer.get("trackers", {})
+        if self.average is not None:
+            # a checkpoint without one: optimizer.ema was switched on for the rest of the run
+            self.average.load_state_dict(restored.weight_average or self._weights())
+            if restored.weight_average is None and self.placement.is_main:
+                print(f"{self.checkpoints.url}/{tag} has no weight average; it starts from the resumed weights")
         if self.placement.is_main:
             saved = restored.trainer.get("world_size", self.placement.world_size)
             elsewhere = (

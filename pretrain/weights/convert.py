@@ -17,7 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.commands import add_storage_option, help_description, reports_user_errors, storage_options
+from data_pipeline.commands import (
+    UserError,
+    add_storage_option,
+    help_description,
+    reports_user_errors,
+    storage_options,
+)
 
 FORMATS = ("hf", "timm", "native")
 """The keys of pretrain.weights.formats.WRITERS, named here so that --help needs no DeepSpeed import."""
@@ -61,18 +67,27 @@ def main(argv: list[str] | None = None) -> int:
         help="resize the position embeddings for this resolution (e.g. 384 for fine-tuning)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written tensors")
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default=None,
+        help="of a trainer checkpoint: ema, optimizer.ema's average of the weights, or raw, the last weights "
+        "(default: ema when the checkpoint has one)",
+    )
     add_storage_option(parser, "an s3:// checkpoint")
     args = parser.parse_args(argv)
     # imported once the arguments are good: importing DeepSpeed prints the accelerator it found, not for --help
     import torch
 
-    from pretrain.weights.formats import WRITERS, pinned, read_weights, training_record
+    from pretrain.weights.formats import WRITERS, pinned, read_weights, source_format, training_record
     from pretrain.weights.model_card import write_model_card
     from pretrain.weights.model_weights import Weights
     from pretrain.weights.surgery import check_weights, choose_head, resize_positions
 
+    if args.weights and source_format(args.source, storage_options(args)) != "trainer":
+        raise UserError(f"{args.source}: --weights chooses among a trainer checkpoint's weights; drop it here")
     source = pinned(args.source, storage_options(args))  # weights and model card from one checkpoint
-    weights = read_weights(source, storage_options(args))
+    weights = read_weights(source, storage_options(args), args.weights)
     check_weights(weights, args.source)
     weights = choose_head(
         weights, keep_head=args.keep_head, num_classes=args.num_classes, drop_representation=args.drop_representation

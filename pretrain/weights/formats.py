@@ -38,13 +38,14 @@ def source_format(source: str, storage_options: dict[str, Any] | None = None) ->
     return "trainer"
 
 
-def read_weights(source: str, storage_options: dict[str, Any] | None = None) -> Weights:
-    """Weights from a native folder, a transformers folder, a timm folder or file, or a trainer checkpoint."""
+def read_weights(source: str, storage_options: dict[str, Any] | None = None, weights: str | None = None) -> Weights:
+    """Weights from a native folder, a transformers folder, a timm folder or file, or a trainer checkpoint (its
+    weight average or raw weights: see `read_checkpoint`)."""
     readers: dict[str, Callable[[], Weights]] = {
         "timm": lambda: from_timm(source),
         "native": lambda: read_native(source, storage_options),
         "hf": lambda: from_hf(source),
-        "trainer": lambda: read_checkpoint(source, storage_options),
+        "trainer": lambda: read_checkpoint(source, storage_options, weights),
     }
     return readers[source_format(source, storage_options)]()
 

@@ -15,13 +15,14 @@ import os
 import tempfile
 from typing import Any
 
+import safetensors.torch
 import torch
 from deepspeed.utils import zero_to_fp32
 
 from data_pipeline.storage import filesystem, is_local, join
 from pretrain.config import ConfigError, validate
 from pretrain.model.description import ModelDescription
-from pretrain.train.checkpoint import LATEST, PREFIX, TRAINER_FILE, read_latest
+from pretrain.train.checkpoint import LATEST, PREFIX, TRAINER_FILE, WEIGHT_AVERAGE_FILE, read_latest
 from pretrain.weights.model_weights import (
     MODEL_FILE,
     Weights,
@@ -55,16 +56,23 @@ def _locate(url: str, storage_options: dict[str, Any]) -> tuple[Any, str, str]:
     return fs, root, tag
 
 
-def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> Weights:
+def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None, weights: str | None = None) -> Weights:
     """The trained ViT of the checkpoint at `url` (a masked-patch model's encoder), as its model.json describes it;
-    a checkpoint written before model.json existed is described by the run config saved in its trainer.json."""
+    a checkpoint written before model.json existed is described by the run config saved in its trainer.json.
+    `weights`: "ema" (optimizer.ema's average), "raw" (the last weights), or None for the average if it has one."""
     fs, root, tag = _locate(url, storage_options or {})
+    state = _state_of(fs, root, tag, url)
+    average_file = join(fs, root, tag, WEIGHT_AVERAGE_FILE)
+    if weights == "ema" and not fs.exists(average_file):
+        raise WeightsError(f"{url}: {tag} has no weight average (trained without optimizer.ema); pass --weights raw")
+    if weights != "raw" and fs.exists(average_file):
+        state |= safetensors.torch.load(fs.cat_file(average_file))  # parameters; buffers stay the module's
     folder = join(fs, root, tag)
     if fs.exists(join(fs, folder, MODEL_FILE)):
         model, prefix = parse_model_file(_read_json(fs, join(fs, folder, MODEL_FILE), url), f"{url}/{tag}")
     else:
         model, prefix = _described_by_run_config(_read_json(fs, join(fs, folder, TRAINER_FILE), url), url)
-    return vit_weights(model, _state_of(fs, root, tag, url), prefix)
+    return vit_weights(model, state, prefix)
 
 
 def pinned_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:
