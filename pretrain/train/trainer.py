@@ -38,7 +38,13 @@ from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_p
 from pretrain.train.sample_log import SampleLog, remove_sample_log
 from pretrain.train.schedule import total_steps
 from pretrain.train.trackers import check_installed, open_trackers
-from pretrain.train.weight_average import WeightAverage
+from pretrain.train.weight_average import (
+    WeightAverage,
+    gather_zero3,
+    partition_zero3,
+    regather_persistent,
+    zero3_targets,
+)
 from pretrain.weights.formats import read_init_state
 from pretrain.weights.model_weights import WeightsError, encoder_prefix, model_file
 from pretrain.weights.safe_load import guard_engine_loads
@@ -364,8 +370,7 @@ class Trainer:
             return {}
         result, images = self._held_out()
         if self.average is not None:
-            with self.average.swapped_into(self._weights()):
-                result |= {f"ema_{name}": value for name, value in self._held_out()[0].items()}
+            result |= {f"ema_{name}": value for name, value in self._held_out_of_the_average().items()}
         record = {"kind": "eval", "step": step, **result, "images": images}
         self.last_eval = {"step": step, **result, "images": images}
         self.metrics.write(
@@ -391,8 +396,20 @@ class Trainer:
         images = max(totals.pop("images"), 1.0)
         return {name: value / images for name, value in totals.items()}, images
 
+    def _held_out_of_the_average(self) -> dict[str, float]:
+        zero3 = self.config.deepspeed.zero_stage == 3
+        with self.average.swapped_into(self._weights()):
+            if zero3:
+                regather_persistent(self.engine.module)
+            result = self._held_out()[0]
+        if zero3:
+            regather_persistent(self.engine.module)
+        return result
+
     def _weights(self) -> dict[str, torch.Tensor]:
-        """The parameters the weight average follows: every rank holds them whole under ZeRO 0-2."""
+        """What the weight average follows on this rank: the parameters, whole under ZeRO 0-2, partitioned under 3."""
+        if self.config.deepspeed.zero_stage == 3:
+            return zero3_targets(self.engine.module)
         return dict(self.engine.module.named_parameters())
 
     def _probe_loader(self, source: str, split: str) -> tuple[Any, int]:
@@ -441,7 +458,11 @@ class Trainer:
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
         start = time.perf_counter()
-        average = self.average.state_dict() if self.average is not None else None
+        average = None
+        if self.average is not None and self.config.deepspeed.zero_stage == 3:
+            average = gather_zero3(self.average, self.engine.module, self.placement.is_main)
+        elif self.average is not None:
+            average = self.average.state_dict()
         self.checkpoints.save(self.engine, step, trainer_state, self.train_loader.state_dict(), model, average)
         # the store printed where it went; the trackers get how long training waited for it
         self.metrics.write({"kind": "checkpoint", "step": step, "save_s": time.perf_counter() - start})
@@ -456,7 +477,10 @@ class Trainer:
         self.tracker_ids = restored.trainer.get("trackers", {})
         if self.average is not None:
             # a checkpoint without one: optimizer.ema was switched on for the rest of the run
-            self.average.load_state_dict(restored.weight_average or self._weights())
+            saved = restored.weight_average
+            if saved is not None and self.config.deepspeed.zero_stage == 3:
+                saved = partition_zero3(saved, self.engine.module)
+            self.average.load_state_dict(saved or self._weights())
             if restored.weight_average is None and self.placement.is_main:
                 print(f"{self.checkpoints.url}/{tag} has no weight average; it starts from the resumed weights")
         if self.placement.is_main:

@@ -2,7 +2,7 @@
 
 The average is kept in fp32 whatever the training precision (a bf16 average could not move by less than its
 rounding step, about 0.4% of a weight, so a decay of 0.9999 would freeze it). It covers whatever tensors it is given:
-the whole model, or under ZeRO-3 the partition this rank holds.
+the whole model under ZeRO 0-2, or under ZeRO-3 the partition this rank holds (gathered whole only to be saved).
 """
 
 from __future__ import annotations
@@ -56,3 +56,47 @@ class WeightAverage:
             with torch.no_grad():
                 for name, tensor in weights.items():
                     tensor.copy_(kept[name])
+
+
+# -- ZeRO-3: each rank averages its partition ------------------------------------------------------------------------
+
+
+def zero3_targets(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a ZeRO-3 rank averages: its partition of each parameter, which the optimizer updates and DeepSpeed
+    gathers the parameter from (before each use, or after each step for the small ones it keeps whole on every rank:
+    `regather_persistent` after swapping the average in or out)."""
+    return {name: p.ds_tensor for name, p in module.named_parameters()}
+
+
+def regather_persistent(module: torch.nn.Module) -> None:
+    """Refresh the parameters DeepSpeed keeps whole on every rank (`ds_persist`) from their partitions, as it does
+    after each optimizer step: their forward reads the whole tensor, not the partition."""
+    persistent = [p for p in module.parameters() if p.ds_persist]
+    if persistent:
+        persistent[0].all_gather(persistent)
+
+
+def gather_zero3(average: WeightAverage, module: torch.nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The whole average (on the main rank, on the CPU; None elsewhere), one parameter at a time: every rank takes
+    part."""
+    whole = {}
+    for name, p in module.named_parameters():
+        mine = average.average[name]
+        parts = torch.empty(mine.numel() * torch.distributed.get_world_size(), dtype=mine.dtype, device=mine.device)
+        torch.distributed.all_gather_into_tensor(parts, mine)
+        if is_main:  # partitions are contiguous; the last is padded
+            whole[name] = parts[: p.ds_numel].view(p.ds_shape).cpu()
+    return whole if is_main else None
+
+
+def partition_zero3(whole: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's partitions of a whole average (saved by `gather_zero3` on any number of ranks)."""
+    rank = torch.distributed.get_rank()
+    mine = {}
+    for name, p in module.named_parameters():
+        size = p.ds_tensor.ds_numel
+        part = torch.zeros(size, dtype=torch.float32)
+        flat = whole[name].flatten()[rank * size : (rank + 1) * size]
+        part[: flat.numel()] = flat
+        mine[name] = part
+    return mine
