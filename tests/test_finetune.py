@@ -268,7 +268,20 @@ def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_an
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "interrupted"
-    command = finetune_command(pretrained, shards, out, "--trackers", "wandb", "mlflow", "--project", "digits")
+    # fake credentials (the shards are local, so unused): none may reach a file, W&B's and MLflow's included
+    secret = "fake-tracker-secret-7c1d"
+    command = finetune_command(
+        pretrained,
+        shards,
+        out,
+        "--trackers",
+        "wandb",
+        "mlflow",
+        "--project",
+        "digits",
+        "--storage-option",
+        f"secret={secret}",
+    )
     started = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_checkpoint(started, out, 0)
     started.send_signal(signal.SIGTERM)  # a scheduler's notice: a checkpoint at the next step, then exit 75
@@ -293,6 +306,12 @@ def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_an
     assert history[0] == history[1] and [entry["step"] for entry in history[0]] == [20, 40]
     assert all(0 < entry["ema_top1"] <= entry["ema_top5"] for entry in history[0])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000032", "step-00000040"]
+    assert not [path for path in out.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+    refused = subprocess.run([*command, "--lr", "0.1"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'checkpoints' / 'step-00000040'}: was trained with --lr 0.03 (now 0.1); resume with its "
+        "settings, or choose another --out"
+    ), refused.stderr[-2000:]
 
     # every start logged to the same W&B and MLflow run; a step trained twice logged the same values twice. W&B
     # writes through a buffer that a SIGKILL loses: the steps only the killed start logged may be missing there

@@ -172,9 +172,15 @@ def census_of(source: PlanInput, options: BuildOptions) -> Census:
     return take_census(source, labelled=not options.no_labels, given_classes=given)
 
 
+ORDER_RULE = 2
+"""Version of the rule that orders a build (plan.py): 2 hashes names relative to the input's folder. In the
+fingerprint, so a build interrupted under one rule is never finished under another."""
+
+
 def fingerprint(options: BuildOptions, census: Census) -> str:
-    """Of everything that decides the shards' bytes: the options, every input row, the class table."""
+    """Of everything that decides the shards' bytes: the options, every input row, the class table, the order rule."""
     digest = hashlib.sha256(json.dumps(options.recorded(), sort_keys=True).encode())
+    digest.update(f"order {ORDER_RULE}".encode())
     digest.update(census.digest.encode())
     digest.update(json.dumps(census.classes, sort_keys=True).encode())
     return digest.hexdigest()[:16]

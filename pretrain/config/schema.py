@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, PlainSerializer, Tag, model_validator
 
-from data_pipeline.storage import masked
+from data_pipeline.storage import masked, masked_urls
 from pretrain.model.description import ModelDescription
 from pretrain.model.variants import parse_variant, stem_stride
 from pretrain.model.vit import VisionTransformer
@@ -336,7 +336,7 @@ class LoggingConfig(Section):
     every checkpoint. A tracker whose library is missing stops the run before it starts."""
     project: str = "vit-pretrain"
     """The W&B project and the MLflow experiment runs are logged under (the run is named run.name)."""
-    mlflow_tracking_uri: str | None = None
+    mlflow_tracking_uri: Annotated[str, PlainSerializer(masked_urls, when_used="json")] | None = None
     """MLflow's tracking server or store (http://..., databricks, file:...); null for $MLFLOW_TRACKING_URI, or, when
     that is unset, a file store in the run folder (mlruns/, read with `mlflow ui --backend-store-uri`)."""
     sample_keys: bool = False

@@ -265,7 +265,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any] | None:
     """Fine-tune to `steps`, resuming from `resume`; returns the results, or None after a preemption (the
     checkpoint is saved)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     from data_pipeline import make_loader
     from pretrain.objectives.supervised import supervised_loss  # these import DeepSpeed: not for --help
@@ -279,6 +279,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any] | None:
     set_seed(config.seed)
     class_names = class_table(config)
     resume_from = state.resolve(config.out, config.resume)  # before the model: a refused resume costs seconds
+    if len(set(gather_object([str(resume_from)]))) > 1:  # one process resuming and another starting would hang
+        raise FinetuneError(f"{config.out}: the processes see different checkpoints; --out must be a shared folder")
     loader = make_loader(
         config.train,
         batch_size=micro,
@@ -308,6 +310,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any] | None:
     first, history, tracker_ids = 0, [], {}
     if resume_from is not None:
         progress, loader_states = state.load(accelerator, resume_from, average)
+        state.check_same_settings(resume_from, settings(config), progress["settings"])
         loader.load_state_dict(loader_states)
         first, history, tracker_ids = progress["step"], progress["history"], progress["trackers"]
         accelerator.print(f"resumed from {resume_from} at step {first}")
@@ -362,7 +365,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any] | None:
                 history.append(evaluation(model, config, accelerator, micro, done, metrics, average))
             preempted = preemption.agreed()
             if preempted or done == config.steps or done % config.checkpoint_every_steps == 0:
-                progress = {"history": history, "trackers": metrics.run_ids()}
+                progress = {
+                    "history": history,
+                    "trackers": {**tracker_ids, **metrics.run_ids()},
+                    "settings": settings(config),
+                }
                 folder = state.save(
                     accelerator, config.out, done, progress, loader.state_dict(), config.keep_checkpoints, average
                 )
@@ -388,6 +395,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any] | None:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return results
+
+
+def settings(config: FinetuneConfig) -> dict[str, Any]:
+    """The run's settings as a checkpoint records them (storage options masked)."""
+    return config.model_dump(mode="json")
 
 
 def evaluation(
@@ -431,7 +443,13 @@ def open_trackers(accelerator: Any, config: FinetuneConfig, saved_ids: dict[str,
         config.project,
         config=None if resumed else flat(config.model_dump(mode="json")),
         init_kwargs={
-            "wandb": {"name": name, "dir": config.out, "id": saved_ids.get("wandb"), "resume": "allow"},
+            "wandb": {
+                "name": name,
+                "dir": config.out,
+                "id": saved_ids.get("wandb"),
+                "resume": "allow",
+                "settings": {"x_disable_meta": True},  # its metadata holds the command line, credentials and all
+            },
             "mlflow": {"run_name": name, "run_id": saved_ids.get("mlflow")},
         },
     )
@@ -452,6 +470,13 @@ class AccelerateTracker:
         self.tracker.log(values, step=step)
 
     def close(self, finished: bool) -> None:
+        if not finished and self.name == "wandb":
+            self.tracker.tracker.mark_preempting()  # shown as preempted until the resumed run continues it
+        if not finished and self.name == "mlflow":
+            import mlflow
+
+            mlflow.end_run(status="KILLED")  # as the pre-training trainer marks a preempted run
+            return
         self.tracker.finish()
 
 
@@ -462,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     results = finetune(config)
     if results is None:
         return EXIT_PREEMPTED
-    print(f"held-out top-1 {results['top1']:.4f} on {results['images']:.0f} images; model in {config.out}")
+    averaged = f" (averaged weights {results['ema_top1']:.4f}, the model written)" if "ema_top1" in results else ""
+    print(f"held-out top-1 {results['top1']:.4f}{averaged} on {results['images']:.0f} images; model in {config.out}")
     return 0
 
 

@@ -41,6 +41,38 @@ def checkpoints_of(out: str) -> Path:
     return Path(out) / FOLDER
 
 
+SETTINGS_A_RESUME_MAY_CHANGE = frozenset(
+    {
+        "out",
+        "resume",
+        "steps",
+        "num_workers",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "trackers",
+        "project",
+        "storage_options",
+    }
+)
+"""What may differ between a checkpoint's run and the run resuming it; anything else would silently train another
+recipe from the middle of this one."""
+
+
+def check_same_settings(folder: Path, settings: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse to resume `folder` with settings that change what is trained (one line naming them)."""
+    changed = [
+        f"--{name.replace('_', '-')} {json.dumps(saved.get(name))} (now {json.dumps(value)})"
+        for name, value in settings.items()
+        if name not in SETTINGS_A_RESUME_MAY_CHANGE and saved.get(name) != value
+    ]
+    if changed:
+        raise ResumeError(
+            f"{folder}: was trained with {', '.join(changed)}; resume with its settings, or choose another --out"
+        )
+
+
 def resolve(out: str, resume: str) -> Path | None:
     """The checkpoint folder `resume` names: auto/latest (the newest, or None to start), none (start; refused where
     checkpoints already are) or a step-NNNNNNNN folder."""
@@ -89,7 +121,9 @@ def save(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         _write_text(root / LATEST, final.name)
-        for old in sorted(root.glob("step-*[0-9]"))[:-keep]:
+        # the newest `keep` up to this one; later ones (left by a resume from an older checkpoint) are overwritten
+        # as the run gets there, never removed before it does
+        for old in sorted(p for p in root.glob("step-*[0-9]") if p.name <= final.name)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -5,6 +5,7 @@ TFLOP/s, MFU, memory)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import time
@@ -15,6 +16,8 @@ from deepspeed.accelerator import get_accelerator
 
 from pretrain.plan.gpus import spec_for_device
 from pretrain.train.trackers import Tracker, numbers
+
+log = logging.getLogger(__name__)
 
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
@@ -108,7 +111,10 @@ class MetricsLog:
         if monitor is not None and monitor.enabled:
             monitor.write_events([(name, value, step) for name, value in values.items()])
         for tracker in self.trackers:
-            tracker.log(values, step)
+            try:
+                tracker.log(values, step)
+            except Exception as error:  # a tracker's outage must not stop a training run: metrics.jsonl has it all
+                log.warning("%s: could not log step %d (%s: %s)", tracker.name, step, type(error).__name__, error)
         if console:
             print(console, flush=True)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from data_pipeline.commands import UserError
+from data_pipeline.storage import masked_urls
 from pretrain.config.schema import Config
 
 INSTALLED_APART = ("wandb", "mlflow")
@@ -75,6 +76,7 @@ class WandbRun:
         import wandb
 
         self.run = wandb.init(
+            settings=wandb.Settings(x_disable_meta=True),  # its metadata holds the command line, credentials and all
             project=config.logging.project,
             name=config.run.name,
             id=run_id,  # None: W&B makes one
@@ -157,4 +159,15 @@ OPENERS = {"wandb": WandbRun, "mlflow": MlflowRun}
 
 def open_trackers(config: Config, run_dir: str, saved_ids: dict[str, str]) -> list[Tracker]:
     """The configured W&B and MLflow runs on rank 0, continuing the runs of `saved_ids` (from a checkpoint)."""
-    return [OPENERS[name](config, run_dir, saved_ids.get(name)) for name in config.logging.trackers if name in OPENERS]
+    opened = []
+    for name in config.logging.trackers:
+        if name not in OPENERS:
+            continue
+        try:
+            opened.append(OPENERS[name](config, run_dir, saved_ids.get(name)))
+        except Exception as error:  # no W&B key, no MLflow server, a saved run the store no longer has
+            raise TrackerError(
+                f"logging.trackers: {name} could not start ({type(error).__name__}: {masked_urls(str(error))}); "
+                f"fix its setup (key, server, logging.mlflow_tracking_uri) or take it off the list"
+            ) from None
+    return opened

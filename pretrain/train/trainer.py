@@ -37,7 +37,7 @@ from pretrain.train.engine_config import deepspeed_config, parameter_groups
 from pretrain.train.metrics import METRICS_FILE, MetricsLog, StepTimer, device_peak_tflops, memory_bytes, train_line
 from pretrain.train.sample_log import SampleLog, remove_sample_log
 from pretrain.train.schedule import total_steps
-from pretrain.train.trackers import check_installed, open_trackers
+from pretrain.train.trackers import TrackerError, check_installed, open_trackers
 from pretrain.train.weight_average import (
     WeightAverage,
     gather_zero3,
@@ -149,7 +149,14 @@ class Trainer:
         self.average = WeightAverage(self._weights(), ema.decay, ema.start_step, ema.every_steps) if ema else None
         if tag is not None:
             self.restore(tag)
-        trackers = open_trackers(config, self.output_dir, self.tracker_ids) if placement.is_main else []
+        trackers, failure = [], None
+        if placement.is_main:
+            try:
+                trackers = open_trackers(config, self.output_dir, self.tracker_ids)
+            except TrackerError as error:
+                failure = error
+        if not distributed.all_true(failure is None):  # every rank stops, not only the one that opens them
+            raise failure or TrackerError("logging.trackers: a tracker could not start on rank 0 (its log says why)")
         self.metrics = MetricsLog(self.output_dir, self.engine, enabled=placement.is_main, trackers=trackers)
         self.sample_log = SampleLog(
             self.output_dir, self.engine.global_steps, placement.rank, enabled=config.logging.sample_keys
@@ -453,7 +460,7 @@ class Trainer:
             "world_size": self.placement.world_size,
             "last_eval": self.last_eval,
             "end_evaluated_at": self.end_evaluated_at,
-            "trackers": self.metrics.run_ids(),
+            "trackers": {**self.tracker_ids, **self.metrics.run_ids()},  # a tracker left out for a while keeps its run
             "config": self.config.model_dump(mode="json"),
         }
         model = model_file(self.config.model.description(), encoder_prefix(self.config))
