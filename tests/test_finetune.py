@@ -362,3 +362,23 @@ def test_the_weight_average_is_the_hand_computed_one_in_fp32_and_swaps_in_and_ou
     restored = WeightAverage({"w": torch.zeros(2)}, decay=0.9)
     restored.load_state_dict(average.state_dict())
     assert torch.equal(restored.average["w"], average.average["w"])
+
+
+def test_resume_names_a_complete_checkpoint_or_says_what_to_pass(tmp_path: Path):
+    from pretrain.finetune.state import ResumeError, resolve
+
+    out = tmp_path / "out"
+    assert resolve(str(out), "auto") is None and resolve(str(out), "none") is None  # nothing yet: start
+    for step in (8, 16):
+        (out / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        (out / "checkpoints" / f"step-{step:08d}" / "progress.json").write_text("{}")
+    (out / "checkpoints" / "step-00000024.partial").mkdir()  # a save cut short
+    (out / "checkpoints" / "latest").write_text("step-00000016")
+    assert resolve(str(out), "latest") == out / "checkpoints" / "step-00000016"
+    assert resolve(str(out), "step-00000008") == out / "checkpoints" / "step-00000008"
+    (out / "checkpoints" / "latest").write_text("step-00000024")  # killed while that step replaced an older save
+    assert resolve(str(out), "auto") == out / "checkpoints" / "step-00000016"
+    with pytest.raises(ResumeError, match="holds the checkpoints of a fine-tune; --resume auto continues it"):
+        resolve(str(out), "none")
+    with pytest.raises(ResumeError, match="step-00000099: no such checkpoint; pass auto, none or a step-NNNNNNNN"):
+        resolve(str(out), "step-00000099")

@@ -2,10 +2,9 @@
 
 A checkpoint is `OUT/checkpoints/step-NNNNNNNN/`: accelerate's `save_state` (the model as safetensors, the optimizer,
 every process's RNG states; accelerate reads them back with `weights_only=True`), `loader-rankK.json` with each
-process's loader position, `progress.json` (the step, the evaluations so far, the trackers' run ids) and with
---ema-decay the weight average (safetensors). It is
-written under a `.partial` name and renamed when complete, then `latest` names it: a kill at any moment leaves the
-previous checkpoint as `latest`.
+process's loader position, `progress.json` (the step, the evaluations so far, the trackers' run ids, the settings)
+and with --ema-decay the weight average (safetensors). It is written under a `.partial` name and renamed when
+complete, then `latest` names it: a kill at any moment leaves a complete checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -79,7 +78,11 @@ def resolve(out: str, resume: str) -> Path | None:
     root = checkpoints_of(out)
     latest = root / LATEST
     if resume in ("auto", "latest"):
-        return root / latest.read_text().strip() if latest.exists() else None
+        if latest.exists() and (root / latest.read_text().strip() / PROGRESS).exists():
+            return root / latest.read_text().strip()
+        # `latest` names a step being saved again (a resume from an older one, killed between two renames)
+        complete = sorted(folder for folder in root.glob("step-*[0-9]") if (folder / PROGRESS).exists())
+        return complete[-1] if complete else None
     if resume == "none":
         if latest.exists():
             raise ResumeError(
@@ -118,8 +121,12 @@ def save(
         if average is not None:
             save_file(average.state_dict(), partial / AVERAGE)
         _write_json(partial / PROGRESS, {"step": step, **progress})
-        shutil.rmtree(final, ignore_errors=True)
+        replaced = final.with_name(final.name + ".replaced")
+        if final.exists():  # this step saved before, by a run resumed from an older checkpoint since
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(partial, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         _write_text(root / LATEST, final.name)
         # the newest `keep` up to this one; later ones (left by a resume from an older checkpoint) are overwritten
         # as the run gets there, never removed before it does
