@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         with moto_server() as endpoint:
             print(f"\nloaders vs peers: {args.images} JPEGs (shorter side 512), shards of {SAMPLES_PER_SHARD} samples")
             bench.write_all(s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True))
-            with FaultyProxy(endpoint, every=0, latency_seconds=LATENCY) as proxy:
+            with FaultyProxy(endpoint, every=0, latency_seconds=LATENCY, serve_ranges=True) as proxy:
                 for round_ in range(args.rounds):
                     for workers in (1, 2):
                         # back to back, rotating which goes first: this machine's speed drifts over minutes

@@ -229,32 +229,57 @@ def test_resume_with_the_same_world_size_gives_the_uninterrupted_batches(shards:
             assert [fingerprint(next(stream)) for _ in range(steps - stop)] == reference[rank][stop:]
 
 
-def test_a_resumed_piece_is_read_from_the_oldest_sample_its_shuffle_held(shards: Path):
-    """The saved state names, per open shard, the byte offset of the oldest sample the shuffle still held; a resume
-    reads from there (fewer bytes than from the shard's start) and gives the same batches as reading it all."""
+def small_buffer_loader(source: Path | str, **kwargs):
+    """A buffer of 3 in shards of 7: a saved shuffle holds samples from the middle of its shard."""
+    return loader(source, shuffle_buffer=3, open_shards=2, epochs=1, **kwargs)
 
-    def small_buffer_loader():  # a buffer of 2 in shards of 7: the oldest held sample is past the shard's start
-        return loader(shards, shuffle_buffer=2, open_shards=2, epochs=1)
 
-    reference = [fingerprint(batch) for batch in small_buffer_loader()]
-    first = small_buffer_loader()
-    stream = iter(first)
-    assert [fingerprint(next(stream)) for _ in range(5)] == reference[:5]
-    state = json.loads(json.dumps(first.state_dict()))
-    del stream
-    starts = [start for cursor in state["cursors"] for start in cursor["read_from"] if start]
-    assert any(offset > 0 for _, offset in starts), starts
+def saved_after(stream_loader, batches: int) -> dict:
+    stream = iter(stream_loader)
+    for _ in range(batches):
+        next(stream)
+    return json.loads(json.dumps(stream_loader.state_dict()))  # as saved in a checkpoint
 
-    without = json.loads(json.dumps(state))
-    for cursor in without["cursors"]:
-        cursor["read_from"] = [None] * len(cursor["read_from"])
+
+def test_a_resumed_piece_fetches_what_its_shuffle_held_and_reads_on_from_where_it_stopped(shards: Path):
+    """The saved state names, per open shard, where its read stopped and the byte ranges of the samples its shuffle
+    still held: a resume fetches those and reads on (fewer bytes than from the shard's start, or than from the oldest
+    held sample as the release before did), and all three give the uninterrupted batches."""
+    reference = [fingerprint(batch) for batch in small_buffer_loader(shards)]
+    state = saved_after(small_buffer_loader(shards), 5)
+    cursor = next(cursor for cursor in state["cursors"] if any(cursor["held"]))
+    slot = next(i for i, held in enumerate(cursor["held"]) if held)
+    place, offset = cursor["read_from"][slot]
+    assert offset > 0 and all(sample_place < place for sample_place, _, _ in cursor["held"][slot]), cursor
+
+    from_the_oldest = json.loads(json.dumps(state))  # the previous release's state: the oldest held sample
+    for old in from_the_oldest["cursors"]:
+        old["read_from"] = [held[0][:2] if held else None for held in old.pop("held")]
+    from_the_start = json.loads(json.dumps(state))
+    for old in from_the_start["cursors"]:
+        old["read_from"] = [None] * len(old["read_from"])
     read = {}
-    for name, saved in (("from the oldest held sample", state), ("from the start", without)):
-        resumed = small_buffer_loader()
+    for name, saved in (("held", state), ("oldest", from_the_oldest), ("start", from_the_start)):
+        resumed = small_buffer_loader(shards)
         resumed.load_state_dict(saved)
         assert [fingerprint(batch) for batch in resumed] == reference[5:], name
         read[name] = resumed.counters()["bytes"]
-    assert read["from the oldest held sample"] < read["from the start"], read
+    assert read["held"] < read["oldest"] < read["start"], read
+
+
+def test_held_samples_fetched_through_resets_503s_and_stalls_resume_exactly(shards: Path, s3: dict):
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    fs.put(str(shards) + "/", "bucket/held/", recursive=True)
+    url = "s3://bucket/held/index.json"
+    reference = valid_keys(small_buffer_loader(url, storage_options=s3, num_workers=2))
+    state = saved_after(small_buffer_loader(url, storage_options=s3, num_workers=2), 6)
+    assert any(held for cursor in state["cursors"] for held in cursor["held"])
+    with FaultyProxy(s3["endpoint_url"], every=2, stall_seconds=2.0) as proxy:
+        options = {"endpoint_url": proxy.url, "config_kwargs": {"read_timeout": 0.5, "retries": {"max_attempts": 2}}}
+        resumed = small_buffer_loader(url, storage_options=options, num_workers=2)
+        resumed.load_state_dict(state)
+        assert valid_keys(resumed) == reference[6 * 4 :]
+    assert sum(proxy.injected.values()) > 0, proxy.injected
 
 
 def test_resume_from_two_ranks_on_one_delivers_the_rest_of_the_epoch_once(shards: Path):

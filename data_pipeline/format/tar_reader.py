@@ -32,12 +32,14 @@ SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default: members such 
 
 def tar_members(stream: BinaryIO, offset: int = 0) -> Iterator[dict[str, Any]]:
     """The regular files of the tar in `stream`, which begins at byte `offset` of the tar (at a member's first
-    header), each with "offset": where that member's headers begin (a long name's header included). Compressed tars
-    have no offsets. Raises tarfile.ReadError for a damaged header and EOFError when the stream ends inside a member,
-    like `tarfile`."""
+    header), each with "offset": where that member's headers begin (a long name's header included), and "end": where
+    its data's padding ends. Compressed tars have neither. Raises tarfile.ReadError for a damaged header and EOFError
+    when the stream ends inside a member, like `tarfile`."""
     reader = stream if hasattr(stream, "peek") else io.BufferedReader(stream, buffer_size=1 << 16)  # type: ignore
     start = reader.peek(6)
     if not start:
+        if offset:  # read from a member's end that is the end of a tar without end-of-archive blocks
+            return
         raise tarfile.ReadError("empty file")
     if start.startswith(COMPRESSED):
         yield from tar_file_iterator(reader)
@@ -68,7 +70,7 @@ def tar_members(stream: BinaryIO, offset: int = 0) -> Iterator[dict[str, Any]]:
             name = long_name or _ustar_name(header)
             long_name = None
             if kind in REGULAR and not name.endswith("/") and not SKIP_META.match(name):
-                yield {"fname": name, "data": data, "offset": first}
+                yield {"fname": name, "data": data, "offset": first, "end": pos}
             first = pos
 
 

@@ -162,8 +162,14 @@ class Cursor:
     batches: int = 0
     """Batches this worker has delivered."""
     read_from: list[tuple[int, int] | None] = field(default_factory=list)
-    """Per slot, where a resumed read of its open piece may begin: (the sample's place in the shard, its byte offset),
-    the oldest sample the shuffle still held; None (or missing) to read the shard from its start."""
+    """Per slot, where a resumed read of its open piece continues the shard: (the place of the first sample not read,
+    its byte offset); None (or missing) to read the shard from its start. The samples before that place are
+    stand-ins that keep the shuffle's count, except those listed in `held`."""
+    held: list[list[tuple[int, int, int]]] = field(default_factory=list)
+    """Per slot, the samples before `read_from` that the shuffle still held, (place, byte offset, end): a resume
+    fetches each by its byte range instead of reading the shard's prefix again. A state of the release before
+    (none listed) named the oldest held sample in `read_from`, so the prefix from there is read, which is also
+    exact."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -174,6 +180,7 @@ class Cursor:
             "turn": self.turn,
             "batches": self.batches,
             "read_from": [list(start) if start else None for start in self.read_from],
+            "held": [[list(sample) for sample in held] for held in self.held],
         }
 
     @classmethod
@@ -186,10 +193,13 @@ class Cursor:
             turn=data["turn"],
             batches=data["batches"],
             read_from=[tuple(start) if start else None for start in data.get("read_from", [])],
+            held=[[tuple(sample) for sample in held] for held in data.get("held", [])],
         )
 
     def copy(self) -> Cursor:
-        return dataclasses.replace(self, slots=list(self.slots), queue=list(self.queue), read_from=list(self.read_from))
+        return dataclasses.replace(
+            self, slots=list(self.slots), queue=list(self.queue), read_from=list(self.read_from), held=list(self.held)
+        )
 
     def pending(self) -> list[Piece]:
         return [piece for piece in self.slots if piece is not None] + self.queue
@@ -252,7 +262,8 @@ class Shuffled(Iterator[T]):
     every two items read until it holds `buffer_size`; the whole stream when it fits in the buffer.
 
     The random draws depend only on how many items were read, never on what they are: a resume can feed stand-ins for
-    the items it knows were given before its position (those before `oldest()`) and get the same sequence after it.
+    the items it knows were given before its position, and for those `held()` lists handles to fetch them by, and get
+    the same sequence after it.
     """
 
     def __init__(self, items: Iterable[T], rng: np.random.Generator, buffer_size: int):
@@ -279,11 +290,15 @@ class Shuffled(Iterator[T]):
             raise StopIteration
         return self.buffer[self.draining.pop()][1]
 
-    def oldest(self) -> tuple[int, T] | None:
-        """The item read first among those not yet given, with its place in the input; None when none is held.
-        Every item read before it has been given."""
+    def held(self) -> list[tuple[int, T]]:
+        """The items read and not yet given, with their places in the input, in the order they were read."""
         held = self.buffer if self.draining is None else [self.buffer[slot] for slot in self.draining]
-        return min(held, key=lambda entry: entry[0], default=None)
+        return sorted(held, key=lambda entry: entry[0])
+
+
+def draw_order(rng: np.random.Generator, buffer_size: int, count: int) -> Iterator[int]:
+    """The places of an input of `count` items in the order a `Shuffled` with this generator gives them."""
+    return Shuffled(range(count), rng, buffer_size)
 
 
 _END: Any = object()

@@ -17,6 +17,7 @@ import io
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,14 +91,31 @@ class RetryingReader:
 
     def read(self) -> bytes:
         """The next chunk; b"" at the end of the object. Raises FileNotFoundError or ShardReadError."""
+        return self._retried(self._next_chunk)
+
+    def read_range(self, end: int) -> bytes:
+        """The bytes from the offset to `end`, in one request (a sample fetched by its place in the shard)."""
+        return self._retried(lambda: self._range(end))
+
+    def _next_chunk(self) -> bytes:
+        if self.handle is None:
+            self._open()
+        data = self.handle.read(self.policy.chunk_size)
+        if not data and self.size is not None and self.offset < self.size:
+            raise OSError(f"body ended at byte {self.offset} of {self.size}")
+        return data
+
+    def _range(self, end: int) -> bytes:
+        data = self.fs.cat_file(self.path, start=self.offset, end=end)
+        if len(data) != end - self.offset:
+            raise OSError(f"{len(data)} bytes for the range {self.offset}-{end}")
+        return data
+
+    def _retried(self, read: Callable[[], bytes]) -> bytes:
         attempt = 0
         while True:
             try:
-                if self.handle is None:
-                    self._open()
-                data = self.handle.read(self.policy.chunk_size)
-                if not data and self.size is not None and self.offset < self.size:
-                    raise OSError(f"body ended at byte {self.offset} of {self.size}")
+                data = read()
                 self.offset += len(data)
                 self.counters.add(nbytes=len(data))
                 return data
