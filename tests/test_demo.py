@@ -49,6 +49,8 @@ def test_demo_runs_every_stage(
             "checkpoint.every_steps=2",
             "--set",
             "data.num_workers=0",
+            "--set",
+            "logging.peak_tflops=1",  # not measured at start-up: the test reads no utilisation figure
             "--finetune-config",
             "finetune.json",
             "--finetune-steps",

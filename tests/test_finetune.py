@@ -255,7 +255,7 @@ def wait_for_checkpoint(process: subprocess.Popen, out: Path, after: int) -> int
 
 @pytest.mark.slow
 def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_and_tracker_runs(
-    shards: Path, pretrained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards: Path, pretrained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
     from mlflow import MlflowClient
     from safetensors.torch import load_file
@@ -307,11 +307,13 @@ def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_an
     assert all(0 < entry["ema_top1"] <= entry["ema_top5"] for entry in history[0])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000032", "step-00000040"]
     assert not [path for path in out.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
-    refused = subprocess.run([*command, "--lr", "0.1"], env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+    capsys.readouterr()
+    assert main([*command[3:], "--lr", "0.1"]) == 2  # refused before anything starts, so in this process
+    refused = capsys.readouterr().err
+    assert refused.strip().splitlines()[-1] == (
         f"error: {out / 'checkpoints' / 'step-00000040'}: was trained with --lr 0.03 (now 0.1); resume with its "
         "settings, or choose another --out"
-    ), refused.stderr[-2000:]
+    ), refused[-2000:]
 
     # every start logged to the same W&B and MLflow run; a step trained twice logged the same values twice. W&B
     # writes through a buffer that a SIGKILL loses: the steps only the killed start logged may be missing there

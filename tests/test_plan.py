@@ -350,15 +350,18 @@ def predicted_peak_gb(config: Path) -> float:
 # (the ZeRO-0 run with every other block checkpointed, 3 of 6, checks the selective accounting too; under ZeRO-3
 # the measured growth runs about 0.05 GB above the plan whatever the activations, too close to the bound when they
 # shrink)
-@pytest.mark.parametrize(("stage", "precision", "checkpointing"), [(0, "bf16", 2), (3, "fp32", False)])
+# (bf16 with 4 images per rank: its emulated compute is most of the test's time, 109 s with 8)
+@pytest.mark.parametrize(
+    ("stage", "precision", "checkpointing", "micro_batch"), [(0, "bf16", 2, 4), (3, "fp32", False, 8)]
+)
 def test_predicted_peak_memory_matches_two_cpu_ranks_within_15_percent(
-    stage: int, precision: str, checkpointing: bool | int, tmp_path: Path
+    stage: int, precision: str, checkpointing: bool | int, micro_batch: int, tmp_path: Path
 ):
     # A process's resident memory includes Python, torch, DeepSpeed and gloo: the growth from a one-block model to
-    # S/16 (22M parameters, 8 images of 224 px, half states and half activations) is what the plan predicts.
+    # S/16 (22M parameters, 4 or 8 images of 224 px: states and activations) is what the plan predicts.
     settings = {"precision": precision, "checkpointing": checkpointing}
     baseline = run_config(tmp_path / "baseline.json", TINY, stage, micro_batch=2, **settings)
-    small = run_config(tmp_path / "small.json", SMALL, stage, micro_batch=8, **settings)
+    small = run_config(tmp_path / "small.json", SMALL, stage, micro_batch=micro_batch, **settings)
     measured = measured_peak_gb(small) - measured_peak_gb(baseline)
     predicted = predicted_peak_gb(small) - predicted_peak_gb(baseline)
     print(f"predicted {predicted:.3f} GB, measured {measured:.3f} GB")
