@@ -110,8 +110,8 @@ def tar_samples(stream: BinaryIO, url: str, offset: int = 0) -> Iterator[dict[st
 
 
 HELD_FETCHES = 16
-"""Samples a resumed worker fetches at once by their byte ranges: with 20 ms before every response, 16 in flight
-bring the 64 samples of a first batch in about 0.1 s."""
+"""Samples a resumed worker fetches at once by their byte ranges: with 20 ms before every response, 64 ranges took
+0.32 s with 16 in flight here, against 1.64 s one at a time."""
 FETCH_AHEAD = 64
 """Held samples fetched (or being fetched) ahead of the worker. Fetching all of them at once (about 1,000 per worker
 at half an epoch in the peer benchmark) spent the two cores on requests while the first batches were decoded."""
