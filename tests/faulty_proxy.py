@@ -62,6 +62,7 @@ class FaultyProxy:
         self.latency_seconds = latency_seconds
         self.serve_ranges = serve_ranges
         self.copies: dict[str, tuple[list[tuple[str, str]], bytes]] = {}  # path -> the object's headers and bytes
+        self.copying: dict[str, threading.Lock] = {}  # path -> held while its copy is fetched
         self.bytes_served = 0
         self.uploads: collections.Counter[str] = collections.Counter()
         self.downloads: collections.Counter[str] = collections.Counter()
@@ -194,24 +195,17 @@ class FaultyProxy:
 
             def _answer_range(self, first: str, last: str) -> bool:
                 """Answer a GET of bytes first-last from the proxy's copy of the object; False when the object cannot
-                be fetched (the upstream's answer is then forwarded as it is)."""
+                be fetched or the range is outside it (the upstream's answer is then forwarded as it is)."""
                 path = urlsplit(self.path).path
-                if path not in proxy.copies:
-                    upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
-                    headers = {
-                        key: value for key, value in self.headers.items() if key.lower() not in ("host", "range")
-                    }
-                    upstream.request("GET", self.path, headers={**headers, "Host": proxy.upstream.netloc})
-                    response = upstream.getresponse()
-                    body = response.read()
-                    upstream.close()
-                    if response.status != 200:
+                with proxy.lock:
+                    copying = proxy.copying.setdefault(path, threading.Lock())
+                with copying:  # the first ranged GETs of an object wait for one copy, not one each
+                    if path not in proxy.copies and not self._copy(path):
                         return False
-                    kept = [(k, v) for k, v in response.getheaders() if not k.lower().startswith(RANGE_DROPPED_HEADERS)]
-                    with proxy.lock:
-                        proxy.copies[path] = (kept, body)
                 headers, body = proxy.copies[path]
                 start, end = int(first), min(int(last) + 1, len(body))
+                if start >= end:
+                    return False
                 self.send_response(206)
                 for key, value in headers:
                     self.send_header(key, value)
@@ -221,6 +215,20 @@ class FaultyProxy:
                 self.wfile.write(body[start:end])
                 with proxy.lock:
                     proxy.bytes_served += end - start
+                return True
+
+            def _copy(self, path: str) -> bool:
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {key: value for key, value in self.headers.items() if key.lower() not in ("host", "range")}
+                upstream.request("GET", self.path, headers={**headers, "Host": proxy.upstream.netloc})
+                response = upstream.getresponse()
+                body = response.read()
+                upstream.close()
+                if response.status != 200:
+                    return False
+                kept = [(k, v) for k, v in response.getheaders() if not k.lower().startswith(RANGE_DROPPED_HEADERS)]
+                with proxy.lock:
+                    proxy.copies[path] = (kept, body)
                 return True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward

@@ -41,7 +41,7 @@ def tar_members(stream: BinaryIO, offset: int = 0) -> Iterator[dict[str, Any]]:
         if offset:  # read from a member's end that is the end of a tar without end-of-archive blocks
             return
         raise tarfile.ReadError("empty file")
-    if start.startswith(COMPRESSED):
+    if not offset and start.startswith(COMPRESSED):  # read from an offset, it is a member header (a name)
         yield from tar_file_iterator(reader)
         return
     long_name: str | None = None

@@ -126,6 +126,8 @@ class HeldSample:
     offset: int
     end: int
     fetched: Future[dict[str, Any]] | None = None
+    """Set while it is fetched or waits to be taken; dropped once taken (the sample's bytes go with it)."""
+    taken: bool = False
 
 
 Resumable = tuple[tuple[int, int] | None, list[tuple[int, int, int]] | None]
@@ -134,10 +136,12 @@ Resumable = tuple[tuple[int, int] | None, list[tuple[int, int, int]] | None]
 
 
 class OpenPiece:
-    def __init__(self, piece: Piece, stream: PrefetchedShard, read_from: tuple[int, int]):
+    def __init__(self, piece: Piece, stream: PrefetchedShard, resumed: Resumable):
         self.piece, self.stream = piece, stream
         self.pos = piece.start
-        self.next_read: tuple[int, int] | None = read_from
+        self.resumed = resumed
+        """What the piece was opened with: its resume point until its shuffle has read anything."""
+        self.next_read: tuple[int, int] | None = resumed[0]
         """The place and byte offset of the shard's first sample not read; None in a compressed tar."""
         self.samples: Iterator[dict[str, Any] | HeldSample | None] = iter(())
         self.shuffle: Shuffled[dict[str, Any] | HeldSample | None] | None = None
@@ -154,6 +158,8 @@ class OpenPiece:
     def resumable(self) -> Resumable:
         """Where a resumed read continues, and the held samples to fetch; (None, []) to read the shard from its start
         (a compressed tar, whose samples have no offsets)."""
+        if self.shuffle is not None and not self.shuffle.read:
+            return self.resumed
         held = []
         for place, sample in self.shuffle.held() if self.shuffle else []:
             span = (sample.offset, sample.end) if isinstance(sample, HeldSample) else None
@@ -206,12 +212,12 @@ class WorkerStream:
         except the held ones, fetched by their byte ranges (`_fetch_held`); the rest are stand-ins that only keep the
         shuffle's count."""
         url = self.config.shards.urls[piece.shard]
-        place, offset = 0, 0
-        held: dict[int, HeldSample] = {}
-        if resumed is not None and resumed[0] is not None and self._fits(piece, *resumed):
-            (place, offset), held = resumed[0], {p: HeldSample(url, start, end) for p, start, end in resumed[1] or ()}
+        if resumed is None or resumed[0] is None or not self._fits(piece, *resumed):
+            resumed = ((0, 0), [])
+        (place, offset), listed = resumed
+        held = {p: HeldSample(url, start, end) for p, start, end in listed or ()}
         stream = (self.prefetched.pop(piece, None) if not offset else None) or self._stream(url, offset)
-        current = OpenPiece(piece, stream, (place, offset))
+        current = OpenPiece(piece, stream, ((place, offset), [tuple(sample) for sample in listed or ()]))
         before = (held.get(earlier) for earlier in range(place))
         samples: Iterator[Any] = itertools.chain(before, current.counted(tar_samples(stream, url, offset)))
         if self.config.order.shuffle:
@@ -228,10 +234,11 @@ class WorkerStream:
         the release before (`held` None) named the oldest held sample, from which every later one is read again."""
         if held is None:
             return self.config.order.shuffle and read_from[0] <= piece.start
-        return read_from[0] - len(held) == piece.start
+        return read_from[0] - len(held) == piece.start and (self.config.order.shuffle or not held)
 
     def _in_draw_order(self, piece: Piece, places: set[int]) -> list[int]:
-        """The held samples' places in the order the piece's shuffle will give them: the order to fetch them in."""
+        """The places of the held samples this piece will give, in the order it gives them: the order to fetch them
+        in. Those the shuffle gives after the piece's end are another worker's, and stay in the shuffle unfetched."""
         if not places:
             return []
         order: list[int] = []
@@ -240,12 +247,12 @@ class WorkerStream:
             self.config.shuffle_buffer,
             self.config.shards.num_samples[piece.shard],
         )
-        for place in itertools.islice(draws, piece.start, None):
+        for place in itertools.islice(draws, piece.start, piece.end):
             if place in places:
                 order.append(place)
                 if len(order) == len(places):
-                    return order
-        return order + sorted(places - set(order))  # a shard longer than its index: the rest in any order
+                    break
+        return order  # any other is fetched when given (a shard that does not match its index)
 
     def _fetch_held(self, opened: list[OpenPiece]) -> None:
         """Fetch the held samples of the resumed pieces by their byte ranges in the order the worker will take them
@@ -263,7 +270,7 @@ class WorkerStream:
     def _fetch_ahead(self) -> None:
         while self.to_fetch and self.fetching < FETCH_AHEAD:
             sample = self.to_fetch.popleft()
-            if sample.fetched is None:  # else drawn before its turn and fetched then
+            if sample.fetched is None and not sample.taken:  # else given before its turn, or its piece closed
                 self._fetch(sample)
 
     def _fetch(self, sample: HeldSample) -> None:
@@ -276,8 +283,9 @@ class WorkerStream:
         """A held sample the shuffle gives, once fetched."""
         if sample.fetched is None:
             self._fetch(sample)
+        fetched, sample.fetched, sample.taken = sample.fetched, None, True
         try:
-            return sample.fetched.result()  # type: ignore[union-attr]
+            return fetched.result()  # type: ignore[union-attr]
         finally:
             self.fetching -= 1
             self._fetch_ahead()
@@ -351,6 +359,11 @@ class WorkerStream:
         return None
 
     def _close_slot(self, i: int) -> None:
+        for sample in self.open[i].to_fetch:  # type: ignore[union-attr]
+            if sample.fetched is not None:  # fetched for a piece that ended early (a short or damaged shard)
+                sample.fetched.cancel()
+                self.fetching -= 1
+            sample.fetched, sample.taken = None, True
         self.open[i].close()  # type: ignore[union-attr]
         self.open[i] = None
         self.cursor.slots[i] = None
