@@ -41,16 +41,21 @@ def test_an_encoder_moves_between_a_masked_patch_model_and_a_classifier():
     pretrained = MaskedPatchModel(
         create_model("Ti/4", num_classes=0, **SMALL), MaskedPatchObjective(type="masked_patch_prediction")
     )
-    classifier = create_model("Ti/4", num_classes=10, **SMALL)
+    torch.nn.init.normal_(pretrained.head.weight)  # a trained patch head: 512 colours
+    # 512 classes, the patch head's shape: the names agree too ("head.weight"), yet a colour head is no classifier
+    classifier = create_model("Ti/4", num_classes=512, **SMALL)
     fresh = load_matching(classifier, pretrained.state_dict(), "mpp")
-    assert fresh == ["head.weight", "head.bias"]  # no classifier in the pre-trained model: it stays zero
+    assert fresh == ["head.weight", "head.bias"]
+    assert not classifier.head.weight.any()  # the paper's zero-initialised fine-tuning head
     assert torch.equal(classifier.blocks[0].attn.qkv.weight, pretrained.encoder.blocks[0].attn.qkv.weight)
 
+    torch.nn.init.normal_(classifier.head.weight)
     back = MaskedPatchModel(
         create_model("Ti/4", num_classes=0, **SMALL), MaskedPatchObjective(type="masked_patch_prediction")
     )
     fresh = load_matching(back, classifier.state_dict(), "classifier")
     assert fresh == ["mask_token", "head.weight", "head.bias"]
+    assert not back.head.weight.any()
     assert torch.equal(back.encoder.pos_embed, classifier.pos_embed)
 
 

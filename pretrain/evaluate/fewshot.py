@@ -7,7 +7,8 @@ target as the unregularised bias), and the top-1 accuracy of argmax(XW + b) on t
 draws. L2 regularisation 2^10 is the default of the paper's public implementation, which standardises likewise.
 
 The representation is the model's pre-logits: the representation layer's output when there is one, otherwise the
-pooled output (class token or global average pool); for a masked-patch model, its encoder's.
+pooled output (class token or global average pool). A masked-patch model's is the mean of its encoder's patch
+outputs, whatever the pooling: its loss trains neither the class token's output nor a representation layer.
 
 `python -m pretrain.evaluate.fewshot --checkpoint runs/x/checkpoints --train SHARDS --test SHARDS` probes a
 checkpoint; the trainer runs the same probes every `fewshot.every_steps` on the datasets its config names.
@@ -16,6 +17,7 @@ checkpoint; the trainer runs the same probes every `fewshot.every_steps` on the 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterable
@@ -199,7 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from pretrain.model import model_input
     from pretrain.weights.surgery import check_weights
-    from pretrain.weights.trainer_checkpoint import read_checkpoint
+    from pretrain.weights.trainer_checkpoint import read_checkpoint, read_encoder_prefix
 
     args = parse_args(argv)
     configure_logging("%(message)s")
@@ -210,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(weights.state)
     model.eval()
     size = weights.model.image_size
-    represent = lambda images: model(model_input(images), pre_logits=True)  # noqa: E731
+    masked_patch = bool(read_encoder_prefix(args.checkpoint, options))  # its class token's output is untrained
+    encode = model.patch_representation if masked_patch else functools.partial(model, pre_logits=True)
+    represent = lambda images: encode(model_input(images))  # noqa: E731
     train_loader, num_classes = probe_batches(
         args.train, args.train_split, batch_size=args.batch_size, image_size=size, storage_options=options
     )

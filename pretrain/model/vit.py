@@ -270,6 +270,12 @@ class VisionTransformer(nn.Module):
         x = self.pre_logits(self.pool_tokens(tokens))
         return x if pre_logits else self.head(x)
 
+    def patch_representation(self, images: torch.Tensor) -> torch.Tensor:
+        """The mean of the patch tokens' outputs, whatever `pool` says: the image representation of an encoder
+        trained by a per-patch objective (masked patch prediction), which trains neither the class token's output
+        nor the representation layer. With `pool: gap` and no representation layer it equals the pre-logits."""
+        return self.forward_features(images)[:, self.num_prefix_tokens :].mean(dim=1)
+
     def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits, or with `pre_logits=True` the image representation (for probes; through DeepSpeed's engine)."""
         return self.forward_head(self.forward_features(images), pre_logits=pre_logits)

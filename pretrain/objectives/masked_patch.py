@@ -10,7 +10,9 @@ a target computed from the augmented uint8 image (before normalisation):
 - "pixels": all the patch's pixels in the model's input range [-1, 1], regressed with L2.
 
 Every image gets the same number of corrupted patches, so all shapes are static (no host-device sync on a GPU).
-The class token is not used by the loss; its output stays the image representation for few-shot probes.
+The class token is not used by the loss, so with `pool: token` its output is untrained (it came out the same for
+every image in an early digits run): the image representation for few-shot probes is the mean of the patch outputs
+(`VisionTransformer.patch_representation`), whatever the pooling.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class MaskedPatchModel(nn.Module):
     """A ViT encoder with a learnable [mask] embedding and a per-patch prediction head.
 
     `forward(images, positions, kind, source)` returns the head's outputs (B, k, out) at the corrupted positions;
-    `forward(images, pre_logits=True)` returns the encoder's image representation, for few-shot probes. The
+    `forward(images, pre_logits=True)` returns the encoder's image representation for few-shot probes: the mean of
+    its patch outputs, since no loss reads the class token. The
     corruption travels as three tensors rather than a tuple so that DeepSpeed's hooks see plain tensor arguments.
     """
 
@@ -175,7 +178,7 @@ class MaskedPatchModel(nn.Module):
         pre_logits: bool = False,
     ) -> torch.Tensor:
         if pre_logits or positions is None or kind is None or source is None:
-            return self.encoder(images, pre_logits=True)
+            return self.encoder.patch_representation(images)
         corruption = Corruption(positions, kind, source)
         encoder = self.encoder
         patches, grid = encoder.embed(images)

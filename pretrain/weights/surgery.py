@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -85,23 +86,26 @@ def check_weights(weights: Weights, source: str) -> None:
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """Copy `state` into `model` by name (after dropping or adding an `encoder.` prefix where the names differ that
-    way); parameters the state lacks, and a classifier of another shape, keep their initialisation. A learned
-    position table of another grid is resized to the model's (2-D bicubic, class token kept), so a run can start at
-    another resolution. Any other tensor of another shape means another variant: an error. Works on a model built
-    under ZeRO-3 (each parameter is gathered, written by rank 0's copy and re-partitioned). Returns the names not
-    loaded.
+    """Copy `state` into `model` by name; between a masked-patch model and a classifier only the ViT's tensors, with
+    the `encoder.` prefix dropped or added. Parameters the state lacks, and a classifier of another shape, keep their
+    initialisation. A learned position table of another grid is resized to the model's (2-D bicubic, class token
+    kept), so a run can start at another resolution. Any other tensor of another shape means another variant: an
+    error. Works on a model built under ZeRO-3 (each parameter is gathered, written by rank 0's copy and
+    re-partitioned). Returns the names not loaded.
     """
     from deepspeed.runtime.zero import GatheredParameters  # here: importing DeepSpeed announces the accelerator
 
     names = dict(model.named_parameters())
-    renamed: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if name not in names and name.startswith("encoder.") and name.removeprefix("encoder.") in names:
-            name = name.removeprefix("encoder.")
-        elif name not in names and f"encoder.{name}" in names:
-            name = f"encoder.{name}"
-        renamed[name] = tensor
+    renamed = dict(state)
+    model_prefix, state_prefix = (_encoder_prefix(named) for named in (names, state))
+    if state_prefix != model_prefix:
+        # Between a masked-patch model and a classifier only the ViT carries over: the one's patch head and [mask]
+        # token and the other's classifier are different things even where name and shape agree (512 classes).
+        renamed = {
+            model_prefix + name.removeprefix(state_prefix): tensor
+            for name, tensor in state.items()
+            if name.startswith(state_prefix)
+        }
     prefix_tokens = 1 if {"cls_token", "encoder.cls_token"} & names.keys() else 0
     not_loaded, mismatched = [], []
     for name, parameter in names.items():
@@ -126,6 +130,11 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     if not_loaded:
         log.info("%s: kept the initial values of %s", source, ", ".join(not_loaded))
     return not_loaded
+
+
+def _encoder_prefix(names: Iterable[str]) -> str:
+    """Where the ViT's tensors are: under "encoder." in a masked-patch model, at the top in a classifier."""
+    return "encoder." if any(name.startswith("encoder.") for name in names) else ""
 
 
 def _resized_positions(table: torch.Tensor, shape: tuple[int, ...], prefix_tokens: int, source: str) -> torch.Tensor:

@@ -67,12 +67,21 @@ def read_checkpoint(url: str, storage_options: dict[str, Any] | None = None, wei
         raise WeightsError(f"{url}: {tag} has no weight average (trained without optimizer.ema); pass --weights raw")
     if weights != "raw" and fs.exists(average_file):
         state |= safetensors.torch.load(fs.cat_file(average_file))  # parameters; buffers stay the module's
+    model, prefix = _description(fs, root, tag, url)
+    return vit_weights(model, state, prefix)
+
+
+def read_encoder_prefix(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Where the ViT is in the module the run at `url` trained: "encoder." for masked patch prediction, which
+    trains neither the class token nor a representation layer, "" for a classifier (see model_weights.py)."""
+    return _description(*_locate(url, storage_options or {}), url)[1]
+
+
+def _description(fs: Any, root: str, tag: str, url: str) -> tuple[ModelDescription, str]:
     folder = join(fs, root, tag)
     if fs.exists(join(fs, folder, MODEL_FILE)):
-        model, prefix = parse_model_file(_read_json(fs, join(fs, folder, MODEL_FILE), url), f"{url}/{tag}")
-    else:
-        model, prefix = _described_by_run_config(_read_json(fs, join(fs, folder, TRAINER_FILE), url), url)
-    return vit_weights(model, state, prefix)
+        return parse_model_file(_read_json(fs, join(fs, folder, MODEL_FILE), url), f"{url}/{tag}")
+    return _described_by_run_config(_read_json(fs, join(fs, folder, TRAINER_FILE), url), url)
 
 
 def pinned_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:

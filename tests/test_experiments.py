@@ -1,0 +1,52 @@
+"""The data of `make experiment-mpp`, on a small corpus laid out like Debian's openclipart-png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from test_build_shards import webdataset_samples
+
+from pretrain.experiments import openclipart
+
+
+def clip_art(root: Path, counts: dict[str, int]) -> None:
+    """Transparent PNGs in category folders, every second one a folder deeper, as in the corpus."""
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        for n in range(count):
+            folder = root / name / ("icons" if n % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+            Image.fromarray(pixels, mode="RGBA").save(folder / f"{name}_{n:03d}.png")
+
+
+def keys(shards: Path, split: str = "train") -> set[str]:
+    return {sample["__key__"] for sample in webdataset_samples(shards, split)}
+
+
+def test_pretraining_and_fine_tuning_never_see_a_held_out_image_and_the_classes_are_balanced(tmp_path: Path):
+    clip_art(tmp_path / "png", {"animals": 50, "computer": 40, "special": 12})
+    shards = openclipart.prepare(tmp_path / "shards", tmp_path / "png", min_class_images=40)
+
+    held_out, labelled = keys(shards.labelled, "val"), keys(shards.labelled) | keys(shards.labelled, "val")
+    assert held_out and held_out <= keys(shards.unlabelled, "val")  # held out of pre-training too
+    assert not held_out & keys(shards.unlabelled)
+    assert len(keys(shards.unlabelled)) + len(keys(shards.unlabelled, "val")) == 102  # every image, no labels
+    assert len(labelled) == 80  # the two large categories, each capped at the smaller's 40
+
+    classes = json.loads((shards.labelled / "classes.json").read_text())
+    assert classes == json.loads((shards.labelled10 / "classes.json").read_text())  # the same class indices
+    assert sorted(classes) == ["animals", "computer"]
+    few = webdataset_samples(shards.labelled10)
+    assert {sample["__key__"] for sample in few} <= keys(shards.labelled)  # labels from the training split only
+    per_class = [sum(int(sample["cls"]) == index for sample in few) for index in range(2)]
+    train_per_class = [
+        sum(int(sample["cls"]) == index for sample in webdataset_samples(shards.labelled)) for index in range(2)
+    ]
+    assert per_class == [round(openclipart.LABELLED_SHARE * count) for count in train_per_class]
+
+    again = openclipart.prepare(tmp_path / "again", tmp_path / "png", min_class_images=40)
+    assert keys(again.labelled10) == keys(shards.labelled10)  # a fixed selection, not a draw per call
