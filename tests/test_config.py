@@ -18,7 +18,7 @@ from pretrain.config.reference import render_reference
 from pretrain.config.schema import MaskedPatchObjective
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").glob("*.json"))
+SHIPPED = sorted((ROOT / "configs").glob("*.json")) + sorted((ROOT / "configs/experiment_mpp").glob("*.json"))
 
 
 def test_configs_are_shipped() -> None:

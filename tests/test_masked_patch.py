@@ -191,3 +191,11 @@ def test_masked_patch_model_from_a_config_trains_its_token_and_head_without_deca
     assert id(model.mask_token) in no_decay_ids and id(model.encoder.pos_embed) in no_decay_ids
     assert id(model.head.weight) in {id(p) for p in decay["params"]}
     assert model(torch.zeros(2, 3, 16, 16), pre_logits=True).shape == (2, 32)  # the representation for probes
+
+
+def test_probes_read_the_mean_of_the_patch_outputs_since_no_loss_trains_the_class_token():
+    model = tiny_model(pool="token").eval()
+    images = torch.randn(3, 3, 16, 16)
+    tokens = model.encoder.forward_features(images)
+    torch.testing.assert_close(model(images, pre_logits=True), tokens[:, 1:].mean(dim=1))
+    assert not torch.allclose(model(images, pre_logits=True), model.encoder(images, pre_logits=True))  # class token

@@ -144,15 +144,15 @@ def results_table(seeds: list[int], runs: dict[int, dict]) -> tuple[str, dict]:
     gain = statistics.mean(after) - statistics.mean(before)
     spread = max(statistics.stdev(values) if len(values) > 1 else 0.0 for values in (before, after))
     margin = statistics.mean(tuned[STARTS[0]]) - statistics.mean(tuned[STARTS[1]])
+    pretrained = [read_metrics(runs[seed]["pretrain_mpp"].folder, "eval")[-1] for seed in seeds]
+    if "mpp_accuracy" in pretrained[0]:
+        lines += ["", f"Held-out masked-patch accuracy at the end: {mean_sd([r['mpp_accuracy'] for r in pretrained])}."]
     lines += [
         "",
         f"Targets: {TARGET_SHOTS}-shot above random init by more than the seeds' spread: {gain:+.3f} against "
         f"{spread:.3f} ({'met' if gain > spread else 'MISSED'}); fine-tuned from masked patch prediction at least "
         f"{FINETUNE_MARGIN:.2f} above scratch: {margin:+.3f} ({'met' if margin >= FINETUNE_MARGIN else 'MISSED'}).",
     ]
-    pretrained = [read_metrics(runs[seed]["pretrain_mpp"].folder, "eval")[-1] for seed in seeds]
-    if "mpp_accuracy" in pretrained[0]:
-        lines += ["", f"Held-out masked-patch accuracy at the end: {mean_sd([r['mpp_accuracy'] for r in pretrained])}."]
     return "\n".join(lines), curves
 
 
