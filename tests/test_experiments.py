@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from test_build_shards import webdataset_samples
 
-from pretrain.experiments import openclipart
+from pretrain.experiments import mpp_transfer, openclipart
 
 
 def clip_art(root: Path, counts: dict[str, int]) -> None:
@@ -50,3 +50,16 @@ def test_pretraining_and_fine_tuning_never_see_a_held_out_image_and_the_classes_
 
     again = openclipart.prepare(tmp_path / "again", tmp_path / "png", min_class_images=40)
     assert keys(again.labelled10) == keys(shards.labelled10)  # a fixed selection, not a draw per call
+
+
+def test_record_rewrites_only_its_variants_section_of_benchmarks(tmp_path: Path):
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\nprose before\n")
+    mpp_transfer.record_in_benchmarks(benchmarks, "paper", "first table")
+    mpp_transfer.record_in_benchmarks(benchmarks, "downsampled", "other table")
+    benchmarks.write_text(benchmarks.read_text() + "\nprose after\n")
+    mpp_transfer.record_in_benchmarks(benchmarks, "paper", "second table")
+    text = benchmarks.read_text()
+    assert "first table" not in text and text.count("second table") == 1 and "other table" in text
+    assert text.startswith("# Benchmarks\n\nprose before\n") and text.endswith("\nprose after\n")
+    assert text.index("second table") < text.index("other table")  # rewritten in its place

@@ -7,15 +7,15 @@ without labels for pre-training), for each seed:
    (1/5/10/25 shots) of the frozen representation before the first step (the random-init baseline of the same
    architecture and seed) and during training;
 2. supervised pre-training on all labelled training images (`pretrain_supervised.json`), the paper's upper
-   reference, for the same number of steps;
+   reference;
 3. fine-tuning on 10% of the labelled training images (`finetune.json`) from each: masked patch prediction,
    supervised, and scratch, with the same recipe and budget.
 
 It prints a table (mean and standard deviation over seeds) and writes it with a plot of the probe curves into
-`--out`; `--record` also puts both into BENCHMARKS.md. A run that finished is not run again, and an interrupted one
-resumes from its newest checkpoint, so a second call only re-reads the numbers. `--variant NAME --pretrain-set k=v`
-tries another pre-training recipe beside the paper's (its runs go to `--out/NAME`); the scratch and supervised runs
-do not depend on it and are shared.
+`--out`; `--record` also puts both into BENCHMARKS.md (the variant's marked section) and docs/images. A run that
+finished is not run again, and an interrupted one resumes from its newest checkpoint, so a second call only re-reads
+the numbers. `--variant NAME --pretrain-set k=v` tries another pre-training recipe beside the paper's (its runs go
+to `--out/NAME`); the scratch and supervised runs do not depend on it and are shared.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ TARGET_SHOTS = 10
 FINETUNE_MARGIN = 0.02
 """The issue's targets: 10-shot accuracy above the random-init baseline by more than the seeds' spread (the larger
 standard deviation of the two), and fine-tuning from masked patch prediction at least 2 points above scratch."""
-BENCHMARKS_SECTION = ("<!-- experiment-mpp: begin (written by make experiment-mpp) -->", "<!-- experiment-mpp: end -->")
+SECTION = ("begin", "end")
+"""The markers around each variant's results in BENCHMARKS.md, which `--record` rewrites."""
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,17 @@ def plot_curves(curves: dict[int, dict[int, list[float]]], path: Path) -> None:
     plt.close(figure)
 
 
-def record_in_benchmarks(path: Path, text: str) -> None:
-    """Replace the marked section of BENCHMARKS.md with `text`."""
-    begin, end = BENCHMARKS_SECTION
+def record_in_benchmarks(path: Path, variant: str, text: str) -> None:
+    """Replace the variant's marked section of BENCHMARKS.md with `text`; a variant without one gets it at the end."""
+    begin, end = (f"<!-- experiment-mpp {variant}: {edge} (written by make experiment-mpp) -->" for edge in SECTION)
     content = path.read_text()
-    if begin not in content or end not in content:
-        raise SystemExit(f"{path}: no section between {begin} and {end} to write the results into")
-    head, rest = content.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    block = f"{begin}\n{text}\n{end}"
+    if begin in content and end in content:
+        head, rest = content.split(begin, 1)
+        content = f"{head}{block}{rest.split(end, 1)[1]}"
+    else:
+        content = f"{content.rstrip()}\n\n{block}\n"
+    path.write_text(content)
 
 
 @reports_user_errors
@@ -215,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / args.variant / "results.md").write_text(text + "\n")
     print(f"\n{text}\n\n({time.monotonic() - began:.0f} s)")
     if args.record:
-        figure = Path("docs/images/experiment_mpp_probes.png")
+        figure = Path(f"docs/images/experiment_mpp_{args.variant}_probes.png")
         figure.parent.mkdir(parents=True, exist_ok=True)
         figure.write_bytes(plot.read_bytes())
-        record_in_benchmarks(Path("BENCHMARKS.md"), text.replace(str(plot), str(figure)))
+        record_in_benchmarks(Path("BENCHMARKS.md"), args.variant, text.replace(str(plot), str(figure)))
     return 0
 
 
