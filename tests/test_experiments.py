@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from test_build_shards import webdataset_samples
 
+from data_pipeline.build.sources import row_key
 from pretrain.experiments import mpp_transfer, openclipart
 
 
@@ -27,14 +29,20 @@ def keys(shards: Path, split: str = "train") -> set[str]:
     return {sample["__key__"] for sample in webdataset_samples(shards, split)}
 
 
-def test_pretraining_and_fine_tuning_never_see_a_held_out_image_and_the_classes_are_balanced(tmp_path: Path):
-    clip_art(tmp_path / "png", {"animals": 50, "computer": 40, "special": 12})
-    shards = openclipart.prepare(tmp_path / "shards", tmp_path / "png", min_class_images=40)
+def test_no_held_out_image_or_copy_of_one_is_trained_on_and_the_classes_are_balanced(tmp_path: Path) -> None:
+    png = tmp_path / "png"
+    clip_art(png, {"animals": 50, "computer": 40, "special": 12})
+    # the corpus's copies: one file in two categories (no label to trust), one twice in its own category
+    shutil.copy(png / "animals/animals_000.png", png / "computer/animals_000.png")
+    shutil.copy(png / "computer/computer_000.png", png / "computer/icons/computer_000_again.png")
+    shards = openclipart.prepare(tmp_path / "shards", png, min_class_images=40)
 
     held_out, labelled = keys(shards.labelled, "val"), keys(shards.labelled) | keys(shards.labelled, "val")
     assert held_out and held_out <= keys(shards.unlabelled, "val")  # held out of pre-training too
     assert not held_out & keys(shards.unlabelled)
-    assert len(keys(shards.unlabelled)) + len(keys(shards.unlabelled, "val")) == 102  # every image, no labels
+    everything = keys(shards.unlabelled) | keys(shards.unlabelled, "val")
+    assert len(everything) == 102  # every distinct image once, without labels
+    assert row_key(str(png / "animals/animals_000.png")) in everything - labelled  # in two categories: unlabelled
     assert len(labelled) == 80  # the two large categories, each capped at the smaller's 40
 
     classes = json.loads((shards.labelled / "classes.json").read_text())
@@ -52,7 +60,7 @@ def test_pretraining_and_fine_tuning_never_see_a_held_out_image_and_the_classes_
     assert keys(again.labelled10) == keys(shards.labelled10)  # a fixed selection, not a draw per call
 
 
-def test_record_rewrites_only_its_variants_section_of_benchmarks(tmp_path: Path):
+def test_record_rewrites_only_its_variants_section_of_benchmarks(tmp_path: Path) -> None:
     benchmarks = tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("# Benchmarks\n\nprose before\n")
     mpp_transfer.record_in_benchmarks(benchmarks, "paper", "first table")

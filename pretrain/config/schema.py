@@ -83,8 +83,10 @@ class ModelConfig(Section):
     init_from: str | None = None
     """Start from the weights of a trainer checkpoint (its folder, for the newest checkpoint, or one step-XXXXXXXX
     folder; local or s3://, read with checkpoint.storage_options): every tensor whose name and shape match is loaded,
-    the rest keeps its initialisation (e.g. a new classifier on a masked-patch-pretrained encoder). Optimizer and
-    schedule start fresh; --resume of this run's own checkpoints takes precedence."""
+    the rest keeps its initialisation; between a masked-patch model and a classifier only the ViT's tensors (so a
+    masked-patch encoder gets a new classifier, and a classifier of as many classes as the patch head has outputs
+    does not get that head). Optimizer and schedule start fresh; --resume of this run's own checkpoints takes
+    precedence."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -195,8 +197,9 @@ class MaskedPatchObjective(Section):
     """What to predict for a corrupted patch: its 3-bit mean colour (512 classes), a 4x4 downsized patch in 3-bit
     colour (16 predictions of 512 classes), or L2 regression on all its pixels. The paper found all three work at
     B/16, L2 slightly worse, and chose the mean colour for its few-shot results. On openclipart with a 0.8M-parameter
-    model (`make experiment-mpp`, BENCHMARKS.md) the 4x4 target fine-tuned 2.2 points better than the mean colour,
-    at twice the step time; the default stays the paper's, measured at B/16."""
+    model (`make experiment-mpp`, BENCHMARKS.md) the 4x4 target fine-tuned 2.2 points better than the mean colour
+    (about one standard error of the held-out set), at twice the step time; the default stays the paper's, measured
+    at B/16."""
     color_bits: Annotated[int, Field(ge=1, le=8)] = 3
     """Bits per colour channel of the classification targets (3 bits: 8 levels, 512 colours)."""
 

@@ -115,13 +115,22 @@ def mean_sd(values: list[float]) -> str:
 
 def results_table(seeds: list[int], runs: dict[int, dict]) -> tuple[str, dict]:
     """The markdown table and the probe curves {shots: {step: [accuracy per seed]}}."""
+    # A resumed run logs again the probes after its checkpoint: the last record of a step is the one that counts.
+    probes = {
+        seed: {record["step"]: record for record in read_metrics(runs[seed]["pretrain_mpp"].folder, "fewshot")}
+        for seed in seeds
+    }
+    steps = sorted(set.intersection(*(set(by_step) for by_step in probes.values())))
+    pretrain = runs[seeds[0]]["pretrain_mpp"]
+    final = load_config(str(pretrain.config), list(pretrain.overrides)).schedule.steps
+    if not steps or steps[0] != 0 or steps[-1] != final:
+        raise SystemExit(f"the probes at steps 0 and {final} are not logged for every seed; run the experiment again")
     curves: dict[int, dict[int, list[float]]] = {}
-    for seed in seeds:
-        for record in read_metrics(runs[seed]["pretrain_mpp"].folder, "fewshot"):
-            for name, value in record.items():
-                if name.startswith("openclipart/"):
-                    shots = int(name.split("/")[1].removesuffix("shot"))
-                    curves.setdefault(shots, {}).setdefault(record["step"], []).append(value)
+    for step in steps:
+        for name in probes[seeds[0]][step]:
+            if name.startswith("openclipart/"):
+                shots = int(name.split("/")[1].removesuffix("shot"))
+                curves.setdefault(shots, {})[step] = [probes[seed][step][name] for seed in seeds]
     last = {shots: max(curve) for shots, curve in curves.items()}
     lines = [
         f"| measure (mean ± sd over seeds {', '.join(map(str, seeds))}) | "
@@ -182,13 +191,14 @@ def plot_curves(curves: dict[int, dict[int, list[float]]], path: Path) -> None:
 def record_in_benchmarks(path: Path, variant: str, text: str) -> None:
     """Replace the variant's marked section of BENCHMARKS.md with `text`; a variant without one gets it at the end."""
     begin, end = (f"<!-- experiment-mpp {variant}: {edge} (written by make experiment-mpp) -->" for edge in SECTION)
-    content = path.read_text()
+    head, found, rest = path.read_text().partition(begin)
     block = f"{begin}\n{text}\n{end}"
-    if begin in content and end in content:
-        head, rest = content.split(begin, 1)
+    if found and end in rest:
         content = f"{head}{block}{rest.split(end, 1)[1]}"
+    elif found:
+        raise SystemExit(f"{path}: {begin} has no {end} after it; restore the marker or delete the section")
     else:
-        content = f"{content.rstrip()}\n\n{block}\n"
+        content = f"{head.rstrip()}\n\n{block}\n"
     path.write_text(content)
 
 
@@ -204,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--record", action="store_true", help="write the table and plot into BENCHMARKS.md and docs/")
     args = parser.parse_args(argv)
+    if args.pretrain_set and args.variant == parser.get_default("variant"):
+        parser.error("--pretrain-set changes the recipe: name it with --variant, or its runs would be the paper's")
 
     began = time.monotonic()
     shards = openclipart.prepare(args.out / "shards")
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(curves, plot)
     recipe = ", ".join(args.pretrain_set) or "the paper's recipe"
     text = f"Pre-training: {recipe} (`--variant {args.variant}`).\n\n{table}\n\n![probe curves]({plot})"
-    (args.out / args.variant / "results.md").write_text(text + "\n")
+    (args.out / args.variant / "results.md").write_text(text.replace(str(plot), plot.name) + "\n")
     print(f"\n{text}\n\n({time.monotonic() - began:.0f} s)")
     if args.record:
         figure = Path(f"docs/images/experiment_mpp_{args.variant}_probes.png")

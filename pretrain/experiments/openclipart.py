@@ -2,10 +2,11 @@
 
 The corpus is public, made by nobody here, and installs anywhere Debian does; `corpus()` installs it when missing,
 as the Slurm tests install Slurm. Three sets of shards come from it, all split by the same hash of each image's
-path (`build-shards --val-fraction`), so no held-out image is ever trained on, with or without labels:
+path (`build-shards --val-fraction`), each distinct file counted once (the corpus has copies under several paths),
+so no held-out image is ever trained on, with or without labels:
 
-- `unlabelled`: every image of the corpus, without labels; its `train` split is the pre-training data, its `val`
-  split the held-out set of the pre-training loss;
+- `unlabelled`: every distinct image of the corpus, without labels; its `train` split is the pre-training data, its
+  `val` split the held-out set of the pre-training loss;
 - `labelled`: the categories with at least `MIN_CLASS_IMAGES` images, each capped at the smallest of them so the
   classes are balanced; `train` is what few-shot probes draw from and what supervised pre-training learns, `val` is
   the held-out set every accuracy is measured on;
@@ -18,6 +19,7 @@ experiment's seeds vary the training, never the data.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import random
 import shutil
@@ -48,7 +50,8 @@ MAX_SIDE = 72
 class Image:
     path: str
     """Absolute path: build-shards keys a manifest row by it, and so decides its split."""
-    category: str
+    category: str | None
+    """Its top-level folder; None when copies of the same file sit in several categories (no label to trust)."""
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,21 @@ class Shards:
 
 
 def corpus(root: Path = CORPUS) -> list[Image]:
-    """Every PNG of the corpus with its top-level category folder; installs the Debian package when it is missing."""
+    """Every distinct PNG of the corpus, once, with its category folder; installs the Debian package when missing.
+
+    The corpus holds byte-identical copies under several paths (905 files have 2,126 copies, e.g. the same dolphin in
+    animals/fish and animals/mammals). Split by path, a held-out image's copy would be trained on; so each file
+    counts once, at its first path, and a file found in two categories has no label."""
     if root == CORPUS and not root.is_dir():
         install()
-    images = [
-        Image(str(path), path.relative_to(root).parts[0])
-        for path in sorted(root.rglob("*.png"))
-        if len(path.relative_to(root).parts) > 1
-    ]
+    copies: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(root.rglob("*.png")):
+        if len(path.relative_to(root).parts) > 1:
+            copies[hashlib.sha256(path.read_bytes()).hexdigest()].append(path)
+    images = []
+    for paths in copies.values():
+        categories = {path.relative_to(root).parts[0] for path in paths}
+        images.append(Image(str(paths[0]), categories.pop() if len(categories) == 1 else None))
     if not images:
         raise UserError(f"{root}: no PNG images in category folders; run apt-get install --reinstall {PACKAGE}")
     return images
@@ -94,7 +104,8 @@ def labelled_images(images: list[Image], min_class_images: int = MIN_CLASS_IMAGE
     """The balanced labelled set: the large categories, each cut to the size of the smallest by a fixed draw."""
     by_category: dict[str, list[Image]] = defaultdict(list)
     for image in images:
-        by_category[image.category].append(image)
+        if image.category is not None:
+            by_category[image.category].append(image)
     large = {name: members for name, members in by_category.items() if len(members) >= min_class_images}
     cap = min(len(members) for members in large.values())
     chosen = []

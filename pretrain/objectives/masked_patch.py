@@ -146,8 +146,8 @@ class MaskedPatchModel(nn.Module):
 
     `forward(images, positions, kind, source)` returns the head's outputs (B, k, out) at the corrupted positions;
     `forward(images, pre_logits=True)` returns the encoder's image representation for few-shot probes: the mean of
-    its patch outputs, since no loss reads the class token. The
-    corruption travels as three tensors rather than a tuple so that DeepSpeed's hooks see plain tensor arguments.
+    its patch outputs, since no loss reads the class token. The corruption travels as three tensors rather than a
+    tuple so that DeepSpeed's hooks see plain tensor arguments.
     """
 
     def __init__(self, encoder: VisionTransformer, objective: MaskedPatchObjective):
