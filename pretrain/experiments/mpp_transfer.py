@@ -1,6 +1,6 @@
 """`make experiment-mpp`: does masked patch prediction give a representation worth starting from? (paper Section 4.6)
 
-On Debian's openclipart-png (see `openclipart.py`: 8 balanced categories, a fixed held-out split, all images
+On Debian's openclipart-png (see `openclipart.py`: 7 balanced categories, a fixed held-out split, all images
 without labels for pre-training), for each seed:
 
 1. masked patch prediction without labels (`configs/experiment_mpp/pretrain_mpp.json`), with few-shot probes
@@ -180,7 +180,7 @@ def plot_curves(curves: dict[int, dict[int, list[float]]], path: Path) -> None:
         axes.fill_between(steps, [min(curve[s]) for s in steps], [max(curve[s]) for s in steps], alpha=0.2)
         axes.axhline(means[0], color=line.get_color(), linestyle=":", linewidth=1)
     axes.set_xlabel("masked patch prediction step (step 0: random init, dotted)")
-    axes.set_ylabel("few-shot top-1 (held-out, 8 classes)")
+    axes.set_ylabel("few-shot top-1 (held-out)")
     axes.set_title("Frozen representation during masked patch prediction\n(mean over seeds, band: min to max)")
     axes.legend()
     figure.tight_layout()
