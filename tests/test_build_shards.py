@@ -20,6 +20,7 @@ import pytest
 import webdataset as wds
 from faulty_proxy import FaultyProxy
 from imaging import image_folder, jpeg_bytes
+from plain_webdataset import read_index, webdataset_samples
 
 from data_pipeline.build.cli import main
 from data_pipeline.format.index import ShardIndex
@@ -29,16 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build(*args: str) -> int:
     return main([*args])
-
-
-def read_index(output: Path) -> ShardIndex:
-    return ShardIndex.model_validate_json((output / "index.json").read_text())
-
-
-def webdataset_samples(output: Path, split: str = "train") -> list[dict]:
-    """Every sample of a split, read with plain webdataset (no code of ours)."""
-    urls = [str(output / shard.name) for shard in read_index(output).shards_of(split)]
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
 
 
 def output_files(output: Path) -> dict[str, bytes]:

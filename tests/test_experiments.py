@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_build_shards import webdataset_samples
+from plain_webdataset import webdataset_samples
 
 from data_pipeline.build.sources import row_key
 from pretrain.experiments import mpp_transfer, openclipart
@@ -71,3 +71,17 @@ def test_record_rewrites_only_its_variants_section_of_benchmarks(tmp_path: Path)
     assert "first table" not in text and text.count("second table") == 1 and "other table" in text
     assert text.startswith("# Benchmarks\n\nprose before\n") and text.endswith("\nprose after\n")
     assert text.index("second table") < text.index("other table")  # rewritten in its place
+
+
+def test_a_run_is_finished_only_once_evaluated_at_its_last_step_with_that_checkpoint_complete(tmp_path: Path) -> None:
+    """A rerun skips finished runs; one killed after its final evaluation but before its final checkpoint was
+    complete (`latest` still names the one before) must run again, or a fine-tune would start from older weights."""
+    run = tmp_path / "run"
+    assert not mpp_transfer.finished(run, 200)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 200, "top1": 0.5}) + "\n")
+    (run / "checkpoints" / "latest").write_text("step-00000150")
+    assert not mpp_transfer.finished(run, 200)
+    (run / "checkpoints" / "latest").write_text("step-00000200")
+    assert mpp_transfer.finished(run, 200)
+    assert not mpp_transfer.finished(run, 400)  # the same folder asked for a longer run

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +31,7 @@ from PIL import Image
 from data_pipeline.build.builder import BuildOptions, build
 from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.config import load_config
+from pretrain.demos.launch import train
 from pretrain.evaluate.analyze import main as analyze
 from pretrain.train.checkpoint import read_latest
 from pretrain.train.metrics import read_metrics
@@ -83,14 +82,6 @@ def last_record(run_dir: Path, kind: str) -> dict:
     return read_metrics(run_dir, kind)[-1]
 
 
-def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str]:
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    command = [launcher, "--num_gpus", str(ranks), str(Path(__file__).parents[1] / "run.py"), "--config", config]
-    for override in overrides:
-        command += ["--set", override]
-    return command
-
-
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=help_description(__doc__))
@@ -108,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shards = Path(config.data.train).parent
     digit_shards(shards.parent / "images", shards, config.model.image_size, config.run.seed)
-    command = deepspeed_command(args.config, args.overrides, args.ranks)
-    print("$ " + " ".join(command), flush=True)
-    code = subprocess.call(command)
-    if code != 0:
-        print(f"training exited with {code}", file=sys.stderr)
-        return code
+    train(args.config, args.overrides, args.ranks)
 
     run_dir, checkpoints = Path(config.run_dir), Path(config.checkpoint_dir)
     final = last_record(run_dir, "eval")

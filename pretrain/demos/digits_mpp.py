@@ -16,18 +16,16 @@ Shards are built once; each training run resumes from its newest checkpoint, so 
 from __future__ import annotations
 
 import argparse
-import csv
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from data_pipeline.build.builder import BuildOptions, build
 from data_pipeline.build.plan import split_of
 from data_pipeline.build.sources import row_key
 from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.config import load_config
-from pretrain.demos.digits import VAL_FRACTION, deepspeed_command, digit_shards, first_record, last_record
+from pretrain.demos.digits import VAL_FRACTION, digit_shards, first_record, last_record
+from pretrain.demos.launch import manifest_shards, train
 
 LABELLED_SHARE = 0.1
 
@@ -39,26 +37,12 @@ def labelled_subset(images: Path, shards: Path, share: float, seed: int) -> int:
         relative = path.relative_to(images).as_posix()
         if split_of(row_key(relative), VAL_FRACTION) == "train":  # the key build-shards gave it in the full set
             by_class[path.parent.name].append(path)
-    manifest = shards.parent / f"{shards.name}.csv"
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label"])
-        for label, paths in sorted(by_class.items()):
-            for path in paths[: max(1, round(share * len(paths)))]:
-                writer.writerow([path.resolve(), label])
-    result = build(
-        BuildOptions(input=str(manifest), output=str(shards), max_samples_per_shard=250, workers=2, seed=seed)
-    )
-    return result.written_samples
-
-
-def train(config: str, overrides: list[str], ranks: int) -> None:
-    command = deepspeed_command(config, overrides, ranks)
-    print("$ " + " ".join(command), flush=True)
-    code = subprocess.call(command)
-    if code != 0:
-        raise SystemExit(f"training exited with {code}")
+    rows = [
+        (str(path.resolve()), label)
+        for label, paths in sorted(by_class.items())
+        for path in paths[: max(1, round(share * len(paths)))]
+    ]
+    return manifest_shards(rows, shards, max_samples_per_shard=250, workers=2, seed=seed)
 
 
 @reports_user_errors

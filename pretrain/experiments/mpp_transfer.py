@@ -21,17 +21,20 @@ to `--out/NAME`); the scratch and supervised runs do not depend on it and are sh
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
 from data_pipeline.commands import help_description, reports_user_errors
 from pretrain.config import load_config
-from pretrain.demos.digits import deepspeed_command
+from pretrain.demos.launch import train
 from pretrain.experiments import openclipart
+from pretrain.train.checkpoint import read_latest, tag_of
 from pretrain.train.metrics import read_metrics
 
 CONFIGS = Path("configs/experiment_mpp")
@@ -49,33 +52,49 @@ class Run:
     config: Path
     folder: Path
     overrides: tuple[str, ...]
+    start: Run | None = None
+    """The run whose weights this one starts from (`model.init_from`)."""
 
-    def launch(self, ranks: int) -> None:
-        """Train (or resume) the run unless it finished; its launcher output goes to launch.log in its folder."""
-        steps = load_config(str(self.config), list(self.overrides)).schedule.steps
+    def steps(self) -> int:
+        return load_config(str(self.config), list(self.overrides)).schedule.steps
+
+    def launch(self, ranks: int) -> bool:
+        """Train (or resume) the run unless it finished; returns whether it trained. Its launcher output goes to
+        launch.log in its folder."""
+        steps = self.steps()
         if finished(self.folder, steps):
-            return
+            return False
         self.folder.mkdir(parents=True, exist_ok=True)
-        command = deepspeed_command(str(self.config), [f"run.output_dir={self.folder}", *self.overrides], ranks)
-        log = self.folder / "launch.log"
-        print(f"$ {' '.join(command)} > {log}", flush=True)
         began = time.monotonic()
-        with open(log, "a") as output:
-            code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise SystemExit(f"training exited with {code}; its output is in {log}")
+        train(str(self.config), [f"run.output_dir={self.folder}", *self.overrides], ranks, self.folder / "launch.log")
         print(f"  {steps} steps in {time.monotonic() - began:.0f} s", flush=True)
+        return True
 
 
 def finished(folder: Path, steps: int) -> bool:
-    """The run evaluated after its last step (the trainer's final act)."""
+    """The run evaluated after its last step and its final checkpoint is complete (`latest` names it only then)."""
     try:
-        return any(record["step"] >= steps for record in read_metrics(folder, "eval"))
+        evaluated = any(record["step"] >= steps for record in read_metrics(folder, "eval"))
     except FileNotFoundError:
         return False
+    return evaluated and read_latest(LocalFileSystem(), str(folder / "checkpoints")) == tag_of(steps)
 
 
-def runs_of_seed(out: Path, variant: str, seed: int, shards: openclipart.Shards, pretrain_set: list[str]) -> dict:
+def launch_in_order(runs: list[Run], ranks: int) -> None:
+    """Each run after the one it starts from; a run whose start trained again (its weights changed) starts over."""
+    trained: set[Path] = set()
+    for run in runs:
+        if run.start is not None and run.start.folder in trained and run.folder.exists():
+            print(f"  {run.start.folder} trained again: {run.folder} starts over", flush=True)
+            shutil.rmtree(run.folder)
+        if run.launch(ranks):
+            trained.add(run.folder)
+
+
+def runs_of_seed(
+    out: Path, variant: str, seed: int, shards: openclipart.Shards, pretrain_set: list[str]
+) -> dict[str, Run]:
+    """The seed's runs by name, each after the run it starts from."""
     data = {
         "unlabelled": [f"data.train={shards.unlabelled}/index.json", f"data.val={shards.unlabelled}/index.json"],
         "labelled": [f"data.train={shards.labelled}/index.json", f"data.val={shards.labelled}/index.json"],
@@ -89,9 +108,9 @@ def runs_of_seed(out: Path, variant: str, seed: int, shards: openclipart.Shards,
     mpp = out / variant / f"seed{seed}"
     shared = out / f"seed{seed}"
 
-    def finetune(folder: Path, start: Path | None) -> Run:
-        init = f"model.init_from={start / 'checkpoints'}" if start else "model.init_from=null"
-        return Run(CONFIGS / "finetune.json", folder, (*seeded, *data["labelled10"], init))
+    def finetune(folder: Path, start: Run | None) -> Run:
+        init = f"model.init_from={start.folder / 'checkpoints'}" if start else "model.init_from=null"
+        return Run(CONFIGS / "finetune.json", folder, (*seeded, *data["labelled10"], init), start)
 
     pretrain_mpp = Run(
         CONFIGS / "pretrain_mpp.json", mpp / "pretrain", (*seeded, *data["unlabelled"], *probes, *pretrain_set)
@@ -102,9 +121,9 @@ def runs_of_seed(out: Path, variant: str, seed: int, shards: openclipart.Shards,
     return {
         "pretrain_mpp": pretrain_mpp,
         "pretrain_supervised": pretrain_supervised,
-        STARTS[0]: finetune(mpp / "finetune", pretrain_mpp.folder),
+        STARTS[0]: finetune(mpp / "finetune", pretrain_mpp),
         STARTS[1]: finetune(shared / "scratch", None),
-        STARTS[2]: finetune(shared / "supervised" / "finetune", pretrain_supervised.folder),
+        STARTS[2]: finetune(shared / "supervised" / "finetune", pretrain_supervised),
     }
 
 
@@ -113,7 +132,7 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def results_table(seeds: list[int], runs: dict[int, dict]) -> tuple[str, dict]:
+def results_table(seeds: list[int], runs: dict[int, dict[str, Run]]) -> tuple[str, dict[int, dict[int, list[float]]]]:
     """The markdown table and the probe curves {shots: {step: [accuracy per seed]}}."""
     # A resumed run logs again the probes after its checkpoint: the last record of a step is the one that counts.
     probes = {
@@ -121,8 +140,7 @@ def results_table(seeds: list[int], runs: dict[int, dict]) -> tuple[str, dict]:
         for seed in seeds
     }
     steps = sorted(set.intersection(*(set(by_step) for by_step in probes.values())))
-    pretrain = runs[seeds[0]]["pretrain_mpp"]
-    final = load_config(str(pretrain.config), list(pretrain.overrides)).schedule.steps
+    final = runs[seeds[0]]["pretrain_mpp"].steps()
     if not steps or steps[0] != 0 or steps[-1] != final:
         raise SystemExit(f"the probes at steps 0 and {final} are not logged for every seed; run the experiment again")
     curves: dict[int, dict[int, list[float]]] = {}
@@ -221,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = openclipart.prepare(args.out / "shards")
     runs = {seed: runs_of_seed(args.out, args.variant, seed, shards, args.pretrain_set) for seed in args.seeds}
     for seed in args.seeds:
-        for run in runs[seed].values():
-            run.launch(args.ranks)
+        launch_in_order(list(runs[seed].values()), args.ranks)
     table, curves = results_table(args.seeds, runs)
     plot = args.out / args.variant / "probe_curves.png"
     plot_curves(curves, plot)

@@ -18,7 +18,6 @@ experiment's seeds vary the training, never the data.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import random
@@ -28,11 +27,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.build.builder import BuildOptions, build
 from data_pipeline.build.images import ImageOptions
 from data_pipeline.build.plan import split_of
 from data_pipeline.build.sources import row_key
 from data_pipeline.commands import UserError
+from pretrain.demos.launch import manifest_shards
 
 CORPUS = Path("/usr/share/openclipart/png")
 PACKAGE = "openclipart-png"
@@ -134,15 +133,9 @@ def build_shards(
     number of samples written, -1 for a build that existed."""
     if (output / "index.json").exists():
         return -1
-    manifest = output.parent / f"{output.name}.csv"
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label"])
-        writer.writerows((image.path, image.category) for image in images)
-    options = BuildOptions(
-        input=str(manifest),
-        output=str(output),
+    return manifest_shards(
+        ((image.path, image.category) for image in images),
+        output,
         max_samples_per_shard=1000,
         val_fraction=val_fraction,
         image=ImageOptions(max_side=MAX_SIDE),
@@ -150,7 +143,6 @@ def build_shards(
         no_labels=not labels,
         workers=2,
     )
-    return build(options).written_samples
 
 
 def prepare(folder: Path, root: Path = CORPUS, min_class_images: int = MIN_CLASS_IMAGES) -> Shards:

@@ -1,0 +1,50 @@
+"""What the demos and experiments share: training runs started as a user starts them, and shards of a chosen list
+of images."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.build.builder import BuildOptions, build
+
+
+def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str]:
+    """`deepspeed --num_gpus RANKS pretrain/run.py --config CONFIG --set ...`, with this environment's launcher."""
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    command = [launcher, "--num_gpus", str(ranks), str(Path(__file__).parents[1] / "run.py"), "--config", config]
+    for override in overrides:
+        command += ["--set", override]
+    return command
+
+
+def train(config: str, overrides: list[str], ranks: int, log: Path | None = None) -> None:
+    """Run the training job to its end; its output goes to `log` (appended) when given, else to ours. A failed job
+    stops the caller with one line."""
+    command = deepspeed_command(config, overrides, ranks)
+    print(f"$ {' '.join(command)}{f' > {log}' if log else ''}", flush=True)
+    if log is None:
+        code = subprocess.call(command)
+    else:
+        with open(log, "a") as output:
+            code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"training exited with {code}{f'; its output is in {log}' if log else ''}")
+
+
+def manifest_shards(rows: Iterable[tuple[str, str | None]], output: Path, **options: Any) -> int:
+    """Shards of the images `rows` names ((path, label) pairs), through a manifest CSV beside `output`;
+    `options` are build-shards' (`BuildOptions`). Returns the number of samples written."""
+    manifest = output.parent / f"{output.name}.csv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return build(BuildOptions(input=str(manifest), output=str(output), **options)).written_samples
