@@ -27,7 +27,7 @@ from data_pipeline.build.builder import BuildOptions, build
 from data_pipeline.format.tar_writer import ShardWriter, sample_blocks
 from data_pipeline.load.epoch_order import Cursor, EpochOrder, JobShape, Piece, planned_until, reshard, split
 from data_pipeline.load.loader import LoaderStateError
-from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy
+from data_pipeline.load.remote import PrefetchedShard, ReadCounters, RetryingReader, RetryPolicy, ShardChangedError
 from data_pipeline.load.shardlist import SourceError
 from data_pipeline.load.stream import LoaderError
 
@@ -432,6 +432,18 @@ def test_http_reads_resume_at_the_byte_offset_after_faults(shards: Path, http_se
         faulty = loader(f"{proxy.url}/index.json", epochs=1, storage_options=options)
         assert valid_keys(faulty) == reference
         assert faulty.counters()["retries"] >= sum(proxy.injected.values()) > 0
+
+
+def test_a_byte_range_past_the_end_of_a_replaced_shard_fails_at_once_and_a_range_inside_it_reads(tmp_path: Path):
+    """A saved state names held samples by byte range; a shard replaced by a shorter one cannot hold them, and
+    retrying with back-off (about 90 s with the default policy) would only delay the skip."""
+    (tmp_path / "object").write_bytes(os.urandom(1000))
+    fs, counters = fsspec.filesystem("file"), ReadCounters()
+    reader = RetryingReader(fs, str(tmp_path / "object"), "s3://bucket/object", RetryPolicy(), counters, offset=900)
+    with pytest.raises(ShardChangedError, match=r"s3://bucket/object is 1000 bytes; the range 900-1200 is past"):
+        reader.read_range(1200)
+    assert counters.retries == 0
+    assert reader.read_range(1000) == (tmp_path / "object").read_bytes()[900:] and counters.bytes == 100
 
 
 def test_a_prefetched_shard_reads_back_the_object_whatever_the_read_sizes(tmp_path: Path):

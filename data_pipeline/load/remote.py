@@ -23,11 +23,17 @@ from typing import Any
 
 import fsspec
 
-NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError)
-
 
 class ShardReadError(Exception):
     """A shard could not be read within the retry limits; the message names the URL and the last error."""
+
+
+class ShardChangedError(ValueError):
+    """The object is shorter than a byte range the index or a saved state names: it was replaced, and no retry will
+    bring the bytes back."""
+
+
+NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, ShardChangedError)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,11 @@ class RetryingReader:
     def _range(self, end: int) -> bytes:
         data = self.fs.cat_file(self.path, start=self.offset, end=end)
         if len(data) != end - self.offset:
+            # a short body may be a broken transfer (retried) or an object that ends before `end` (not retried:
+            # eight attempts with back-off waited about 90 s for bytes that do not exist)
+            size = self.fs.size(self.path)
+            if size < end:
+                raise ShardChangedError(f"{self.url} is {size} bytes; the range {self.offset}-{end} is past its end")
             raise OSError(f"{len(data)} bytes for the range {self.offset}-{end}")
         return data
 

@@ -214,10 +214,11 @@ class WorkerStream:
         url = self.config.shards.urls[piece.shard]
         if resumed is None or resumed[0] is None or not self._fits(piece, *resumed):
             resumed = ((0, 0), [])
-        (place, offset), listed = resumed
-        held = {p: HeldSample(url, start, end) for p, start, end in listed or ()}
+        (place, offset), saved = resumed
+        listed = [(p, start, end) for p, start, end in saved or ()]  # a state read from JSON holds lists
+        held = {p: HeldSample(url, start, end) for p, start, end in listed}
         stream = (self.prefetched.pop(piece, None) if not offset else None) or self._stream(url, offset)
-        current = OpenPiece(piece, stream, ((place, offset), [tuple(sample) for sample in listed or ()]))
+        current = OpenPiece(piece, stream, ((place, offset), listed))
         before = (held.get(earlier) for earlier in range(place))
         samples: Iterator[Any] = itertools.chain(before, current.counted(tar_samples(stream, url, offset)))
         if self.config.order.shuffle:
