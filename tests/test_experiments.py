@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from plain_webdataset import webdataset_samples
 
 from data_pipeline.build.sources import row_key
+from pretrain.config import load_config
 from pretrain.experiments import mpp_transfer, openclipart
 
 
@@ -77,11 +79,52 @@ def test_a_run_is_finished_only_once_evaluated_at_its_last_step_with_that_checkp
     """A rerun skips finished runs; one killed after its final evaluation but before its final checkpoint was
     complete (`latest` still names the one before) must run again, or a fine-tune would start from older weights."""
     run = tmp_path / "run"
-    assert not mpp_transfer.finished(run, 200)
+
+    def finished(steps: int) -> bool:
+        settings = [f"run.output_dir={run}", f"schedule.steps={steps}"]
+        return mpp_transfer.finished(load_config(str(mpp_transfer.CONFIGS / "finetune.json"), settings))
+
+    assert not finished(200)
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 200, "top1": 0.5}) + "\n")
     (run / "checkpoints" / "latest").write_text("step-00000150")
-    assert not mpp_transfer.finished(run, 200)
+    assert not finished(200)
     (run / "checkpoints" / "latest").write_text("step-00000200")
-    assert mpp_transfer.finished(run, 200)
-    assert not mpp_transfer.finished(run, 400)  # the same folder asked for a longer run
+    assert finished(200) and finished(150)
+    assert not finished(400)  # the same folder asked for a longer run
+
+
+def test_a_run_about_to_train_first_removes_the_runs_that_start_from_its_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre-training run that trains again (after an interruption, or removed by hand) changes the weights its
+    fine-tune started from: the fine-tune must start over, even when the call that retrains stops before it. What
+    trains here is recorded instead of launched: the scheduling is what is tested, training is tested elsewhere."""
+    config = mpp_transfer.CONFIGS / "finetune.json"
+    pretrain = mpp_transfer.Run(config, tmp_path / "pretrain", ())
+    tuned = mpp_transfer.Run(config, tmp_path / "tuned", (), start=pretrain)
+    scratch = mpp_transfer.Run(config, tmp_path / "scratch", ())
+    trained: list[Path] = []
+
+    def train(config: str, settings: list[str], ranks: int, log: Path) -> None:
+        folder = log.parent
+        trained.append(folder)
+        (folder / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 200}) + "\n")
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "latest").write_text("step-00000200")
+
+    monkeypatch.setattr(mpp_transfer, "train", train)
+    mpp_transfer.launch_in_order([pretrain, tuned, scratch], ranks=2)
+    assert trained == [pretrain.folder, tuned.folder, scratch.folder]
+    mpp_transfer.launch_in_order([pretrain, tuned, scratch], ranks=2)
+    assert len(trained) == 3  # all finished: nothing runs again
+
+    shutil.rmtree(pretrain.folder)
+
+    def interrupted(run: mpp_transfer.Run, ranks: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mpp_transfer.Run, "launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # stopped while the pre-training trains again
+        mpp_transfer.launch_in_order([pretrain, tuned, scratch], ranks=2)
+    assert not tuned.folder.exists() and scratch.folder.exists()

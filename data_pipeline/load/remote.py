@@ -29,8 +29,8 @@ class ShardReadError(Exception):
 
 
 class ShardChangedError(ValueError):
-    """The object is shorter than a byte range the index or a saved state names: it was replaced, and no retry will
-    bring the bytes back."""
+    """The object ends before a byte range a saved loader state names (a held sample's): the shard was replaced, and
+    no retry brings the bytes back."""
 
 
 NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, ShardChangedError)
@@ -100,7 +100,8 @@ class RetryingReader:
         return self._retried(self._next_chunk)
 
     def read_range(self, end: int) -> bytes:
-        """The bytes from the offset to `end`, in one request (a sample fetched by its place in the shard)."""
+        """The bytes from the offset to `end`, in one request (a sample fetched by its place in the shard). Raises
+        ShardChangedError, without retrying, when the object ends before `end`."""
         return self._retried(lambda: self._range(end))
 
     def _next_chunk(self) -> bytes:
@@ -112,15 +113,31 @@ class RetryingReader:
         return data
 
     def _range(self, end: int) -> bytes:
-        data = self.fs.cat_file(self.path, start=self.offset, end=end)
+        # A failed or short read may be a broken transfer (retried) or an object that now ends before `end` (S3
+        # answers 416, a local file or a range straddling the end gives fewer bytes): not retried, since eight
+        # attempts with back-off waited about 90 s for bytes that do not exist.
+        try:
+            data = self.fs.cat_file(self.path, start=self.offset, end=end)
+        except NOT_RETRIED:
+            raise
+        except Exception:
+            self._check_reaches(end)
+            raise
         if len(data) != end - self.offset:
-            # a short body may be a broken transfer (retried) or an object that ends before `end` (not retried:
-            # eight attempts with back-off waited about 90 s for bytes that do not exist)
-            size = self.fs.size(self.path)
-            if size < end:
-                raise ShardChangedError(f"{self.url} is {size} bytes; the range {self.offset}-{end} is past its end")
+            self._check_reaches(end)
             raise OSError(f"{len(data)} bytes for the range {self.offset}-{end}")
         return data
+
+    def _check_reaches(self, end: int) -> None:
+        """Raise ShardChangedError if the object is known to end before byte `end`."""
+        try:
+            size = self.fs.size(self.path)
+        except FileNotFoundError:
+            raise
+        except Exception:  # the storage is what fails: the read is retried
+            return
+        if size is not None and size < end:
+            raise ShardChangedError(f"{self.url} is {size} bytes; the range {self.offset}-{end} is past its end")
 
     def _retried(self, read: Callable[[], bytes]) -> bytes:
         attempt = 0

@@ -26,16 +26,17 @@ def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str
 
 def train(config: str, overrides: list[str], ranks: int, log: Path | None = None) -> None:
     """Run the training job to its end; its output goes to `log` (appended) when given, else to ours. A failed job
-    stops the caller with one line."""
+    stops the caller with one line and the job's exit status (75 for a preempted one)."""
     command = deepspeed_command(config, overrides, ranks)
-    print(f"$ {' '.join(command)}{f' > {log}' if log else ''}", flush=True)
+    print(f"$ {' '.join(command)}{f' >> {log}' if log else ''}", flush=True)
     if log is None:
         code = subprocess.call(command)
     else:
         with open(log, "a") as output:
             code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT)
     if code != 0:
-        raise SystemExit(f"training exited with {code}{f'; its output is in {log}' if log else ''}")
+        print(f"training exited with {code}{f'; its output is in {log}' if log else ''}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
 
 
 def manifest_shards(rows: Iterable[tuple[str, str | None]], output: Path, **options: Any) -> int:

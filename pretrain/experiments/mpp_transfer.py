@@ -14,8 +14,9 @@ without labels for pre-training), for each seed:
 It prints a table (mean and standard deviation over seeds) and writes it with a plot of the probe curves into
 `--out`; `--record` also puts both into BENCHMARKS.md (the variant's marked section) and docs/images. A run that
 finished is not run again, and an interrupted one resumes from its newest checkpoint, so a second call only re-reads
-the numbers. `--variant NAME --pretrain-set k=v` tries another pre-training recipe beside the paper's (its runs go
-to `--out/NAME`); the scratch and supervised runs do not depend on it and are shared.
+the numbers; a run about to train first removes the runs that start from its weights. `--variant NAME --pretrain-set
+k=v` tries another pre-training recipe beside the paper's (its runs go to `--out/NAME`); the scratch and supervised
+runs do not depend on it and are shared.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsspec.implementations.local import LocalFileSystem
-
 from data_pipeline.commands import help_description, reports_user_errors
-from pretrain.config import load_config
+from data_pipeline.storage import filesystem
+from pretrain.config import Config, load_config
 from pretrain.demos.launch import train
 from pretrain.experiments import openclipart
-from pretrain.train.checkpoint import read_latest, tag_of
+from pretrain.train.checkpoint import PREFIX, read_latest
 from pretrain.train.metrics import read_metrics
 
 CONFIGS = Path("configs/experiment_mpp")
@@ -55,40 +55,45 @@ class Run:
     start: Run | None = None
     """The run whose weights this one starts from (`model.init_from`)."""
 
-    def steps(self) -> int:
-        return load_config(str(self.config), list(self.overrides)).schedule.steps
+    def resolved(self) -> Config:
+        return load_config(str(self.config), self.settings())
 
-    def launch(self, ranks: int) -> bool:
-        """Train (or resume) the run unless it finished; returns whether it trained. Its launcher output goes to
-        launch.log in its folder."""
-        steps = self.steps()
-        if finished(self.folder, steps):
-            return False
+    def settings(self) -> list[str]:
+        return [f"run.output_dir={self.folder}", *self.overrides]
+
+    def launch(self, ranks: int) -> None:
+        """Train (or resume) the run; its launcher output goes to launch.log in its folder."""
         self.folder.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
-        train(str(self.config), [f"run.output_dir={self.folder}", *self.overrides], ranks, self.folder / "launch.log")
-        print(f"  {steps} steps in {time.monotonic() - began:.0f} s", flush=True)
-        return True
+        train(str(self.config), self.settings(), ranks, self.folder / "launch.log")
+        print(f"  {self.resolved().schedule.steps} steps in {time.monotonic() - began:.0f} s", flush=True)
 
 
-def finished(folder: Path, steps: int) -> bool:
+def finished(config: Config) -> bool:
     """The run evaluated after its last step and its final checkpoint is complete (`latest` names it only then)."""
+    steps = config.schedule.steps
     try:
-        evaluated = any(record["step"] >= steps for record in read_metrics(folder, "eval"))
+        evaluated = any(record["step"] >= steps for record in read_metrics(config.run_dir, "eval"))
     except FileNotFoundError:
         return False
-    return evaluated and read_latest(LocalFileSystem(), str(folder / "checkpoints")) == tag_of(steps)
+    fs, root = filesystem(config.checkpoint_dir, dict(config.checkpoint.storage_options))
+    latest = read_latest(fs, root)
+    return evaluated and latest is not None and int(latest.removeprefix(PREFIX)) >= steps
 
 
 def launch_in_order(runs: list[Run], ranks: int) -> None:
-    """Each run after the one it starts from; a run whose start trained again (its weights changed) starts over."""
-    trained: set[Path] = set()
-    for run in runs:
-        if run.start is not None and run.start.folder in trained and run.folder.exists():
-            print(f"  {run.start.folder} trained again: {run.folder} starts over", flush=True)
-            shutil.rmtree(run.folder)
-        if run.launch(ranks):
-            trained.add(run.folder)
+    """Train the runs that have not finished, each after the run it starts from. Before a run trains, the runs that
+    start from it are removed: they started from weights that are about to change (a rerun after an interruption,
+    whenever it comes, then trains them again from the new ones)."""
+    for n, run in enumerate(runs):
+        assert run.start is None or run.start in runs[:n], f"{run.folder} comes before the run it starts from"
+        if finished(run.resolved()):
+            continue
+        for later in runs[n + 1 :]:
+            if later.start is run and later.folder.exists():
+                print(f"  {run.folder} trains: {later.folder}, which starts from it, starts over", flush=True)
+                shutil.rmtree(later.folder)
+        run.launch(ranks)
 
 
 def runs_of_seed(
@@ -109,7 +114,7 @@ def runs_of_seed(
     shared = out / f"seed{seed}"
 
     def finetune(folder: Path, start: Run | None) -> Run:
-        init = f"model.init_from={start.folder / 'checkpoints'}" if start else "model.init_from=null"
+        init = f"model.init_from={start.resolved().checkpoint_dir}" if start else "model.init_from=null"
         return Run(CONFIGS / "finetune.json", folder, (*seeded, *data["labelled10"], init), start)
 
     pretrain_mpp = Run(
@@ -140,7 +145,7 @@ def results_table(seeds: list[int], runs: dict[int, dict[str, Run]]) -> tuple[st
         for seed in seeds
     }
     steps = sorted(set.intersection(*(set(by_step) for by_step in probes.values())))
-    final = runs[seeds[0]]["pretrain_mpp"].steps()
+    final = runs[seeds[0]]["pretrain_mpp"].resolved().schedule.steps
     if not steps or steps[0] != 0 or steps[-1] != final:
         raise SystemExit(f"the probes at steps 0 and {final} are not logged for every seed; run the experiment again")
     curves: dict[int, dict[int, list[float]]] = {}
