@@ -102,7 +102,7 @@ def test_sbatch_job_checkpoints_on_the_preemption_signal_requeues_and_resumes_to
             state = slurm.job(job)
             if state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
                 break
-            time.sleep(1)
+            time.sleep(0.2)
     finally:
         subprocess.run(["scancel", job], env=slurm.env, capture_output=True)
     output = log.read_text()

@@ -264,8 +264,11 @@ def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_an
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     reference = tmp_path / "reference"
-    done = subprocess.run(finetune_command(pretrained, shards, reference), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # trained alongside the interrupted runs (one thread each either way); to a file, as a pipe nobody reads fills up
+    with open(tmp_path / "reference.log", "w") as log:
+        reference_run = subprocess.Popen(
+            finetune_command(pretrained, shards, reference), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
     out = tmp_path / "interrupted"
     # fake credentials (the shards are local, so unused): none may reach a file, W&B's and MLflow's included
@@ -297,6 +300,7 @@ def test_a_preempted_then_killed_finetune_resumes_to_the_same_weights_average_an
     resumed.wait()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "resumed from" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert reference_run.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
     for weights in ("model.safetensors", "raw/model.safetensors"):  # the average, and the last weights
         ours, theirs = load_file(out / weights), load_file(reference / weights)

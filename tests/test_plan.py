@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, two_rank_command
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
 
@@ -30,7 +30,6 @@ from pretrain.plan.memory_model import activation_bytes
 from pretrain.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 JFT = str(ROOT / "configs" / "vit_h14_jft.json")
 IMAGENET = str(ROOT / "configs" / "vit_b16_imagenet.json")
 
@@ -304,25 +303,19 @@ def run_config(
     return path
 
 
-def measured_peak_gb(config: Path) -> float:
-    """Peak resident memory of the larger of two CPU ranks (the trainer logs it), in GB."""
-    command = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "pretrain/run.py",
-        "--config",
-        str(config),
-        "--resume",
-        "none",
-    ]
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return read_metrics(config.parent / config.stem, "train")[-1]["memory_gb"]
+def measured_peak_gb(*configs: Path) -> list[float]:
+    """Peak resident memory of the larger of two CPU ranks (the trainer logs it) of each config's run, in GB. The
+    runs go side by side: a process's peak is its own, whatever runs beside it."""
+    runs = []
+    for config in configs:
+        command = two_rank_command(free_port(), "pretrain/run.py", "--config", str(config), "--resume", "none")
+        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # to a file: a pipe nobody reads while the other run is waited for fills up and stops the run
+        with open(config.with_suffix(".log"), "w") as output:
+            runs.append(subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, env=environment))
+    for config, run in zip(configs, runs, strict=True):
+        assert run.wait(timeout=300) == 0, config.with_suffix(".log").read_text()[-3000:]
+    return [read_metrics(config.parent / config.stem, "train")[-1]["memory_gb"] for config in configs]
 
 
 def predicted_peak_gb(config: Path) -> float:
@@ -362,7 +355,8 @@ def test_predicted_peak_memory_matches_two_cpu_ranks_within_15_percent(
     settings = {"precision": precision, "checkpointing": checkpointing}
     baseline = run_config(tmp_path / "baseline.json", TINY, stage, micro_batch=2, **settings)
     small = run_config(tmp_path / "small.json", SMALL, stage, micro_batch=micro_batch, **settings)
-    measured = measured_peak_gb(small) - measured_peak_gb(baseline)
+    peak_small, peak_baseline = measured_peak_gb(small, baseline)
+    measured = peak_small - peak_baseline
     predicted = predicted_peak_gb(small) - predicted_peak_gb(baseline)
     print(f"predicted {predicted:.3f} GB, measured {measured:.3f} GB")
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)

@@ -139,12 +139,16 @@ def all_true(flag: bool) -> bool:
     return value.item() == 0.0
 
 
-def wait_for(done: Callable[[], bool], interval: float = 1.0) -> None:
-    """Wait until `done()` is true on every rank, asking all of them every `interval` seconds. For work that takes
-    some ranks minutes (an upload, a download, a conversion): a rank blocked in one collective that long would be
-    aborted by the process group's timeout (DeepSpeed's default: 10 minutes), short collectives are not."""
+def wait_for(done: Callable[[], bool], max_interval: float = 1.0) -> None:
+    """Wait until `done()` is true on every rank, asking all of them again after 50 ms, doubled up to `max_interval`
+    seconds. For work that takes some ranks minutes (an upload, a download, a conversion): a rank blocked in one
+    collective that long would be aborted by the process group's timeout (DeepSpeed's default: 10 minutes), short
+    collectives are not. The first waits are short because most such work takes well under a second (a small
+    checkpoint's upload), which a fixed 1 s interval rounded up to a second every time."""
+    interval = 0.05
     while not all_true(done()):
         time.sleep(interval)
+        interval = min(2 * interval, max_interval)
 
 
 def any_of(flags: list[bool | torch.Tensor]) -> list[bool]:
