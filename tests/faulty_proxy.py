@@ -17,6 +17,9 @@ With `serve_ranges`, a GET of a byte range is answered from a copy of the object
 reads and copies the whole object for every ranged GET (about 1 ms per MB of the object here, 16 ms for a range of a
 16 MB shard, one request at a time), which S3 does not; a reader that fetches samples by their ranges would otherwise
 pay a cost no object store charges.
+
+The listening socket queues up to `ProxyServer.request_queue_size` connections, as a server's does; Python's
+default of 5 is not what any object store offers (see there).
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    """Connections the kernel queues before the server accepts them. With socketserver's default of 5, a loader
+    opening 20 connections at once (16 sample fetches and 4 shard streams) overflowed the queue; the kernel dropped
+    the SYN and the client sent it again a second later: a resumed first batch (`bench_peers`' setting, one worker) took
+    1.6-1.9 s instead of 0.8-1.1 s in 1 to 5 of 8 fresh processes (`nstat`: TcpExtListenOverflows), and 0.8-0.9 s in all
+    8 with a queue of 128."""
 
 
 class FaultyProxy:
@@ -70,8 +83,7 @@ class FaultyProxy:
         self.lock = threading.Lock()
         self.shard_gets = 0
         self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        self.server = ProxyServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
