@@ -3,9 +3,9 @@
 On Debian's openclipart-png (see `openclipart.py`: 7 balanced categories, a fixed held-out split, all images
 without labels for pre-training), for each seed:
 
-1. masked patch prediction without labels (`configs/experiment_mpp/pretrain_mpp.json`), with few-shot probes
-   (1/5/10/25 shots) of the frozen representation before the first step (the random-init baseline of the same
-   architecture and seed) and during training;
+1. masked patch prediction without labels (`configs/experiment_mpp/pretrain_mpp.json`, the recipe that transferred
+   best of those tried: BENCHMARKS.md), with few-shot probes (1/5/10/25 shots) of the frozen representation before
+   the first step (the random-init baseline of the same architecture and seed) and during training;
 2. supervised pre-training on all labelled training images (`pretrain_supervised.json`), the paper's upper
    reference;
 3. fine-tuning on 10% of the labelled training images (`finetune.json`) from each: masked patch prediction,
@@ -15,7 +15,7 @@ It prints a table (mean and standard deviation over seeds) and writes it with a 
 `--out`; `--record` also puts both into BENCHMARKS.md (the variant's marked section) and docs/images. A run that
 finished is not run again, and an interrupted one resumes from its newest checkpoint, so a second call only re-reads
 the numbers; a run about to train first removes the runs that start from its weights. `--variant NAME --pretrain-set
-k=v` tries another pre-training recipe beside the paper's (its runs go to `--out/NAME`); the scratch and supervised
+k=v` tries another pre-training recipe beside the config's (its runs go to `--out/NAME`); the scratch and supervised
 runs do not depend on it and are shared.
 """
 
@@ -231,14 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks to train on")
     parser.add_argument("--out", type=Path, default=Path("runs/experiment_mpp"))
-    parser.add_argument("--variant", default="paper", help="name of the pre-training recipe (a folder in --out)")
+    parser.add_argument("--variant", default="default", help="name of the pre-training recipe (a folder in --out)")
     parser.add_argument(
         "--pretrain-set", action="append", default=[], metavar="KEY.PATH=VALUE", help="change the pre-training config"
     )
     parser.add_argument("--record", action="store_true", help="write the table and plot into BENCHMARKS.md and docs/")
     args = parser.parse_args(argv)
     if args.pretrain_set and args.variant == parser.get_default("variant"):
-        parser.error("--pretrain-set changes the recipe: name it with --variant, or its runs would be the paper's")
+        parser.error("--pretrain-set changes the recipe: name it with --variant, or its runs would be the config's")
 
     began = time.monotonic()
     shards = openclipart.prepare(args.out / "shards")
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     table, curves = results_table(args.seeds, runs)
     plot = args.out / args.variant / "probe_curves.png"
     plot_curves(curves, plot)
-    recipe = ", ".join(args.pretrain_set) or "the paper's recipe"
+    changes = f" with {', '.join(args.pretrain_set)}" if args.pretrain_set else ""
+    recipe = f"`{CONFIGS / 'pretrain_mpp.json'}`{changes}"
     text = f"Pre-training: {recipe} (`--variant {args.variant}`).\n\n{table}\n\n![probe curves]({plot})"
     (args.out / args.variant / "results.md").write_text(text.replace(str(plot), plot.name) + "\n")
     print(f"\n{text}\n\n({time.monotonic() - began:.0f} s)")
