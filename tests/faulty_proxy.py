@@ -18,8 +18,8 @@ reads and copies the whole object for every ranged GET (about 1 ms per MB of the
 16 MB shard, one request at a time), which S3 does not; a reader that fetches samples by their ranges would otherwise
 pay a cost no object store charges.
 
-The listening socket queues up to `ProxyServer.request_queue_size` connections, as a server's does; Python's
-default of 5 is not what any object store offers (see there).
+The listening socket queues many pending connections, as an object store's does, not Python's default of 5 (see
+`ProxyServer`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,11 @@ SLOW_DOWN = (
 
 
 class ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
     request_queue_size = 1024
     """Connections the kernel queues before the server accepts them. With socketserver's default of 5, a loader
     opening 20 connections at once (16 sample fetches and 4 shard streams) overflowed the queue; the kernel dropped
     the SYN and the client sent it again a second later: a resumed first batch (`bench_peers`' setting, one worker) took
-    1.6-1.9 s instead of 0.8-1.1 s in 1 to 5 of 8 fresh processes (`nstat`: TcpExtListenOverflows), and 0.8-0.9 s in all
+    1.6-2.0 s instead of 0.8-1.1 s in 1 to 5 of 8 fresh processes (`nstat`: TcpExtListenOverflows), and 0.8-0.9 s in all
     8 with a queue of 128."""
 
 

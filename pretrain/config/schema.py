@@ -199,7 +199,7 @@ class MaskedPatchObjective(Section):
     B/16, L2 slightly worse, and chose the mean colour for its few-shot results. On openclipart with a 0.8M-parameter
     model (`make experiment-mpp`, BENCHMARKS.md) the 4x4 target fine-tuned better than the mean colour at 400 and 800
     steps (+2.8 and +2.3 points over scratch, against +0.7 and +0.9; about one standard error of the held-out set),
-    at 1.4x the step time, so that experiment uses it; the default stays the paper's, measured at B/16."""
+    so that experiment uses it, at 1.4x the step time. The default stays the paper's, measured at B/16."""
     color_bits: Annotated[int, Field(ge=1, le=8)] = 3
     """Bits per colour channel of the classification targets (3 bits: 8 levels, 512 colours)."""
 
