@@ -21,39 +21,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from benchmarks.bench_build_shards import make_corpus
 from benchmarks.peer_env import peer_python
+from tests.faulty_proxy import LoopbackServer, QuietFileHandler
 
 IMG2DATASET = ["img2dataset==1.47.0"]
 MAX_SIDE = 384
 TARGET = 1.0
 
 
-class SlowHandler(SimpleHTTPRequestHandler):
+class SlowHandler(QuietFileHandler):
     latency = 0.0
 
     def do_GET(self) -> None:
         time.sleep(self.latency)
         super().do_GET()
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # socketserver's default backlog of 5 drops the connections of 256 threads starting at once (a SYN retried after
-    # a second): not what a web server or S3 does
-    request_queue_size = 1024
-
 
 def serve(folder: str, latency: float, ports: multiprocessing.Queue) -> None:
     """The image server, in its own process: its threads then take no GIL from the system being measured."""
     SlowHandler.latency = latency
-    with Server(("127.0.0.1", 0), functools.partial(SlowHandler, directory=folder)) as server:
+    with LoopbackServer(("127.0.0.1", 0), functools.partial(SlowHandler, directory=folder)) as server:
         ports.put(server.server_address[1])
         server.serve_forever()
 

@@ -73,3 +73,36 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, st
     """Storage options for s3fs with credentials in the environment, as users set them; a fresh bucket per test."""
     with s3_bucket(s3_server, monkeypatch) as options:
         yield options
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's digits at 16 px as shards with a held-out split, for the trainer's tests."""
+    from data_pipeline.build.builder import BuildOptions, build
+    from pretrain.demos.digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root / "images", size=16)
+    build(
+        BuildOptions(
+            input=str(root / "images"),
+            output=str(root / "shards"),
+            val_fraction=0.2,
+            max_samples_per_shard=200,
+            workers=0,
+        )
+    )
+    return root / "shards"
+
+
+def put_digits(digit_shards: Path, s3: dict) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
+    fs.put(str(digit_shards) + "/", "bucket/digits/", recursive=True)
+
+
+@pytest.fixture
+def s3_digits(digit_shards: Path, s3: dict) -> dict:
+    put_digits(digit_shards, s3)
+    return s3

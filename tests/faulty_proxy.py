@@ -1,4 +1,9 @@
-"""An HTTP proxy in front of the S3 server that breaks object reads the way real networks and object stores do.
+"""HTTP on loopback for the tests and benchmarks: a server for a folder, and a proxy in front of the S3 server that
+breaks object reads the way real networks and object stores do.
+
+`serve_folder` serves a folder's files (an image host, shards over plain HTTP).
+
+The proxy:
 
 Every request is forwarded to the upstream endpoint. GETs of `.tar` objects (or of another `faulted_suffix`) are
 numbered, and the ones that the schedule picks fail in one of three ways (with `transient`, an object only the first
@@ -18,18 +23,22 @@ reads and copies the whole object for every ranged GET (about 1 ms per MB of the
 16 MB shard, one request at a time), which S3 does not; a reader that fetches samples by their ranges would otherwise
 pay a cost no object store charges.
 
-The listening socket queues many pending connections, as an object store's does, not Python's default of 5 (see
-`ProxyServer`).
+Both listen on a `LoopbackServer`: its socket queues many pending connections, as a web server's or an object store's
+does, not Python's default of 5.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import http.client
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 FAULTS = ("reset", "503", "stall")
@@ -42,13 +51,35 @@ SLOW_DOWN = (
 )
 
 
-class ProxyServer(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """A thread per connection, and a listen queue as deep as a real server's."""
+
     request_queue_size = 1024
     """Connections the kernel queues before the server accepts them. With socketserver's default of 5, a loader
     opening 20 connections at once (16 sample fetches and 4 shard streams) overflowed the queue; the kernel dropped
     the SYN and the client sent it again a second later: a resumed first batch (`bench_peers`' setting, one worker) took
     1.6-2.0 s instead of 0.8-1.1 s in 1 to 5 of 8 fresh processes (`nstat`: TcpExtListenOverflows), and 0.8-0.9 s in all
-    8 with a queue of 128."""
+    8 with a queue of 128. `bench_build_remote`'s 256 download threads starting at once hit the same limit."""
+
+
+class QuietFileHandler(SimpleHTTPRequestHandler):
+    """A folder's files, without a log line per request."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """The URL of `folder` served over HTTP on loopback by a thread of this process, until the block ends."""
+    server = LoopbackServer(("127.0.0.1", 0), functools.partial(QuietFileHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class FaultyProxy:
@@ -82,7 +113,7 @@ class FaultyProxy:
         self.lock = threading.Lock()
         self.shard_gets = 0
         self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
-        self.server = ProxyServer(("127.0.0.1", 0), self._handler())
+        self.server = LoopbackServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -3,7 +3,6 @@ or is skipped and counted, and nothing is silently ruined."""
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faulty_proxy import serve_folder
 from imaging import image_folder, jpeg_bytes
 from PIL import Image
 
@@ -166,20 +165,12 @@ def test_a_temporary_folder_that_cannot_take_the_plan_gets_one_line(tmp_path: Pa
     assert line.startswith(f"error: {tmp_path / 'a-file' / 'tmp'}/build-shards-plan-") and "set TMPDIR" in line, line
 
 
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def http_folder(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     served = tmp_path / "served"
     served.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_folder(served) as url:
+        yield served, url
 
 
 def test_object_store_options_are_not_handed_to_http_sources(http_folder: tuple[Path, str], tmp_path: Path):

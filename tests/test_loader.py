@@ -8,18 +8,15 @@ import json
 import os
 import shutil
 import tarfile
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fsspec
 import pytest
 import s3fs
 import torch
-from faulty_proxy import FaultyProxy
+from faulty_proxy import FaultyProxy, serve_folder
 from imaging import image_folder
 
 from data_pipeline import make_loader
@@ -410,18 +407,9 @@ def test_s3_through_resets_503s_and_stalls_delivers_the_fault_free_sequence(shar
 
 
 @pytest.fixture
-def http_server(shards: Path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(shards)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
+def http_server(shards: Path) -> Iterator[str]:
+    with serve_folder(shards) as url:
+        yield url
 
 
 def test_http_reads_resume_at_the_byte_offset_after_faults(shards: Path, http_server: str):

@@ -38,6 +38,7 @@ from pretrain.train.checkpoint import PREFIX, read_latest
 from pretrain.train.metrics import read_metrics
 
 CONFIGS = Path("configs/experiment_mpp")
+PRETRAIN_MPP = CONFIGS / "pretrain_mpp.json"
 STARTS = ("masked patch prediction", "scratch", "supervised pre-training")
 TARGET_SHOTS = 10
 FINETUNE_MARGIN = 0.02
@@ -117,9 +118,7 @@ def runs_of_seed(
         init = f"model.init_from={start.resolved().checkpoint_dir}" if start else "model.init_from=null"
         return Run(CONFIGS / "finetune.json", folder, (*seeded, *data["labelled10"], init), start)
 
-    pretrain_mpp = Run(
-        CONFIGS / "pretrain_mpp.json", mpp / "pretrain", (*seeded, *data["unlabelled"], *probes, *pretrain_set)
-    )
+    pretrain_mpp = Run(PRETRAIN_MPP, mpp / "pretrain", (*seeded, *data["unlabelled"], *probes, *pretrain_set))
     pretrain_supervised = Run(
         CONFIGS / "pretrain_supervised.json", shared / "supervised" / "pretrain", (*seeded, *data["labelled"])
     )
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = args.out / args.variant / "probe_curves.png"
     plot_curves(curves, plot)
     changes = f" with {', '.join(args.pretrain_set)}" if args.pretrain_set else ""
-    recipe = f"`{CONFIGS / 'pretrain_mpp.json'}`{changes}"
+    recipe = f"`{PRETRAIN_MPP}`{changes}"
     text = f"Pre-training: {recipe} (`--variant {args.variant}`).\n\n{table}\n\n![probe curves]({plot})"
     (args.out / args.variant / "results.md").write_text(text.replace(str(plot), plot.name) + "\n")
     print(f"\n{text}\n\n({time.monotonic() - began:.0f} s)")

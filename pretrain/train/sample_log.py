@@ -5,7 +5,8 @@ keys, each key's epoch and whether it was trained on (a micro-batch whose loss i
 of the trainer, fresh or resumed, writes its own folder `from-step-NNNNNNNN`, named after the step it starts from, so
 the files of a run on 2 ranks and of its resume on 1 never mix; `read_sample_log` puts the timeline back together:
 a step belongs to the last start at or before it. What it is for: the images behind a loss spike, and the proof that
-a run resumed on another number of ranks sees the rest of its epoch exactly once (tests/test_trainer.py).
+a run resumed on another number of ranks sees the rest of its epoch exactly once (tests/test_trainer.py,
+tests/test_trainer_job_shape.py).
 """
 
 from __future__ import annotations
