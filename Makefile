@@ -34,8 +34,8 @@ experiment-mpp: $(VENV)/.installed
 	$(BIN)/python -m pretrain.experiments.mpp_transfer --record
 
 # Two pytest-xdist workers, a test file each at a time (its module fixtures are set up once): the suite is CPU-bound
-# on two cores, and one worker left a core idle while a job's launcher or a single process started (1,291 s against
-# 1,077 s on two workers here, before the trainer's tests were split into four files).
+# on two cores, and one worker left a core idle while a job's launcher or a single process started: 1,291 s on one
+# worker here, 852 s on two (once the trainer's tests were split into four files of comparable length).
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
