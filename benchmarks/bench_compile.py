@@ -3,16 +3,19 @@
 1. B/16 at 224 px, batch 8, fp32 on the CPU, AdamW: the same model compiled (`torch.compile`, inductor) and eager,
    in one process, each timed over the steps after its warm-up (the compiled model's first step compiles it; that
    time is reported). Rounds alternate which runs first; the ratio is the median of the within-round ratios.
-   Target: compiled >= 1.1x eager.
+   Target: compiled >= 1.1x eager. `--precision bf16` runs both under bf16 autocast (the matrix products in bf16, as
+   a GPU run trains), `--mode` passes a torch.compile mode (e.g. max-autotune-no-cudagraphs: inductor's own GEMM
+   kernels, tuned).
 2. The trainer on two CPU ranks (`deepspeed --num_gpus 2 pretrain/run.py`), the demo's config on synthetic data in
    fp32 (bench_ddp's settings), with and without `model.compile`: images/s after the warm-up, side by side.
 
-    python -m benchmarks.bench_compile [--rounds 2]
+    python -m benchmarks.bench_compile [--rounds 2] [--precision fp32|bf16] [--mode MODE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -33,14 +36,16 @@ TIMED_STEPS = 5
 TARGET = 1.1
 
 
-def step_rate(model: nn.Module) -> tuple[float, float]:
+def step_rate(model: nn.Module, precision: str = "fp32") -> tuple[float, float]:
     """(images/s over the timed steps, seconds of the first step) of training `model` (1000 classes at 224 px) with
-    AdamW in this process."""
+    AdamW in this process; with bf16, the forward under bf16 autocast."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     images, labels = torch.randn(BATCH, 3, 224, 224), torch.randint(0, 1000, (BATCH,))
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
 
     def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
+        with autocast or contextlib.nullcontext():
+            loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -56,17 +61,19 @@ def step_rate(model: nn.Module) -> tuple[float, float]:
     return TIMED_STEPS * BATCH / (time.perf_counter() - start), first
 
 
-def b16(compiled: bool) -> nn.Module:
+def b16(compiled: bool, mode: str | None = None) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("B/16", num_classes=1000)
     if compiled:
-        model.compile()
+        model.compile(mode=mode)
     return model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--mode", default=None, help="a torch.compile mode; default: inductor's default")
     args = parser.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     rates: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -74,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         for name in ("eager", "compiled") if round_ % 2 == 0 else ("compiled", "eager"):
             torch._dynamo.reset()  # every round compiles afresh
-            rate, first = step_rate(b16(name == "compiled"))
+            rate, first = step_rate(b16(name == "compiled", args.mode), args.precision)
             rates[name].append(rate)
             first_steps[name].append(first)
     ratios = [c / e for c, e in zip(rates["compiled"], rates["eager"], strict=True)]
     ratio = statistics.median(ratios)
-    print(f"\nB/16 training step, 224 px, batch {BATCH}, fp32, one process; {TIMED_STEPS} steps after {WARMUP_STEPS}")
+    mode = f", compile mode {args.mode}" if args.mode else ""
+    print(
+        f"\nB/16 training step, 224 px, batch {BATCH}, {args.precision}{mode}, one process; "
+        f"{TIMED_STEPS} steps after {WARMUP_STEPS}"
+    )
     for name in rates:
         print(
             f"  {name:8s} {statistics.median(rates[name]):6.2f} images/s  first step "
