@@ -82,17 +82,10 @@ def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pretrain.demos.digits import write_digits
 
     root = tmp_path_factory.mktemp("digits")
-    write_digits(root / "images", size=16)
-    build(
-        BuildOptions(
-            input=str(root / "images"),
-            output=str(root / "shards"),
-            val_fraction=0.2,
-            max_samples_per_shard=200,
-            workers=0,
-        )
-    )
-    return root / "shards"
+    images, shards = root / "images", root / "shards"
+    write_digits(images, size=16)
+    build(BuildOptions(input=str(images), output=str(shards), val_fraction=0.2, max_samples_per_shard=200, workers=0))
+    return shards
 
 
 def put_digits(digit_shards: Path, s3: dict) -> None:
