@@ -35,11 +35,14 @@ experiment-mpp: $(VENV)/.installed
 
 # Two pytest-xdist workers, a test file each at a time (its module fixtures are set up once): the suite is CPU-bound
 # on two cores, and one worker left a core idle while a job's launcher or a single process started: 1,291 s on one
-# worker here, 852 s on two (once the trainer's tests were split into four files of comparable length).
+# worker here, 852 s on two (once the trainer's tests were split into four files of comparable run time). Tests that
+# compare step times within a run (marked `alone`) run afterwards, by themselves: the other worker's jobs would come
+# and go in the middle of the run they measure.
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not bench" -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -m "not bench and not alone" -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -m "alone" --durations=5
 
 # Throughput benchmarks, apart from the tests: each prints ratios against a baseline measured in the same run.
 bench: $(VENV)/.installed-bench

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto's server), reached through s3fs like production storage."""
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server), reached through s3fs like production storage, and
+scikit-learn's digits as shards for the trainer's tests."""
 
 from __future__ import annotations
 
@@ -75,9 +76,10 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, st
         yield options
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """scikit-learn's digits at 16 px as shards with a held-out split, for the trainer's tests."""
+    """scikit-learn's digits at 16 px as shards with a held-out split, for the trainer's tests (which only read
+    them)."""
     from data_pipeline.build.builder import BuildOptions, build
     from pretrain.demos.digits import write_digits
 
@@ -89,6 +91,7 @@ def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def put_digits(digit_shards: Path, s3: dict) -> None:
+    """The digits shards copied to s3://bucket/digits/."""
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)

@@ -3,7 +3,7 @@ breaks object reads the way real networks and object stores do.
 
 `serve_folder` serves a folder's files (an image host, shards over plain HTTP).
 
-The proxy:
+`FaultyProxy`:
 
 Every request is forwarded to the upstream endpoint. GETs of `.tar` objects (or of another `faulted_suffix`) are
 numbered, and the ones that the schedule picks fail in one of three ways (with `transient`, an object only the first

@@ -190,6 +190,7 @@ def upload_windows(output: str) -> list[tuple[int, int]]:
     return [(written[tag], int(step)) for tag, step in uploaded if tag in written]
 
 
+@pytest.mark.alone  # compares the steps during uploads with the others
 @pytest.mark.slow
 def test_two_slurm_nodes_train_together_and_checkpoint_to_s3_while_training(s3: dict, tmp_path: Path):
     """Two nodes on loopback (one task each, their own staging folders, one shared run folder) train one model and

@@ -1,7 +1,7 @@
 """The DeepSpeed trainer on two CPU ranks (gloo), started as users start it: `deepspeed --num_gpus 2 pretrain/run.py`.
 
 Data are scikit-learn's digits as shards on moto's S3 server. Each run takes some seconds of start-up, so every
-test launches as few runs as it can. The trainer's tests are in four modules of comparable length, which `make test`
+test launches as few runs as it can. The trainer's tests are in four modules of comparable run time, which `make test`
 runs on two workers side by side: this one (one run per ZeRO stage, shared by the tests of what it wrote and how it
 resumes), test_trainer_job_shape, test_trainer_faults and test_trainer_options.
 """

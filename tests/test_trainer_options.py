@@ -1,6 +1,6 @@
 """The trainer's objectives and options on two ranks or in pytest's process: masked patch prediction then fine-tuning,
-experiment trackers, the weight average, non-finite losses, the host syncs of an optimizer step, checkpoints of
-another model, and torch.compile.
+the process group left behind, experiment trackers, the weight average, non-finite losses, the host syncs of an
+optimizer step, checkpoints of another model, and torch.compile.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_the_weight_average_under_zero3_is_the_hand_computed_one_is_evaluated_ex
     """ZeRO-3 on two ranks, the hardest case: each rank averages its partitions (DeepSpeed keeps the tensors under
     1,000 elements whole on every rank and gathers them from the partitions after each step), the checkpoint holds
     the gathered average, and a resumed run partitions it again. ZeRO 0-2 average whole tensors: the killed-three-
-    times test resumes one exactly, and the class's own test checks the arithmetic."""
+    times test (test_trainer_faults.py) resumes one exactly, and the class's own test checks the arithmetic."""
     run_dir = tmp_path / "run"
     local = {"train": str(digit_shards / "index.json"), "val": str(digit_shards / "index.json"), "storage_options": {}}
     zero3 = {"overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 1000}}}
