@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from pretrain.config.load import validate
+from pretrain.config.schema import MaskedPatchObjective
 from pretrain.model import create_model, parse_variant, resize_pos_embed, sincos_2d
 from pretrain.model.description import ModelDescription
+from pretrain.objectives import MaskedPatchTask
 from pretrain.weights.model_weights import Weights
 from pretrain.weights.timm import to_timm
 
@@ -187,3 +189,40 @@ def test_builds_under_deepspeed_zero_init_with_the_same_weights(monkeypatch: pyt
                 torch.testing.assert_close(actual.detach().clone(), expected.detach(), msg=name)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("pool", "pos_embed", "checkpoint_every", "masked_patch"),
+    [("token", "learned", 0, False), ("gap", "sincos", 2, False), ("gap", "sincos", 1, True)],
+)
+def test_the_training_step_compiles_to_one_graph(
+    pool: str, pos_embed: str, checkpoint_every: int, masked_patch: bool
+) -> None:
+    """`model.compile` pays on a GPU only if the step is one graph: a break (a `.item()`, a branch on a tensor's
+    value) splits it and sends the device back to Python. Under the trainer at ZeRO 2 no break came from elsewhere
+    (TORCH_LOGS=graph_breaks, BENCHMARKS.md); ZeRO-3's own parameter hooks break it, which is DeepSpeed's."""
+    torch.manual_seed(0)
+    classes = 0 if masked_patch else 5  # the masked-patch head replaces the classifier
+    model = create_model("Ti/8", num_classes=classes, pool=pool, pos_embed=pos_embed, dropout=0.1, **SMALL)
+    if checkpoint_every:
+        model.set_grad_checkpointing(True, every=checkpoint_every)
+    images = torch.randn(4, 3, 32, 32)
+    if masked_patch:
+        objective = MaskedPatchObjective(type="masked_patch_prediction", target="downsampled_color")
+        task = MaskedPatchTask(objective, patch_size=8)
+        model = task.wrap(model)
+        raw = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+
+        def loss(module: torch.nn.Module) -> torch.Tensor:
+            return task.loss(module, images, raw, {})
+    else:
+        labels = torch.tensor([0, 1, 2, 3])
+
+        def loss(module: torch.nn.Module) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(module(images), labels)
+
+    # fullgraph: a graph break raises instead of silently splitting the graph; the eager backend traces without
+    # generating kernels (seconds, not a minute)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    loss(compiled).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
