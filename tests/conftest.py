@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import getpass
 import json
 import logging
+import os
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +36,20 @@ def two_rank_command(port: int, *script: str, cli: bool = False) -> list[str]:
     world = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
     launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
     return [*launcher, "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_per_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A $TMPDIR of this pytest process's own, for it and the jobs it starts. build-shards and the checkpoint staging
+    name their folders on this machine after the output URL, and under pytest-xdist both workers' S3 servers serve
+    the same `s3://bucket/...` URLs: two tests writing one URL at the same time would share a folder. Inductor's
+    cache of compiled kernels stays at torch's default place under the old $TMPDIR, shared and warm."""
+    inductor_cache = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", inductor_cache))
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        patch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
+        yield
 
 
 @pytest.fixture(scope="session")
