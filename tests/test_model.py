@@ -195,10 +195,10 @@ def test_builds_under_deepspeed_zero_init_with_the_same_weights(monkeypatch: pyt
     ("pool", "pos_embed", "checkpoint_every", "masked_patch"),
     [("token", "learned", 0, False), ("gap", "sincos", 2, False), ("gap", "sincos", 1, True)],
 )
-def test_the_training_step_compiles_to_one_graph(
+def test_the_model_compiles_to_one_graph_forward_and_backward(
     pool: str, pos_embed: str, checkpoint_every: int, masked_patch: bool
 ) -> None:
-    """`model.compile` pays on a GPU only if the step is one graph: a break (a `.item()`, a branch on a tensor's
+    """`model.compile` pays on a GPU only if the model is one graph: a break (a `.item()`, a branch on a tensor's
     value) splits it and sends the device back to Python. Under the trainer at ZeRO 2 no break came from elsewhere
     (TORCH_LOGS=graph_breaks, BENCHMARKS.md); ZeRO-3's own parameter hooks break it, which is DeepSpeed's."""
     torch.manual_seed(0)
@@ -221,8 +221,8 @@ def test_the_training_step_compiles_to_one_graph(
         def loss(module: torch.nn.Module) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(module(images), labels)
 
-    # fullgraph: a graph break raises instead of silently splitting the graph; the eager backend traces without
-    # generating kernels (seconds, not a minute)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    # fullgraph: a graph break raises instead of silently splitting the graph; aot_eager traces the forward and the
+    # backward as inductor does, without generating kernels (seconds, not a minute)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss(compiled).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
