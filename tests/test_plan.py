@@ -19,14 +19,18 @@ import torch
 from conftest import free_port, two_rank_command
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from data_pipeline.build.builder import BuildOptions, build
 from pretrain.config.load import load_config, validate
 from pretrain.demos.digits import write_digits
-from pretrain.objectives import build_model
+from pretrain.model.vit import model_input
+from pretrain.objectives import build_model, build_task
 from pretrain.plan.cli import main
 from pretrain.plan.gpus import gpu_spec, spec_for_device
 from pretrain.plan.memory_model import activation_bytes
+from pretrain.train.compute import forward_flops_per_image
 from pretrain.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +118,38 @@ def test_b16_on_imagenet_flops_by_hand_without_checkpointing():
     seconds = 3 * forward * steps * 4096 / (16 * 312e12 * 0.45)  # the config's logging.expected_mfu
     assert result["time"]["days"] == pytest.approx(seconds / 86400, rel=1e-9)
     assert result["run"]["gradient_accumulation"] == 1 and result["run"]["micro_batch"] == 256
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"type": "supervised"},
+        {"type": "masked_patch_prediction", "target": "mean_color"},
+        {"type": "masked_patch_prediction", "target": "downsampled_color", "mask_ratio": 0.3},
+        {"type": "masked_patch_prediction", "target": "pixels"},
+    ],
+)
+def test_the_counted_forward_flops_are_those_the_training_forward_computes(objective: dict):
+    """The FLOPs that MFU and the plan use, against torch's FLOP counter on the forward a training step runs: for
+    masked patch prediction that includes the prediction head over the corrupted patches (with the 4x4 target, the
+    head here costs twice the encoder)."""
+    config = validate(
+        {
+            "run": {"name": "t"},
+            "model": {"variant": "Ti/8", "image_size": 32, "width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 2,
+                      "pool": "gap", "num_classes": 0 if objective["type"] != "supervised" else 10},
+            "data": {"train": "x/index.json", "batch_size": 8},
+            "objective": objective,
+            "optimizer": {"lr": 1e-3},
+            "schedule": {"steps": 10, "warmup_steps": 1},
+        }
+    )  # fmt: skip
+    model, task = build_model(config), build_task(config)
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    # the math attention runs as matrix products the counter sees (it has no formula for the fused CPU kernel)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        task.loss(model, model_input(raw), raw, {"label": torch.zeros(2, dtype=torch.long)})
+    assert counter.get_total_flops() / 2 == forward_flops_per_image(config)
 
 
 @pytest.mark.parametrize(("setting", "blocks"), [(False, 0), (True, 12), (4, 3), (5, 3), (13, 1)])

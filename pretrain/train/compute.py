@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config.schema import Config
+from pretrain.config.schema import Config, MaskedPatchObjective
 from pretrain.model import flops_per_image
+from pretrain.objectives.masked_patch import head_flops_per_image
 
 
 def forward_flops_per_image(config: Config) -> float:
-    """The model's analytic forward FLOPs for one image at the configured resolution."""
+    """The analytic forward FLOPs for one training image at the configured resolution: the model's, and for masked
+    patch prediction its prediction head's."""
     with torch.device("meta"):
         model = config.model.build()
-    return flops_per_image(model, config.model.image_size)
+    flops = flops_per_image(model, config.model.image_size)
+    if isinstance(config.objective, MaskedPatchObjective):
+        patch_size = config.model.resolved_patch_size
+        num_patches = (config.model.image_size // patch_size) ** 2
+        flops += head_flops_per_image(config.objective, num_patches, model.width, patch_size)
+    return flops
 
 
 def checkpointed_blocks(config: Config) -> int:
