@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import getpass
 import json
 import logging
 import os
@@ -43,10 +42,12 @@ def temp_dir_per_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     """A $TMPDIR of this pytest process's own, for it and the jobs it starts. build-shards and the checkpoint staging
     name their folders on this machine after the output URL, and under pytest-xdist both workers' S3 servers serve
     the same `s3://bucket/...` URLs: two tests writing one URL at the same time would share a folder. Inductor's
-    cache of compiled kernels stays at torch's default place under the old $TMPDIR, shared and warm."""
-    inductor_cache = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    cache of compiled kernels stays at torch's default place under the old $TMPDIR, shared and warm. (Socket paths
+    under it stay far below the 108-byte limit here: pytest's folder is short.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", inductor_cache))
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()))
         patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
         patch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
         yield

@@ -198,7 +198,7 @@ def test_builds_under_deepspeed_zero_init_with_the_same_weights(monkeypatch: pyt
 def test_the_model_compiles_to_one_graph_forward_and_backward(
     pool: str, pos_embed: str, checkpoint_every: int, masked_patch: bool
 ) -> None:
-    """`model.compile` pays on a GPU only if the model is one graph: a break (a `.item()`, a branch on a tensor's
+    """`model.compile` pays most on a GPU when the model is one graph: a break (a `.item()`, a branch on a tensor's
     value) splits it and sends the device back to Python. Under the trainer at ZeRO 2 no break came from elsewhere
     (TORCH_LOGS=graph_breaks, BENCHMARKS.md); ZeRO-3's own parameter hooks break it, which is DeepSpeed's."""
     torch.manual_seed(0)

@@ -64,10 +64,12 @@ def _head_flops(model: VisionTransformer) -> int:
     return flops
 
 
-def flops_per_image(model_or_variant: VisionTransformer | str, image_size: int) -> float:
+def flops_per_image(model_or_variant: VisionTransformer | str, image_size: int, classifier: bool = True) -> float:
     """Forward FLOPs for one image at `image_size` pixels (square).
 
-    A variant name is counted with its default head (1000 classes, no representation layer).
+    A variant name is counted with its default head (1000 classes, no representation layer). `classifier=False`
+    leaves out the representation layer and the classifier, for an objective whose forward runs neither (masked
+    patch prediction).
     """
     if isinstance(model_or_variant, str):
         with torch.device("meta"):
@@ -80,5 +82,5 @@ def flops_per_image(model_or_variant: VisionTransformer | str, image_size: int) 
     return float(
         _embedding_flops(model, image_size)
         + len(model.blocks) * _block_flops(tokens, width, mlp_dim)
-        + _head_flops(model)
+        + (_head_flops(model) if classifier else 0)
     )

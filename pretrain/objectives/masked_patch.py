@@ -119,11 +119,12 @@ def prediction_size(objective: MaskedPatchObjective, patch_size: int, channels: 
     return channels * patch_size * patch_size
 
 
-def head_flops_per_image(objective: MaskedPatchObjective, num_patches: int, width: int, patch_size: int) -> int:
-    """Forward FLOPs of the prediction head for one image: it reads only the corrupted patches' outputs. Beside the
-    encoder it is small with the paper's mean colour at B/16 and 224 px (77 MFLOP against 35 GFLOP), not with the
-    4x4 target at a small width (67 against 116 MFLOP per image for make experiment-mpp's model)."""
-    return 2 * num_corrupted(num_patches, objective.mask_ratio) * width * prediction_size(objective, patch_size)
+def head_outputs_per_image(objective: MaskedPatchObjective, num_patches: int, patch_size: int) -> int:
+    """What the prediction head outputs for one image: it reads only the corrupted patches' outputs. Its forward
+    FLOPs are 2 x width x this: beside the encoder, small with the paper's mean colour at B/16 and 224 px (77 MFLOP
+    against 35 GFLOP), not with the 4x4 target at a small width (67 against 116 MFLOP per image for make
+    experiment-mpp's model)."""
+    return num_corrupted(num_patches, objective.mask_ratio) * prediction_size(objective, patch_size)
 
 
 def masked_patch_loss(

@@ -37,7 +37,7 @@ from pretrain.config.schema import Config, MaskedPatchObjective
 from pretrain.model.resnet import Bottleneck, Downsample, ResNetStem
 from pretrain.model.vit import HybridEmbed
 from pretrain.objectives import build_model
-from pretrain.objectives.masked_patch import num_corrupted, prediction_size
+from pretrain.objectives.masked_patch import head_outputs_per_image
 from pretrain.plan.gpus import DEFAULT_HEADROOM
 
 ENGINE_ALLREDUCE_BUCKET = 500_000_000
@@ -199,8 +199,7 @@ def _head_outputs(config: Config, patches: int) -> int:
     gradient)."""
     objective = config.objective
     if isinstance(objective, MaskedPatchObjective):
-        per_patch = prediction_size(objective, config.model.resolved_patch_size)
-        return num_corrupted(patches, objective.mask_ratio) * per_patch
+        return head_outputs_per_image(objective, patches, config.model.resolved_patch_size)
     return config.model.num_classes
 
 
