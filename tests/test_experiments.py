@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,37 +96,87 @@ def test_a_run_is_finished_only_once_evaluated_at_its_last_step_with_that_checkp
     assert not finished(400)  # the same folder asked for a longer run
 
 
-def test_a_run_about_to_train_first_removes_the_runs_that_start_from_its_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pre-training run that trains again (after an interruption, or removed by hand) changes the weights its
-    fine-tune started from: the fine-tune must start over, even when the call that retrains stops before it. What
-    trains here is recorded instead of launched: the scheduling is what is tested, training is tested elsewhere."""
-    config = mpp_transfer.CONFIGS / "finetune.json"
-    pretrain = mpp_transfer.Run(config, tmp_path / "pretrain", ())
-    tuned = mpp_transfer.Run(config, tmp_path / "tuned", (), start=pretrain)
-    scratch = mpp_transfer.Run(config, tmp_path / "scratch", ())
-    trained: list[Path] = []
+def finishing_run(trained: list[Path]) -> Callable[..., None]:
+    """A stand-in for `train` that records the run's folder and leaves what a finished run leaves: the scheduling is
+    what these tests test, training is tested elsewhere."""
 
-    def train(config: str, settings: list[str], ranks: int, log: Path) -> None:
+    def train(config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int) -> None:
         folder = log.parent
         trained.append(folder)
         (folder / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 200}) + "\n")
         (folder / "checkpoints").mkdir()
         (folder / "checkpoints" / "latest").write_text("step-00000200")
 
-    monkeypatch.setattr(mpp_transfer, "train", train)
-    mpp_transfer.launch_in_order([pretrain, tuned, scratch], ranks=2)
+    return train
+
+
+def test_a_run_about_to_train_first_removes_the_runs_that_start_from_its_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre-training run that trains again (after an interruption, or removed by hand) changes the weights its
+    fine-tune started from: the fine-tune must start over, even when the call that retrains stops before it."""
+    config = mpp_transfer.CONFIGS / "finetune.json"
+    pretrain = mpp_transfer.Run(config, tmp_path / "pretrain", ())
+    tuned = mpp_transfer.Run(config, tmp_path / "tuned", (), start=pretrain)
+    scratch = mpp_transfer.Run(config, tmp_path / "scratch", ())
+    trained: list[Path] = []
+    monkeypatch.setattr(mpp_transfer, "train", finishing_run(trained))
+    mpp_transfer.launch_all([pretrain, tuned, scratch], ranks=2, jobs=1)
     assert trained == [pretrain.folder, tuned.folder, scratch.folder]
-    mpp_transfer.launch_in_order([pretrain, tuned, scratch], ranks=2)
+    mpp_transfer.launch_all([pretrain, tuned, scratch], ranks=2, jobs=1)
     assert len(trained) == 3  # all finished: nothing runs again
 
     shutil.rmtree(pretrain.folder)
 
-    def interrupted(run: mpp_transfer.Run, ranks: int) -> None:
+    def interrupted(run: mpp_transfer.Run, ranks: int, master_port: int, threads: int) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mpp_transfer.Run, "launch", interrupted)
     with pytest.raises(KeyboardInterrupt):  # stopped while the pre-training trains again
-        mpp_transfer.launch_in_order([pretrain, tuned, scratch], ranks=2)
+        mpp_transfer.launch_all([pretrain, tuned, scratch], ranks=2, jobs=1)
     assert not tuned.folder.exists() and scratch.folder.exists()
+
+
+def test_runs_train_side_by_side_each_on_its_port_and_cores_and_after_the_run_they_start_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--jobs 2`: the two pre-training runs train at the same time (each waits for the other to have started), on
+    their own master ports and half the cores each; a fine-tune starts only once its pre-training has finished; and
+    a failed run lets the running one end but starts no other, and ends the experiment with its exit status."""
+    config = mpp_transfer.CONFIGS / "finetune.json"
+    first = mpp_transfer.Run(config, tmp_path / "first", ())
+    second = mpp_transfer.Run(config, tmp_path / "second", ())
+    tuned = mpp_transfer.Run(config, tmp_path / "tuned", (), start=first)
+    both_started = threading.Barrier(2, timeout=60)
+    trained: list[Path] = []
+    record = finishing_run(trained)
+    launches: dict[str, tuple[int, int]] = {}
+
+    def train(config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int) -> None:
+        launches[log.parent.name] = (master_port, threads)
+        if log.parent == tuned.folder:
+            assert mpp_transfer.finished(first.resolved())
+        else:
+            both_started.wait()
+        record(config, settings, ranks, log, master_port, threads)
+
+    monkeypatch.setattr(mpp_transfer, "train", train)
+    monkeypatch.setattr(mpp_transfer.os, "sched_getaffinity", lambda pid: {0, 1})
+    mpp_transfer.launch_all([first, second, tuned], ranks=1, jobs=2)
+    assert set(trained) == {first.folder, second.folder, tuned.folder}
+    assert launches["first"][0] != launches["second"][0]
+    assert {threads for _, threads in launches.values()} == {1}
+
+    for run in (first, second, tuned):
+        shutil.rmtree(run.folder)
+
+    def failing(config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int) -> None:
+        if log.parent == first.folder:
+            raise SystemExit(75)
+        record(config, settings, ranks, log, master_port, threads)
+
+    monkeypatch.setattr(mpp_transfer, "train", failing)
+    with pytest.raises(SystemExit) as failure:
+        mpp_transfer.launch_all([first, second, tuned], ranks=1, jobs=2)
+    assert failure.value.code == 75
+    assert mpp_transfer.finished(second.resolved()) and not tuned.folder.exists()

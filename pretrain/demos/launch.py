@@ -15,25 +15,39 @@ from typing import Any
 from data_pipeline.build.builder import BuildOptions, build
 
 
-def deepspeed_command(config: str, overrides: list[str], ranks: int) -> list[str]:
-    """`deepspeed --num_gpus RANKS pretrain/run.py --config CONFIG --set ...`, with this environment's launcher."""
+def deepspeed_command(config: str, overrides: list[str], ranks: int, master_port: int | None = None) -> list[str]:
+    """`deepspeed --num_gpus RANKS pretrain/run.py --config CONFIG --set ...`, with this environment's launcher (and
+    `--master_port`, which jobs that run at the same time need apart)."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    command = [launcher, "--num_gpus", str(ranks), str(Path(__file__).parents[1] / "run.py"), "--config", config]
+    command = [launcher, "--num_gpus", str(ranks)]
+    if master_port is not None:
+        command += ["--master_port", str(master_port)]
+    command += [str(Path(__file__).parents[1] / "run.py"), "--config", config]
     for override in overrides:
         command += ["--set", override]
     return command
 
 
-def train(config: str, overrides: list[str], ranks: int, log: Path | None = None) -> None:
-    """Run the training job to its end; its output goes to `log` (appended) when given, else to ours. A failed job
+def train(
+    config: str,
+    overrides: list[str],
+    ranks: int,
+    log: Path | None = None,
+    master_port: int | None = None,
+    threads: int | None = None,
+) -> None:
+    """Run the training job to its end; its output goes to `log` (appended) when given, else to ours. `threads` sets
+    each rank's OpenMP threads (by default the trainer shares the host's cores between its ranks). A failed job
     stops the caller with one line and the job's exit status (75 for a preempted one)."""
-    command = deepspeed_command(config, overrides, ranks)
-    print(f"$ {' '.join(command)}{f' >> {log}' if log else ''}", flush=True)
+    command = deepspeed_command(config, overrides, ranks, master_port)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    shown = f"OMP_NUM_THREADS={threads} " if threads else ""
+    print(f"$ {shown}{' '.join(command)}{f' >> {log}' if log else ''}", flush=True)
     if log is None:
-        code = subprocess.call(command)
+        code = subprocess.call(command, env=environment)
     else:
         with open(log, "a") as output:
-            code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT)
+            code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
     if code != 0:
         print(f"training exited with {code}{f'; its output is in {log}' if log else ''}", file=sys.stderr, flush=True)
         raise SystemExit(code)
