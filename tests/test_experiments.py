@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,21 +101,55 @@ def test_a_run_is_finished_only_once_evaluated_at_its_last_step_with_that_checkp
     assert not finished(400)  # the same folder asked for a longer run
 
 
-def finishing_run(trained: list[Path]) -> Callable[..., None]:
-    """A stand-in for `train` that records the run's folder and leaves what a finished run leaves: the scheduling is
-    what these tests test, training is tested elsewhere."""
+FAKE_RUN = """
+import json, pathlib, sys, time
+folder, partner, code = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+(folder / "started").touch()
+deadline = time.monotonic() + 20
+while partner and not pathlib.Path(partner, "started").exists():
+    if time.monotonic() > deadline:
+        sys.exit("the run meant to train beside this one never started")
+    time.sleep(0.05)
+if code < 0:
+    time.sleep(60)  # until interrupted
+if code:
+    sys.exit(code)
+time.sleep(0.5)  # its training
+(folder / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 200}) + "\\n")
+(folder / "checkpoints").mkdir()
+(folder / "checkpoints" / "latest").write_text("step-00000200")
+"""
+"""A stand-in for a training job: after its partner run has started (when it has one), it exits with its code
+(negative: once interrupted), or trains for half a second and leaves what a finished run leaves. The scheduling is what
+these tests test, training is tested elsewhere."""
 
-    def train(config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int) -> None:
+
+class FakeJobs:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, partners: dict[Path, Path] | None = None) -> None:
+        self.partners, self.codes = partners or {}, {}
+        self.started: list[tuple[Path, int, int]] = []
+        self.processes: list[subprocess.Popen] = []
+        self.before_start: Callable[[Path], None] = lambda folder: None
+        monkeypatch.setattr(mpp_transfer, "start_training", self.start)
+        monkeypatch.setattr(mpp_transfer, "POLL_SECONDS", 0.05)
+
+    def start(
+        self, config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int
+    ) -> subprocess.Popen:
         folder = log.parent
-        trained.append(folder)
-        (folder / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 200}) + "\n")
-        (folder / "checkpoints").mkdir()
-        (folder / "checkpoints" / "latest").write_text("step-00000200")
+        self.before_start(folder)
+        self.started.append((folder, master_port, threads))
+        partner = str(self.partners.get(folder, ""))
+        code = str(self.codes.get(folder, 0))
+        self.processes.append(subprocess.Popen([sys.executable, "-c", FAKE_RUN, str(folder), partner, code]))
+        return self.processes[-1]
 
-    return train
+    @property
+    def folders(self) -> list[Path]:
+        return [folder for folder, _, _ in self.started]
 
 
-def test_a_run_about_to_train_first_removes_the_runs_that_start_from_its_weights(
+def test_a_run_that_trains_again_first_removes_the_runs_that_start_from_its_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pre-training run that trains again (after an interruption, or removed by hand) changes the weights its
@@ -119,12 +158,14 @@ def test_a_run_about_to_train_first_removes_the_runs_that_start_from_its_weights
     pretrain = mpp_transfer.Run(config, tmp_path / "pretrain", ())
     tuned = mpp_transfer.Run(config, tmp_path / "tuned", (), start=pretrain)
     scratch = mpp_transfer.Run(config, tmp_path / "scratch", ())
-    trained: list[Path] = []
-    monkeypatch.setattr(mpp_transfer, "train", finishing_run(trained))
+    jobs = FakeJobs(monkeypatch)
     mpp_transfer.launch_all([pretrain, tuned, scratch], ranks=2, jobs=1)
-    assert trained == [pretrain.folder, tuned.folder, scratch.folder]
-    mpp_transfer.launch_all([pretrain, tuned, scratch], ranks=2, jobs=1)
-    assert len(trained) == 3  # all finished: nothing runs again
+    assert jobs.folders == [pretrain.folder, tuned.folder, scratch.folder]
+    mpp_transfer.launch_all([pretrain, tuned, scratch], ranks=2, jobs=2)
+    assert len(jobs.started) == 3  # all finished: nothing runs again
+    shutil.rmtree(scratch.folder)
+    mpp_transfer.launch_all([pretrain, tuned, scratch, scratch], ranks=2, jobs=2)
+    assert jobs.folders[3:] == [scratch.folder]  # a run named twice trains once
 
     shutil.rmtree(pretrain.folder)
 
@@ -141,42 +182,47 @@ def test_runs_train_side_by_side_each_on_its_port_and_cores_and_after_the_run_th
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--jobs 2`: the two pre-training runs train at the same time (each waits for the other to have started), on
-    their own master ports and half the cores each; a fine-tune starts only once its pre-training has finished; and
-    a failed run lets the running one end but starts no other, and ends the experiment with its exit status."""
+    their own master ports and half the cores each; a fine-tune starts only once its pre-training has finished. A
+    failed run lets the running one end, starts no other, and ends the call with its exit status. An interrupted
+    call interrupts its running jobs and waits for them."""
     config = mpp_transfer.CONFIGS / "finetune.json"
     first = mpp_transfer.Run(config, tmp_path / "first", ())
-    second = mpp_transfer.Run(config, tmp_path / "second", ())
     tuned = mpp_transfer.Run(config, tmp_path / "tuned", (), start=first)
-    both_started = threading.Barrier(2, timeout=60)
-    trained: list[Path] = []
-    record = finishing_run(trained)
-    launches: dict[str, tuple[int, int]] = {}
-
-    def train(config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int) -> None:
-        launches[log.parent.name] = (master_port, threads)
-        if log.parent == tuned.folder:
-            assert mpp_transfer.finished(first.resolved())
-        else:
-            both_started.wait()
-        record(config, settings, ranks, log, master_port, threads)
-
-    monkeypatch.setattr(mpp_transfer, "train", train)
+    second = mpp_transfer.Run(config, tmp_path / "second", ())
+    runs = [first, tuned, second]  # the fine-tune listed before a run that is ready
+    jobs = FakeJobs(monkeypatch, {first.folder: second.folder, second.folder: first.folder})
     monkeypatch.setattr(mpp_transfer.os, "sched_getaffinity", lambda pid: {0, 1})
-    mpp_transfer.launch_all([first, second, tuned], ranks=1, jobs=2)
-    assert set(trained) == {first.folder, second.folder, tuned.folder}
-    assert launches["first"][0] != launches["second"][0]
-    assert {threads for _, threads in launches.values()} == {1}
 
-    for run in (first, second, tuned):
+    def after_its_pretraining(folder: Path) -> None:
+        if folder == tuned.folder:
+            assert mpp_transfer.finished(first.resolved()), "the fine-tune started before its pre-training finished"
+
+    jobs.before_start = after_its_pretraining
+    mpp_transfer.launch_all(runs, ranks=1, jobs=2)
+    assert jobs.folders == [first.folder, second.folder, tuned.folder]
+    ports = {folder: port for folder, port, _ in jobs.started}
+    assert ports[first.folder] != ports[second.folder]
+    assert {threads for _, _, threads in jobs.started} == {1}
+
+    for run in runs:
         shutil.rmtree(run.folder)
-
-    def failing(config: str, settings: list[str], ranks: int, log: Path, master_port: int, threads: int) -> None:
-        if log.parent == first.folder:
-            raise SystemExit(75)
-        record(config, settings, ranks, log, master_port, threads)
-
-    monkeypatch.setattr(mpp_transfer, "train", failing)
+    jobs.partners.clear()
+    jobs.codes[first.folder] = 75  # fails at once, while the second run trains
     with pytest.raises(SystemExit) as failure:
-        mpp_transfer.launch_all([first, second, tuned], ranks=1, jobs=2)
+        mpp_transfer.launch_all(runs, ranks=1, jobs=2)
     assert failure.value.code == 75
     assert mpp_transfer.finished(second.resolved()) and not tuned.folder.exists()
+
+    for run in runs:
+        shutil.rmtree(run.folder, ignore_errors=True)
+    jobs.codes[first.folder] = jobs.codes[second.folder] = -1
+    interrupt = threading.Timer(1.0, _thread.interrupt_main)
+    jobs.before_start = lambda folder: interrupt.start() if folder == second.folder else None
+    began = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mpp_transfer.launch_all(runs, ranks=1, jobs=2)
+    finally:
+        interrupt.cancel()
+    assert [process.returncode for process in jobs.processes[-2:]] == [-signal.SIGINT] * 2
+    assert time.monotonic() - began < 30  # interrupted, not waited for

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -28,29 +29,55 @@ def deepspeed_command(config: str, overrides: list[str], ranks: int, master_port
     return command
 
 
-def train(
+def start_training(
     config: str,
     overrides: list[str],
     ranks: int,
     log: Path | None = None,
     master_port: int | None = None,
     threads: int | None = None,
-) -> None:
-    """Run the training job to its end; its output goes to `log` (appended) when given, else to ours. `threads` sets
-    each rank's OpenMP threads (by default the trainer shares the host's cores between its ranks). A failed job
-    stops the caller with one line and the job's exit status (75 for a preempted one)."""
+) -> subprocess.Popen:
+    """Start the training job; its output goes to `log` (appended) when given, else to ours. `threads` sets each
+    rank's OpenMP threads (by default the trainer shares the host's cores between its ranks)."""
     command = deepspeed_command(config, overrides, ranks, master_port)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     shown = f"OMP_NUM_THREADS={threads} " if threads else ""
     print(f"$ {shown}{' '.join(command)}{f' >> {log}' if log else ''}", flush=True)
     if log is None:
-        code = subprocess.call(command, env=environment)
-    else:
-        with open(log, "a") as output:
-            code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+        return subprocess.Popen(command, env=environment)
+    with open(log, "a") as output:  # the job holds its own copy of the file
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+
+
+def report_failure(code: int, log: Path | None) -> None:
+    """The one line a failed job leaves (75 is a preempted one's exit status)."""
+    print(f"training exited with {code}{f'; its output is in {log}' if log else ''}", file=sys.stderr, flush=True)
+
+
+def train(config: str, overrides: list[str], ranks: int, log: Path | None = None) -> None:
+    """Run the training job to its end (`start_training`). A failed job stops the caller with one line and the job's
+    exit status; an interrupted caller stops the job."""
+    job = start_training(config, overrides, ranks, log)
+    try:
+        code = job.wait()
+    except BaseException:
+        stop(job)
+        raise
     if code != 0:
-        print(f"training exited with {code}{f'; its output is in {log}' if log else ''}", file=sys.stderr, flush=True)
-        raise SystemExit(code)
+        report_failure(code, log)
+        raise SystemExit(exit_status(code))
+
+
+def stop(job: subprocess.Popen) -> None:
+    """Interrupt the job as Ctrl-C would and wait for its end: the deepspeed launcher passes SIGINT on to its ranks
+    (killed, it would leave them running)."""
+    job.send_signal(signal.SIGINT)
+    job.wait()
+
+
+def exit_status(code: int) -> int:
+    """A job's return code as a shell's exit status: a job ended by signal N (code -N) as 128 + N."""
+    return code if code >= 0 else 128 - code
 
 
 def manifest_shards(rows: Iterable[tuple[str, str | None]], output: Path, **options: Any) -> int:

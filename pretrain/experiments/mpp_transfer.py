@@ -11,10 +11,10 @@ without labels for pre-training), for each seed:
 3. fine-tuning on 10% of the labelled training images (`finetune.json`) from each: masked patch prediction,
    supervised, and scratch, with the same recipe and budget.
 
-The 15 runs train two at a time, each on one rank with one core (`--jobs 2 --ranks 1`): with this small model two
-one-rank runs side by side did 1.23-1.36x the work of one two-rank run at a time (200-221 s for two fine-tunes
-against 136 s for one, 2026-12-01), for they have no gradient all-reduce, their steps take 64 images each, and
-the start-up of one run overlaps the steps of the other.
+The 15 runs train two at a time on one rank each, the cores shared between them (`--jobs 2 --ranks 1`): with this
+small model two one-rank runs side by side did 1.23-1.36x the work of one two-rank run at a time (200-221 s for two
+fine-tunes against 136 s for one, 2026-12-01), for they have no gradient all-reduce, their steps take 64 images
+each, and the start-up of one run overlaps the steps of the other.
 
 It prints a table (mean and standard deviation over seeds) and writes it with a plot of the probe curves into
 `--out`; `--record` also puts both into BENCHMARKS.md (the variant's marked section) and docs/images. A run that
@@ -30,16 +30,16 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.commands import help_description, reports_user_errors
 from data_pipeline.storage import filesystem
 from pretrain.config import Config, load_config
-from pretrain.demos.launch import train
+from pretrain.demos.launch import exit_status, report_failure, start_training, stop
 from pretrain.experiments import openclipart
 from pretrain.train.checkpoint import PREFIX, read_latest
 from pretrain.train.distributed import DEFAULT_PORT
@@ -52,6 +52,8 @@ TARGET_SHOTS = 10
 FINETUNE_MARGIN = 0.02
 """The issue's targets: 10-shot accuracy above the random-init baseline by more than the seeds' spread (the larger
 standard deviation of the two), and fine-tuning from masked patch prediction at least 2 points above scratch."""
+POLL_SECONDS = 1.0
+"""How often the running jobs are checked for their end."""
 SECTION = ("begin", "end")
 """The markers around each variant's results in BENCHMARKS.md, which `--record` rewrites."""
 
@@ -70,13 +72,20 @@ class Run:
     def settings(self) -> list[str]:
         return [f"run.output_dir={self.folder}", *self.overrides]
 
-    def launch(self, ranks: int, master_port: int, threads: int) -> None:
-        """Train (or resume) the run; its launcher output goes to launch.log in its folder."""
+    def launch(self, ranks: int, master_port: int, threads: int) -> Job:
+        """Start training (or resuming) the run; its launcher output goes to launch.log in its folder."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        began = time.monotonic()
-        train(str(self.config), self.settings(), ranks, self.folder / "launch.log", master_port, threads)
-        steps = self.resolved().schedule.steps
-        print(f"  {self.folder}: {steps} steps in {time.monotonic() - began:.0f} s", flush=True)
+        log = self.folder / "launch.log"
+        process = start_training(str(self.config), self.settings(), ranks, log, master_port, threads)
+        return Job(self, process, master_port, time.monotonic())
+
+
+@dataclass
+class Job:
+    run: Run
+    process: subprocess.Popen
+    port: int
+    began: float
 
 
 def finished(config: Config) -> bool:
@@ -92,14 +101,17 @@ def finished(config: Config) -> bool:
 
 
 def launch_all(runs: list[Run], ranks: int, jobs: int) -> None:
-    """Train the runs that have not finished, `jobs` at a time on `ranks` ranks each, a run only once the run it
-    starts from has finished; among the runs ready to train, the list's order decides.
+    """Train the runs that have not finished, `jobs` at a time on `ranks` ranks each (each rank with cores / jobs /
+    ranks OpenMP threads, each job on its own master port), a run only once the run it starts from has finished;
+    among the runs ready to train, the list's order decides.
 
-    A run trains again when it has not finished or when the run it starts from trains again: its weights came from
-    weights about to change. Such a run is removed before anything trains, so that a call stopped early leaves no
-    run that looks finished on top of changed weights (a later call trains it again from the new ones). The first
-    failed run stops the others from starting, and its exit status ends the experiment once the running ones end.
+    An unfinished run resumes from its newest checkpoint. A run whose start trains again is removed before anything
+    trains (its weights came from weights about to change), so that a call stopped early leaves no run that looks
+    finished on top of changed weights. A failed run stops new runs from starting; the running ones finish (their
+    work is kept), then the call stops with the first failed run's exit status. An interrupted call (Ctrl-C, SIGINT)
+    interrupts its running jobs and waits for them to end.
     """
+    runs = list(dict.fromkeys(runs))  # a seed named twice names the same runs
     again: list[Run] = []
     for n, run in enumerate(runs):
         assert run.start is None or run.start in runs[:n], f"{run.folder} comes before the run it starts from"
@@ -111,21 +123,34 @@ def launch_all(runs: list[Run], ranks: int, jobs: int) -> None:
             shutil.rmtree(run.folder)
     threads = max(1, len(os.sched_getaffinity(0)) // (jobs * ranks))
     ports = [DEFAULT_PORT + slot for slot in range(jobs)]
-    running: dict[Future[None], tuple[Run, int]] = {}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while again or running:
-            unfinished = {*again, *(run for run, _ in running.values())}
-            for run in [run for run in again if run.start not in unfinished][: len(ports)]:
-                again.remove(run)
-                port = ports.pop(0)
-                running[pool.submit(run.launch, ranks, port, threads)] = (run, port)
-            ended, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in ended:
-                ports.append(running.pop(future)[1])
-                if future.exception() is not None:
-                    again.clear()  # no run starts any more: the running ones end, then the failure is raised
-                    wait(running)
-                    future.result()
+    running: list[Job] = []
+    failed: int | None = None
+    try:
+        while running or (again and failed is None):
+            if failed is None:
+                unfinished = {*again, *(job.run for job in running)}
+                for run in [run for run in again if run.start not in unfinished][: len(ports)]:
+                    again.remove(run)
+                    running.append(run.launch(ranks, ports.pop(0), threads))
+            time.sleep(POLL_SECONDS)
+            for job in [job for job in running if job.process.poll() is not None]:
+                running.remove(job)
+                ports.append(job.port)
+                if job.process.returncode == 0:
+                    steps = job.run.resolved().schedule.steps
+                    print(f"  {job.run.folder}: {steps} steps in {time.monotonic() - job.began:.0f} s", flush=True)
+                else:
+                    report_failure(job.process.returncode, job.run.folder / "launch.log")
+                    failed = failed or exit_status(job.process.returncode)
+                    if running:
+                        print(
+                            f"  no run starts now; {len(running)} running to their end (Ctrl-C stops them)", flush=True
+                        )
+    finally:
+        for job in running:
+            stop(job.process)
+    if failed is not None:
+        raise SystemExit(failed)
 
 
 def runs_of_seed(
