@@ -195,8 +195,8 @@ class FaultyProxy:
                     self.close_connection = True
                     return
                 time.sleep(proxy.latency_seconds)
-                ranged = RANGE.fullmatch(self.headers.get("Range", ""))
-                if proxy.serve_ranges and self.command == "GET" and ranged and self._answer_range(*ranged.groups()):
+                ranged = RANGE.fullmatch(self.headers.get("Range", "")) if self.command == "GET" else None
+                if proxy.serve_ranges and ranged and self._answer_range(*ranged.groups(), fault):
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 headers = {key: value for key, value in self.headers.items() if key.lower() != "host"}
@@ -217,7 +217,11 @@ class FaultyProxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(size))
                 self.end_headers()
-                # a reset sends half of the body, then closes the connection
+                self._send_body(chunks, size, fault)
+                upstream.close()
+
+            def _send_body(self, chunks: Iterator[bytes], size: int, fault: str | None) -> None:
+                """Pass the body on as it arrives; a reset sends half of it, then closes the connection."""
                 limit = size // 2 if fault == "reset" and size > 1 else size
                 sent = 0
                 for chunk in chunks:
@@ -233,9 +237,8 @@ class FaultyProxy:
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)
-                upstream.close()
 
-            def _answer_range(self, first: str, last: str) -> bool:
+            def _answer_range(self, first: str, last: str, fault: str | None) -> bool:
                 """Answer a GET of bytes first-last from the proxy's copy of the object; False when the object cannot
                 be fetched or the range is outside it (the upstream's answer is then forwarded as it is)."""
                 path = urlsplit(self.path).path
@@ -254,9 +257,7 @@ class FaultyProxy:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
                 self.send_header("Content-Length", str(end - start))
                 self.end_headers()
-                self.wfile.write(body[start:end])
-                with proxy.lock:
-                    proxy.bytes_served += end - start
+                self._send_body(iter((body[start:end],)), end - start, fault)
                 return True
 
             def _copy(self, path: str) -> bool:

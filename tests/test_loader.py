@@ -4,6 +4,7 @@ object storage behind a proxy that resets, refuses and stalls reads."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import fsspec
 import pytest
@@ -442,6 +444,34 @@ def test_a_byte_range_past_the_end_of_a_replaced_shard_fails_at_once_and_a_range
         counters = ReadCounters()
         reader = RetryingReader(fs, path, "s3://bucket/object", RetryPolicy(), counters, offset=900)
         assert reader.read_range(1000) == data[900:] and counters.bytes == 100
+
+
+def test_the_proxys_ranged_answers_break_like_its_whole_objects(shards: Path, http_server: str) -> None:
+    """The benchmark's proxy answers ranges from its copy of an object: the bytes asked for, and under faults a 503,
+    a stall and a reset (half of the range, then the connection closed), as for whole objects."""
+    data = (shards / "train-000000.tar").read_bytes()
+    assert len(data) > 4100
+
+    def ranged_get(proxy: FaultyProxy) -> tuple[int | str, bytes]:
+        host = urlsplit(proxy.url)
+        connection = http.client.HTTPConnection(host.hostname, host.port, timeout=5)
+        connection.request("GET", "/train-000000.tar", headers={"Range": "bytes=100-4099"})
+        try:
+            response = connection.getresponse()
+            return response.status, response.read()
+        except http.client.IncompleteRead as cut:
+            return response.status, cut.partial
+        except http.client.RemoteDisconnected:
+            return "closed", b""
+        finally:
+            connection.close()
+
+    with FaultyProxy(http_server, every=1, stall_seconds=0.2, serve_ranges=True) as proxy:
+        answers = [ranged_get(proxy) for _ in range(4)]  # every GET is faulted: a 503, a stall, a reset, a 503
+    assert [status for status, _ in answers] == [503, "closed", 206, 503]
+    assert answers[2][1] == data[100:2100]
+    with FaultyProxy(http_server, every=0, serve_ranges=True) as proxy:
+        assert ranged_get(proxy) == (206, data[100:4100])
 
 
 def test_a_prefetched_shard_reads_back_the_object_whatever_the_read_sizes(tmp_path: Path):
