@@ -144,7 +144,8 @@ def launch_all(runs: list[Run], ranks: int, jobs: int) -> None:
                     failed = failed or exit_status(job.process.returncode)
                     if running:
                         print(
-                            f"  no run starts now; {len(running)} running to their end (Ctrl-C stops them)", flush=True
+                            f"  no run starts now; waiting for the {len(running)} running (Ctrl-C stops them)",
+                            flush=True,
                         )
     finally:
         for job in running:
