@@ -56,7 +56,8 @@ def _block_flops(tokens: int, width: int, mlp_dim: int) -> int:
     return projections + attention
 
 
-def _head_flops(model: VisionTransformer) -> int:
+def classifier_flops(model: VisionTransformer) -> int:
+    """Forward FLOPs of the representation layer and the classifier, for one image."""
     flops = 0
     for layer in (getattr(model.pre_logits, "fc", None), model.head):
         if isinstance(layer, nn.Linear):
@@ -68,8 +69,8 @@ def flops_per_image(model_or_variant: VisionTransformer | str, image_size: int, 
     """Forward FLOPs for one image at `image_size` pixels (square).
 
     A variant name is counted with its default head (1000 classes, no representation layer). `classifier=False`
-    leaves out the representation layer and the classifier, for an objective whose forward runs neither (masked
-    patch prediction).
+    leaves out the representation layer and the classifier, for a count that adds the head the training objective
+    runs instead (`pretrain.train.compute.forward_flops_per_image`).
     """
     if isinstance(model_or_variant, str):
         with torch.device("meta"):
@@ -82,5 +83,5 @@ def flops_per_image(model_or_variant: VisionTransformer | str, image_size: int, 
     return float(
         _embedding_flops(model, image_size)
         + len(model.blocks) * _block_flops(tokens, width, mlp_dim)
-        + (_head_flops(model) if classifier else 0)
+        + (classifier_flops(model) if classifier else 0)
     )

@@ -1,5 +1,7 @@
 """Training objectives. Each is a task object the trainer drives the same way: `labels` (does the loader deliver
-them), `wrap(model)` (the module DeepSpeed trains), `check_shards`, `loss` and `eval_sums`."""
+them), `wrap(model)` (the module DeepSpeed trains), `check_shards`, `loss` and `eval_sums`; and what its head costs
+per image after the encoder (`head_outputs_per_image`, `head_flops_per_image`), for the FLOP count and the planner's
+memory model."""
 
 from __future__ import annotations
 

@@ -208,6 +208,14 @@ class MaskedPatchTask:
     def wrap(self, encoder: VisionTransformer) -> MaskedPatchModel:
         return MaskedPatchModel(encoder, self.objective)
 
+    def head_outputs_per_image(self, encoder: VisionTransformer) -> int:
+        """The prediction head's outputs at the corrupted patches; the encoder's classifier, if any, never runs."""
+        patches = encoder.grid_size[0] * encoder.grid_size[1]
+        return head_outputs_per_image(self.objective, patches, self.patch_size)
+
+    def head_flops_per_image(self, encoder: VisionTransformer) -> int:
+        return 2 * encoder.width * self.head_outputs_per_image(encoder)
+
     def check_shards(self, shards: object, source: str) -> None:
         """Any shards will do: labels, if there are any, are not read."""
 

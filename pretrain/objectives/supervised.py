@@ -11,6 +11,7 @@ from torch import nn
 from data_pipeline.commands import UserError
 from data_pipeline.load.shardlist import ShardList
 from pretrain.config.schema import SupervisedObjective
+from pretrain.model.flops import classifier_flops
 from pretrain.model.vit import VisionTransformer
 
 
@@ -56,6 +57,13 @@ class SupervisedTask:
 
     def wrap(self, model: VisionTransformer) -> nn.Module:
         return model
+
+    def head_outputs_per_image(self, model: VisionTransformer) -> int:
+        """The classifier's logits."""
+        return self.num_classes
+
+    def head_flops_per_image(self, model: VisionTransformer) -> int:
+        return classifier_flops(model)
 
     def check_shards(self, shards: ShardList, source: str) -> None:
         if not shards.labelled:

@@ -33,11 +33,10 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from pretrain.config.schema import Config, MaskedPatchObjective
+from pretrain.config.schema import Config
 from pretrain.model.resnet import Bottleneck, Downsample, ResNetStem
 from pretrain.model.vit import HybridEmbed
-from pretrain.objectives import build_model
-from pretrain.objectives.masked_patch import head_outputs_per_image
+from pretrain.objectives import build_model, build_task
 from pretrain.plan.gpus import DEFAULT_HEADROOM
 
 ENGINE_ALLREDUCE_BUCKET = 500_000_000
@@ -170,8 +169,7 @@ def activation_bytes(config: Config) -> ActivationBytes:
     act = LOW_PRECISION_BYTES[config.deepspeed.precision]
     first = model.blocks[0]
     width, mlp_dim, heads = first.mlp.fc1.in_features, first.mlp.fc1.out_features, first.attn.num_heads
-    patches = model.grid_size[0] * model.grid_size[1]
-    tokens = patches + model.num_prefix_tokens
+    tokens = model.grid_size[0] * model.grid_size[1] + model.num_prefix_tokens
     layer_norm_stats = 2 * FP32  # mean and reciprocal standard deviation per token
     # saved per token: norm1's input, qkv's input and output (q, k, v), attention's output (proj's input), norm2's
     # input, fc1's input, fc1's output (GELU's input) and GELU's output (fc2's input); attention's log-sum-exp per head
@@ -188,19 +186,12 @@ def activation_bytes(config: Config) -> ActivationBytes:
     # the final LayerNorm keeps its input; with class-token pooling the head's input is a view that keeps the whole
     # normalised sequence alive too
     norm_outputs = 2 if model.pool == "token" else 1
-    head = tokens * (norm_outputs * act * width + layer_norm_stats) + _head_outputs(config, patches) * (act + 3 * FP32)
+    # the loss keeps a few fp32 copies of each head output (upcast, probabilities, gradient)
+    head_outputs = build_task(config).head_outputs_per_image(model)
+    head = tokens * (norm_outputs * act * width + layer_norm_stats) + head_outputs * (act + 3 * FP32)
     return ActivationBytes(
         outside_blocks=embedding + head, block=block, block_checkpointed=tokens * act * width, depth=len(model.blocks)
     )
-
-
-def _head_outputs(config: Config, patches: int) -> int:
-    """Outputs of the objective's head per image; the loss keeps a few fp32 copies of each (upcast, probabilities,
-    gradient)."""
-    objective = config.objective
-    if isinstance(objective, MaskedPatchObjective):
-        return head_outputs_per_image(objective, patches, config.model.resolved_patch_size)
-    return config.model.num_classes
 
 
 def _stem_bytes(backbone: ResNetStem, image_size: int, act: int) -> int:

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config.schema import Config, MaskedPatchObjective
+from pretrain.config.schema import Config
 from pretrain.model import flops_per_image
-from pretrain.objectives.masked_patch import head_outputs_per_image
+from pretrain.objectives import build_task
 
 
 def forward_flops_per_image(config: Config) -> float:
-    """The analytic forward FLOPs for one training image at the configured resolution: the model's; for masked patch
-    prediction, its prediction head's instead of the classifier's."""
+    """The analytic forward FLOPs for one training image at the configured resolution: the encoder's, then the head
+    its objective runs (the classifier, or masked patch prediction's head on the corrupted patches)."""
     with torch.device("meta"):
         model = config.model.build()
-    masked_patch = isinstance(config.objective, MaskedPatchObjective)
-    flops = flops_per_image(model, config.model.image_size, classifier=not masked_patch)
-    if masked_patch:
-        patches = model.grid_size[0] * model.grid_size[1]
-        outputs = head_outputs_per_image(config.objective, patches, config.model.resolved_patch_size)
-        flops += 2 * model.width * outputs
-    return flops
+    encoder = flops_per_image(model, config.model.image_size, classifier=False)
+    return encoder + build_task(config).head_flops_per_image(model)
 
 
 def checkpointed_blocks(config: Config) -> int:
