@@ -28,9 +28,9 @@ demo: $(VENV)/.installed
 demo-mpp: $(VENV)/.installed
 	$(BIN)/python -m pretrain.demos.digits_mpp
 
-# Does masked patch prediction transfer? Debian's openclipart-png (installed when missing), 3 seeds, about 35 min on
-# 2 CPU cores (two runs at a time); the table and the probe curves go into BENCHMARKS.md (see
-# pretrain/experiments/mpp_transfer.py).
+# Does masked patch prediction transfer? Debian's openclipart-png (installed when missing), 3 seeds, 19-35 min on
+# 2 CPU cores (two runs at a time; the machine's speed varies between days); the table and the probe curves go into
+# BENCHMARKS.md (see pretrain/experiments/mpp_transfer.py).
 experiment-mpp: $(VENV)/.installed
 	$(BIN)/python -m pretrain.experiments.mpp_transfer --record
 
