@@ -119,14 +119,6 @@ def prediction_size(objective: MaskedPatchObjective, patch_size: int, channels: 
     return channels * patch_size * patch_size
 
 
-def head_outputs_per_image(objective: MaskedPatchObjective, num_patches: int, patch_size: int) -> int:
-    """What the prediction head outputs for one image: it reads only the corrupted patches' outputs. Its forward
-    FLOPs are 2 x width x this: beside the encoder, small with the paper's mean colour at B/16 and 224 px (77 MFLOP
-    against 35 GFLOP), not with the 4x4 target at a small width (67 against 116 MFLOP per image for make
-    experiment-mpp's model)."""
-    return num_corrupted(num_patches, objective.mask_ratio) * prediction_size(objective, patch_size)
-
-
 def masked_patch_loss(
     predictions: torch.Tensor, targets: torch.Tensor, objective: MaskedPatchObjective
 ) -> torch.Tensor:
@@ -209,11 +201,15 @@ class MaskedPatchTask:
         return MaskedPatchModel(encoder, self.objective)
 
     def head_outputs_per_image(self, encoder: VisionTransformer) -> int:
-        """The prediction head's outputs at the corrupted patches; the encoder's classifier, if any, never runs."""
+        """The prediction head's outputs: it reads only the corrupted patches' outputs, and the encoder's classifier,
+        if any, never runs."""
         patches = encoder.grid_size[0] * encoder.grid_size[1]
-        return head_outputs_per_image(self.objective, patches, self.patch_size)
+        return num_corrupted(patches, self.objective.mask_ratio) * prediction_size(self.objective, encoder.patch_size)
 
     def head_flops_per_image(self, encoder: VisionTransformer) -> int:
+        """2 x width x the head's outputs (its bias adds not counted): beside the encoder, small with the paper's mean
+        colour at B/16 and 224 px (77 MFLOP against 35 GFLOP), not with the 4x4 target at a small width (67 against
+        116 MFLOP per image for make experiment-mpp's model)."""
         return 2 * encoder.width * self.head_outputs_per_image(encoder)
 
     def check_shards(self, shards: object, source: str) -> None:

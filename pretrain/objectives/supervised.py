@@ -60,9 +60,10 @@ class SupervisedTask:
 
     def head_outputs_per_image(self, model: VisionTransformer) -> int:
         """The classifier's logits."""
-        return self.num_classes
+        return model.num_classes
 
     def head_flops_per_image(self, model: VisionTransformer) -> int:
+        """The representation layer's and the classifier's forward FLOPs."""
         return classifier_flops(model)
 
     def check_shards(self, shards: ShardList, source: str) -> None:
