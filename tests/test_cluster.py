@@ -184,7 +184,9 @@ def replicas(run_dir: Path) -> dict:
 
 
 def upload_windows(output: str) -> list[tuple[int, int]]:
-    """(step saved, step at whose end its upload was complete) for each checkpoint uploaded in the background."""
+    """(step saved, step at whose end its upload was complete) for each checkpoint uploaded in the background: seen
+    complete at a step boundary, or waited for at the next save or the run's end (on a fast machine the steps can
+    outrun the proxy's upload)."""
     written = {tag: int(tag[5:]) for tag in re.findall(r"checkpoint s3://\S+/(step-\d+) written", output)}
     uploaded = re.findall(r"checkpoint s3://\S+/(step-\d+) uploaded at step (\d+)", output)
     return [(written[tag], int(step)) for tag, step in uploaded if tag in written]

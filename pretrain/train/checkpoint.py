@@ -206,7 +206,7 @@ class CheckpointStore:
         """Write this rank's files of the checkpoint of `step` (rank 0: the weight average too, the same on every
         rank); a local checkpoint is complete on return, one for object storage once its upload is
         (`step_questions`, `at_step_boundary`, `finish_upload`)."""
-        self.finish_upload()  # the previous checkpoint's upload first: `latest` moves in order
+        self.finish_upload(step)  # the previous checkpoint's upload first: `latest` moves in order
         tag = tag_of(step)
         rank = self.placement.rank
         folder = os.path.join(self.staging, tag)
@@ -292,15 +292,16 @@ class CheckpointStore:
             self._commit_upload(f"at step {step}")
         return preempt
 
-    def finish_upload(self) -> None:
-        """Wait until every rank's upload of the pending checkpoint has finished, then commit it (or stop)."""
+    def finish_upload(self, step: int) -> None:
+        """At the end of `step`, wait until every rank's upload of the pending checkpoint has finished, then commit it
+        (or stop)."""
         if self.upload is None:
             return
         start = time.perf_counter()
         distributed.wait_for(self.upload.done)
         if not distributed.all_true(self.upload.failure() is None):
             self._upload_failed()
-        self._commit_upload(f"after waiting {time.perf_counter() - start:.1f} s")
+        self._commit_upload(f"at step {step} after waiting {time.perf_counter() - start:.1f} s")
 
     def _upload_failed(self) -> None:
         assert self.upload is not None

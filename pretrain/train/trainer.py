@@ -304,7 +304,7 @@ class Trainer:
             if preempted or step % config.checkpoint.every_steps == 0 or step == self.steps:
                 self.save(step)
             if preempted or step == self.steps:
-                self.checkpoints.finish_upload()
+                self.checkpoints.finish_upload(step)
             if preempted:
                 if self.placement.is_main:
                     print(
