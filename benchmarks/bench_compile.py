@@ -4,8 +4,8 @@
    in one process, each timed over the steps after its warm-up (the compiled model's first step compiles it; that
    time is reported). Rounds alternate which runs first; the ratio is the median of the within-round ratios.
    Target: compiled >= 1.1x eager. `--precision bf16` runs both under bf16 autocast (the matrix products in bf16, as
-   a GPU run trains), `--mode` passes a torch.compile mode (e.g. max-autotune-no-cudagraphs: inductor's own GEMM
-   kernels, tuned).
+   a GPU run trains), `--mode` passes a torch.compile mode (e.g. max-autotune-no-cudagraphs; on the CPU inductor's
+   own GEMM kernels apply to constant weights only, so in a training step the matrix products stay aten's).
 2. The trainer on two CPU ranks (`deepspeed --num_gpus 2 pretrain/run.py`), the demo's config on synthetic data in
    fp32 (bench_ddp's settings), with and without `model.compile` in the default mode (whatever the options of 1):
    images/s after the warm-up, side by side.
