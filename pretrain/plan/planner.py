@@ -2,9 +2,10 @@
 cost, before a single GPU is booked.
 
 A plan has five parts:
-- compute: forward FLOPs per image from the model's analytic count (pretrain/model/flops.py), x3 for a training
-  step (up to x4 with activation checkpointing's extra forward pass over the checkpointed blocks), times the images
-  the schedule sees: steps x global batch, where an epoch schedule becomes steps exactly as the trainer computes them;
+- compute: forward FLOPs per image from the encoder's analytic count (pretrain/model/flops.py) plus the head its
+  objective runs (the task's `head_flops_per_image`, pretrain/objectives/), x3 for a training step (up to x4 with
+  activation checkpointing's extra forward pass over the checkpointed blocks), times the images the schedule sees:
+  steps x global batch, where an epoch schedule becomes steps exactly as the trainer computes them;
 - time and cost: wall-clock and GPU-hours at an assumed utilisation of the GPU's dense bf16 peak
   (pretrain/plan/gpus.py);
 - memory per GPU for ZeRO stages 0-3 and the largest micro-batch that fits (pretrain/plan/memory_model.py);
